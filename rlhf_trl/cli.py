@@ -1,0 +1,96 @@
+"""Argument parsing and error reporting shared by every stage.
+
+Each stage is parsed by TRL's `TrlParser` into (ScriptArguments, <Trainer>Config, ModelConfig), exactly as
+TRL's own scripts and alignment-handbook do, with one difference: unknown YAML keys and unknown flags are
+errors, because a misspelt key silently falling back to a default wastes a GPU-day.
+
+Anything a user can fix (a bad path, a bad key, a missing earlier stage) is raised as `UserError`, and
+`run` turns it into one line on stderr and exit status 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class ScriptArguments:
+    """Data and run-control arguments shared by every stage (the first dataclass TrlParser fills)."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Training data: a local file (.jsonl/.json/.parquet/.csv), a folder, or a Hub id."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub or folder data)."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out data, same forms as dataset_name. Without it, eval_split_size is cut off."}
+    )
+    eval_split_size: float = field(
+        default=0.05, metadata={"help": "Fraction held out when no eval_dataset_name is given (deterministic by seed)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_prompt_length: int = field(default=256, metadata={"help": "PPO: prompts longer than this (tokens) are dropped."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
+
+
+def parse(config_class, argv: list[str] | None = None):
+    """Parses `--config recipe.yaml` plus command-line overrides into (script, trainer config, model config)."""
+    import yaml
+    from trl import ModelConfig, TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        config_path = Path(argv[argv.index("--config") + 1])
+        if not config_path.is_file():
+            raise UserError(f"recipe file {config_path} does not exist: check RECIPE= (see the folders in recipes/)")
+        try:
+            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{config_path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{config_path}: must be a YAML mapping of `key: value` lines")
+    parser = TrlParser((ScriptArguments, config_class, ModelConfig))
+    try:
+        script_args, training_args, model_args, unknown = parser.parse_args_and_config(
+            args=argv, return_remaining_strings=True
+        )
+    except SystemExit as exit_:  # argparse already printed the one-line reason (bad type, bad choice)
+        raise SystemExit(EXIT_USER_ERROR if exit_.code else 0) from None
+    except (ValueError, TypeError) as error:
+        raise UserError(f"invalid setting: {error}") from None
+    if unknown:
+        keys = [s.lstrip("-").split("=")[0] for s in unknown if s.startswith("--")] or unknown
+        raise UserError(
+            f"unknown key(s) {', '.join(keys)} for {config_class.__name__}: fix the spelling in the recipe or ARGS"
+        )
+    # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
+    script_args.recipe = config_path.parent.name if "--config" in argv else None
+    return script_args, training_args, model_args
+
+
+def run(main: Callable[[], None]) -> None:
+    """Runs a stage's entry point; a UserError becomes one line on stderr and exit status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices from transformers/TRL internals are not actionable for a recipe author.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted: the output directory was not marked finished; rerun the same command", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,186 @@
+"""Loading and validating data for every stage, in one place.
+
+Sources: a local .jsonl/.json/.parquet/.csv file, a local folder (a `git clone` of a Hub dataset repo
+works), or a Hub dataset id. Formats are detected from the fields and converted to the conversational
+forms TRL's trainers take, so that every model is trained through its chat template:
+
+    alpaca             instruction, input?, output        -> prompt/completion
+    messages           messages (last turn = assistant)   -> prompt/completion
+    prompt_completion  prompt, completion                 -> prompt/completion
+    preference         prompt?, chosen, rejected          -> prompt/chosen/rejected
+    prompt             prompt                             -> prompt (PPO rollouts)
+
+Bad records fail early with the file, the line and the field, rather than deep inside a trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .cli import UserError
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FORMAT_FIELDS = {  # checked in order: the first whose required fields are all present wins
+    "preference": ("chosen", "rejected"),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "prompt": ("prompt",),
+}
+STAGE_FORMATS = {
+    "sft": ("alpaca", "messages", "prompt_completion"),
+    "reward": ("preference",),
+    "prompts": ("prompt", "alpaca", "messages", "prompt_completion", "preference"),
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path} line {line_number}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path} line {line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
+            record["_line"] = line_number
+            records.append(record)
+    return records
+
+
+def load_records(source: str, split: str = "train", config: str | None = None) -> list[dict]:
+    """Reads every record of `source` as dicts; JSONL records carry their line number in `_line`."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            records = read_jsonl(path)
+        elif path.suffix in FILE_TYPES:
+            records = _load_with_datasets(FILE_TYPES[path.suffix], data_files=str(path), split="train", source=source)
+        else:
+            raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}")
+    elif path.is_dir():
+        records = _load_with_datasets(str(path), name=config, split=split, source=source)
+    elif source.count("/") == 1 and not source.startswith((".", "/", "data/")):
+        if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(
+                f"dataset {source} is a Hub id but the Hub is offline: `git clone` it elsewhere into data/raw/ and "
+                f"set dataset_name to that folder (ARGS=\"--dataset_name data/raw/{path.name}\")"
+            )
+        records = _load_with_datasets(source, name=config, split=split, source=source)
+    else:
+        raise UserError(f"data file {source} does not exist: check dataset_name in the recipe (or run `make data`)")
+    if not records:
+        raise UserError(f"{source} holds no records: add data or point dataset_name at a non-empty file")
+    return records
+
+
+def _load_with_datasets(*args, source: str, **kwargs) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(*args, **kwargs))
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise UserError(f"could not read dataset {source}: {str(error).splitlines()[0][:300]}") from None
+
+
+def detect_format(records: list[dict], source: str) -> str:
+    fields = set(records[0]) - {"_line"}
+    for name, required in FORMAT_FIELDS.items():
+        if set(required) <= fields:
+            return name
+    raise UserError(
+        f"{source}: no known data format; found fields {sorted(fields)}, expected one of "
+        + "; ".join(f"{name} ({', '.join(req)})" for name, req in FORMAT_FIELDS.items())
+    )
+
+
+def _where(source: str, record: dict, index: int) -> str:
+    return f"{source} line {record['_line']}" if "_line" in record else f"{source} record {index + 1}"
+
+
+def _text(record: dict, key: str, where: str, required: bool = True):
+    """A non-empty string, or a non-empty list of {role, content} messages."""
+    value = record.get(key)
+    if value is None or (isinstance(value, str | list) and not value):
+        if not required:
+            return None
+        state = "missing" if key not in record else "empty"
+        raise UserError(f"{where}: field '{key}' is {state}; every record needs it")
+    if isinstance(value, list):
+        for message in value:
+            if not isinstance(message, dict) or "role" not in message or not str(message.get("content", "")).strip():
+                raise UserError(f"{where}: field '{key}' must hold messages with 'role' and non-empty 'content'")
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: field '{key}' must be non-empty text")
+    return value
+
+
+def _as_messages(value, role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def convert(records: list[dict], purpose: str, source: str) -> list[dict]:
+    """Validates `records` and converts them to TRL's conversational form for `purpose` (sft/reward/prompts)."""
+    fmt = detect_format(records, source)
+    if fmt not in STAGE_FORMATS[purpose]:
+        raise UserError(
+            f"{source}: {fmt} data cannot be used for {purpose}; expected {' or '.join(STAGE_FORMATS[purpose])}"
+        )
+    out = []
+    for index, record in enumerate(records):
+        where = _where(source, record, index)
+        if fmt == "alpaca":
+            instruction = _text(record, "instruction", where)
+            extra = _text(record, "input", where, required=False)
+            prompt = _as_messages(instruction + (f"\n\n{extra}" if extra else ""), "user")
+            completion = _as_messages(_text(record, "output", where), "assistant")
+        elif fmt == "messages":
+            messages = _text(record, "messages", where)
+            if messages[-1]["role"] != "assistant":
+                raise UserError(f"{where}: the last message must be the assistant's answer")
+            prompt, completion = messages[:-1], messages[-1:]
+        elif fmt == "preference":
+            prompt = _text(record, "prompt", where, required=False)
+            chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+            if prompt is None:
+                raise UserError(f"{where}: preference pairs need a 'prompt' field next to 'chosen' and 'rejected'")
+            prompt = _as_messages(prompt, "user")
+            pair = {"chosen": _as_messages(chosen, "assistant"), "rejected": _as_messages(rejected, "assistant")}
+            out.append({"prompt": prompt, **pair} if purpose == "reward" else {"prompt": prompt})
+            continue
+        else:
+            prompt = _as_messages(_text(record, "prompt", where), "user")
+            completion = _as_messages(_text(record, "completion", where), "assistant") if fmt != "prompt" else None
+        out.append({"prompt": prompt, "completion": completion} if purpose == "sft" else {"prompt": prompt})
+    return out
+
+
+def load_splits(script_args, purpose: str, seed: int):
+    """(train, eval) as `datasets.Dataset`s; eval comes from eval_dataset_name or a seeded hold-out."""
+    from datasets import Dataset
+
+    if not script_args.dataset_name:
+        raise UserError("no dataset_name set: add `dataset_name: <file, folder or Hub id>` to the recipe")
+    train = convert(
+        load_records(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config),
+        purpose,
+        script_args.dataset_name,
+    )
+    if script_args.eval_dataset_name:
+        evaluation = convert(load_records(script_args.eval_dataset_name, "test"), purpose, script_args.eval_dataset_name)
+    else:
+        split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
+        train, evaluation = split["train"].to_list(), split["test"].to_list()
+    if script_args.max_train_samples:
+        train = train[: script_args.max_train_samples]
+    return Dataset.from_list(train), Dataset.from_list(evaluation)

@@ -1,0 +1,170 @@
+"""Loading models and tokenizers: one place for every stage, `chat` and `merge`.
+
+A stage output is either a full model or a LoRA adapter. An adapter records its base (in the run marker
+and in adapter_config.json), and that base may itself be an adapter (LoRA SFT, then LoRA PPO), so loading
+walks the chain and merges each adapter into a full-precision base. Quantized loading goes through TRL's
+`get_quantization_config`, and is refused up front on machines where bitsandbytes cannot run it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .cli import UserError
+from .outputs import partial_dir, read_marker
+
+
+def is_local(path: str | Path) -> bool:
+    return Path(path).exists()
+
+
+def check_model_source(path: str | Path, what: str, make_target: str | None = None) -> None:
+    """Fails with a fix when `path` is neither a usable local model nor reachable on the Hub."""
+    local = Path(path)
+    if local.exists():
+        if (local / "config.json").is_file() or (local / "adapter_config.json").is_file():
+            return
+        hint = f": run `make {make_target}` first" if make_target else ""
+        raise UserError(f"{what} {path} holds no model (no config.json or adapter_config.json){hint}")
+    if partial_dir(local).exists():
+        hint = f"rerun `make {make_target}`" if make_target else "rerun the stage that writes it"
+        raise UserError(f"{what} {path} never finished (only {partial_dir(local)} exists): {hint}")
+    looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/", "models/", "data/"))
+    if not looks_like_hub_id:
+        hint = f": run `make {make_target}` first" if make_target else ""
+        raise UserError(f"{what} {path} does not exist{hint}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(
+            f"{what} {path} is a Hub id but the Hub is offline (HF_HUB_OFFLINE=1): download it elsewhere and pass "
+            f"the local folder instead, e.g. ARGS=\"--model_name_or_path /path/to/{Path(str(path)).name}\""
+        )
+
+
+def check_quantization(model_args) -> None:
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return
+    flag = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{flag} needs a CUDA GPU for bitsandbytes and this machine has none: set `{flag}: false` "
+            f"in the recipe or add ARGS=\"--{flag} false\""
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # a broken CUDA setup raises more than ImportError
+        raise UserError(
+            f"{flag} needs bitsandbytes, which cannot load here ({error}): `pip install bitsandbytes` on "
+            f"Linux x86_64 with CUDA, or set `{flag}: false`"
+        ) from None
+
+
+def model_kwargs(model_args, quantize: bool = True) -> dict:
+    """from_pretrained keyword arguments from TRL's ModelConfig (dtype, attention, 4/8-bit)."""
+    from accelerate import PartialState
+    from trl import get_quantization_config
+
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    kwargs = {"revision": model_args.model_revision, "dtype": dtype}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if quantize:
+        check_quantization(model_args)
+        quantization_config = get_quantization_config(model_args)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+            # Each process keeps its own full copy on its own GPU (what TRL's get_kbit_device_map did).
+            kwargs["device_map"] = {"": PartialState().local_process_index}
+    return kwargs
+
+
+def base_of(adapter_dir: str | Path) -> str:
+    """The model an adapter was trained on: the run marker's record, else peft's own."""
+    marker = read_marker(adapter_dir) or {}
+    if marker.get("base"):
+        return marker["base"]
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_model(path: str | Path, auto_class=None, kwargs: dict | None = None, what: str = "model"):
+    """Loads a full model, or an adapter chain merged into its base (never into quantized weights).
+
+    `auto_class` picks the head (AutoModelForCausalLM by default; AutoModelForSequenceClassification for
+    reward and value models). An adapter trained on a causal LM loads onto a classifier of the same base
+    too, because the adapted modules have the same names in both.
+    """
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    kwargs = dict(kwargs or {})
+    check_model_source(path, what)
+    if not is_adapter(path):
+        try:
+            return auto_class.from_pretrained(str(path), **kwargs)
+        except OSError as error:
+            raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
+    from peft import PeftModel
+
+    base = load_model(base_of(path), auto_class, kwargs, what=f"base of {path}")
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise UserError(
+            f"adapter {path} does not fit its base {base_of(path)} ({str(error).splitlines()[0][:200]}): "
+            "retrain the adapter or point it at the base it was trained on"
+        ) from None
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return model  # merging would round the adapter into quantized weights; keep it as a live adapter
+    return model.merge_and_unload()
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    source = path
+    if is_adapter(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        source = base_of(path)
+    check_model_source(source, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        # GPT-2 style tokenizers have no pad token; reusing EOS is the standard fix for right-padded training.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.7,
+             samples: int = 1, seed: int = 0, streamer=None) -> list[str]:
+    """Answers each conversation in `prompts` (`samples` times, sampled) and returns the decoded answers."""
+    torch.manual_seed(seed)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
+    texts = [render_prompt(tokenizer, messages) for messages in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    tokenizer.padding_side = side
+    output = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+        num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer,
+    )
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# For tokenizers that ship no chat template (base GPT-2, say) and were not given one by the recipe.
+FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The text the model continues: its chat template with a generation prompt, else the Alpaca format."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    turns = [m["content"] if m["role"] == "user" else m["content"] + (tokenizer.eos_token or "") for m in messages]
+    return "".join(FALLBACK_PROMPT.format(instruction=t) if i % 2 == 0 else t + "\n\n" for i, t in enumerate(turns))

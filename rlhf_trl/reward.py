@@ -1,0 +1,58 @@
+"""Stage 2: a reward model trained on preference pairs (prompt, chosen, rejected).
+
+    accelerate launch -m rlhf_trl.reward --config recipes/demo/reward.yaml [--key value ...]
+    make reward RECIPE=demo
+
+TRL's RewardTrainer trains a one-output sequence classifier so that chosen answers score higher than
+rejected ones. Starting it from the SFT model (as InstructGPT did) gives it the policy's tokenizer, which
+PPO needs, and a head start on the data. With LoRA the new score head must stay trainable and be saved
+with the adapter, otherwise it stays random: the adapter is built for sequence classification, which
+peft does by keeping the head in `modules_to_save`. Held-out pairwise accuracy is printed at the end.
+"""
+
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer, get_peft_config
+
+from . import outputs
+from .cli import parse, run
+from .data import load_splits
+from .modeling import load_model, load_tokenizer, model_kwargs
+
+
+def main(script_args, training_args, model_args):
+    final_dir = training_args.output_dir
+    with outputs.stage_output(final_dir, script_args.overwrite) as work:
+        train, evaluation = load_splits(script_args, "reward", training_args.seed)
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        model = load_model(
+            model_args.model_name_or_path, AutoModelForSequenceClassification,
+            kwargs={**model_kwargs(model_args), "num_labels": 1}, what="model_name_or_path",
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        peft_config = get_peft_config(model_args)
+        if peft_config is not None:
+            peft_config.task_type = "SEQ_CLS"  # keeps and saves the score head (peft's modules_to_save)
+        training_args.output_dir = str(work)
+        trainer = RewardTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        trainer.train()
+        metrics = trainer.evaluate()
+        trainer.save_model(str(work))
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(str(work))
+            accuracy = metrics.get("eval_accuracy", float("nan"))
+            outputs.finish(
+                work, final_dir, "reward", base=model_args.model_name_or_path,
+                adapter=model_args.use_peft, eval_accuracy=accuracy, eval_pairs=len(evaluation),
+            )
+            print(f"reward: held-out pairwise accuracy {accuracy:.3f} on {len(evaluation)} pairs -> saved to {final_dir}")
+
+
+if __name__ == "__main__":
+    run(lambda: main(*parse(RewardConfig)))

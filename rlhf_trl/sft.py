@@ -1,0 +1,48 @@
+"""Stage 1: supervised fine-tuning of the policy on instruction data.
+
+    accelerate launch -m rlhf_trl.sft --config recipes/demo/sft.yaml [--key value ...]
+    make sft RECIPE=demo ARGS="--num_train_epochs 1"
+
+TRL's SFTTrainer does the work. Data of any supported format (alpaca, messages, prompt/completion) is
+turned into conversational prompt/completion pairs, so the loss covers the completion only and the
+model learns the same chat template that PPO, `chat` and the export use. With `use_peft: true` only a
+LoRA adapter is trained and saved; otherwise the whole model is.
+"""
+
+from trl import SFTConfig, SFTTrainer, get_peft_config
+
+from . import outputs
+from .cli import parse, run
+from .data import load_splits
+from .modeling import load_model, load_tokenizer, model_kwargs
+
+
+def main(script_args, training_args, model_args):
+    final_dir = training_args.output_dir
+    with outputs.stage_output(final_dir, script_args.overwrite) as work:
+        train, evaluation = load_splits(script_args, "sft", training_args.seed)
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        model = load_model(model_args.model_name_or_path, kwargs=model_kwargs(model_args), what="model_name_or_path")
+        training_args.output_dir = str(work)
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+        trainer.train()
+        metrics = trainer.evaluate()
+        trainer.save_model(str(work))
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(str(work))
+            outputs.finish(
+                work, final_dir, "sft", base=model_args.model_name_or_path,
+                adapter=model_args.use_peft, eval_loss=metrics.get("eval_loss"),
+            )
+            print(f"sft: held-out loss {metrics.get('eval_loss', float('nan')):.3f} -> saved to {final_dir}")
+
+
+if __name__ == "__main__":
+    run(lambda: main(*parse(SFTConfig)))
