@@ -86,6 +86,9 @@ def run(main: Callable[[], None]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices from transformers/TRL internals are not actionable for a recipe author.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars; the trainers' own progress bars stay
     try:
         main()
     except UserError as error:
