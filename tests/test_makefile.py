@@ -1,0 +1,41 @@
+"""The Makefile's stage chain, as a user runs it, on the demo recipe with far fewer steps.
+
+It runs in a scratch copy of the project (same .venv), so the user's models/ and data/ are untouched.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_make_stage_chain(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("Makefile", "pyproject.toml", "recipes"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, project / name)
+    for name in (".venv", "rlhf_trl"):
+        (project / name).symlink_to(ROOT / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def make(*args: str) -> str:
+        result = subprocess.run(["make", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"make {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    make("data")
+    assert (project / "data/processed/demo/sft_train.jsonl").is_file()
+    assert "held-out loss" in make("sft", "ARGS=--max_steps 20")
+    assert "pairwise accuracy" in make("reward", "ARGS=--max_steps 10")
+    assert "ppo: saved to models/demo/ppo" in make("ppo", "ARGS=--total_episodes 64")
+    assert "assistant> " in make("chat", "PROMPT=Describe the castle.", "ARGS=--max-new-tokens 8")
+    assert "standalone model" in make("merge")
+    for stage in ("sft", "reward", "ppo", "export"):
+        assert (project / "models/demo" / stage / "rlhf_trl_run.json").is_file()
+
+    refused = subprocess.run(["make", "sft"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "already holds a finished run" in refused.stderr
