@@ -58,11 +58,19 @@ merge: setup
 groundtruth: setup
 	$(BIN)/python -m rlhf_trl.groundtruth --recipe $(RECIPE)
 
+# A stage whose output is already finished is kept, not redone: `make <stage> ARGS=--overwrite` redoes one.
 all: setup
-	$(MAKE) data sft reward ppo RECIPE=$(RECIPE)
-	$(MAKE) chat RECIPE=$(RECIPE) PROMPT="Tell me about the river."
-	$(MAKE) merge RECIPE=$(RECIPE)
-	$(MAKE) groundtruth RECIPE=$(RECIPE)
+	$(MAKE) data RECIPE=$(RECIPE)
+	@for stage in sft reward ppo; do \
+	  if [ -f models/$(RECIPE)/$$stage/rlhf_trl_run.json ]; then \
+	    echo "$$stage: models/$(RECIPE)/$$stage is finished; kept (make $$stage ARGS=--overwrite redoes it)"; \
+	  else $(MAKE) $$stage RECIPE=$(RECIPE); fi; \
+	done
+	$(MAKE) chat RECIPE=$(RECIPE) STAGE=ppo PROMPT="Tell me about the river." ARGS=
+	@if [ -f models/$(RECIPE)/export/rlhf_trl_run.json ]; then \
+	  echo "merge: models/$(RECIPE)/export is finished; kept (make merge ARGS=--overwrite redoes it)"; \
+	else $(MAKE) merge RECIPE=$(RECIPE) ARGS=; fi
+	@if [ "$(RECIPE)" = demo ]; then $(MAKE) groundtruth RECIPE=$(RECIPE); fi
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=10

@@ -111,11 +111,14 @@ def load_model(path: str | Path, auto_class=None, kwargs: dict | None = None, wh
             return auto_class.from_pretrained(str(path), **kwargs)
         except OSError as error:
             raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     base = load_model(base_of(path), auto_class, kwargs, what=f"base of {path}")
+    config = PeftConfig.from_pretrained(str(path))
+    if config.task_type == "CAUSAL_LM" and auto_class is not AutoModelForCausalLM:
+        config.task_type = None  # a causal-LM adapter on a classifier head: plain LoRA injection, no LM wrapper
     try:
-        model = PeftModel.from_pretrained(base, str(path))
+        model = PeftModel.from_pretrained(base, str(path), config=config)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise UserError(
             f"adapter {path} does not fit its base {base_of(path)} ({str(error).splitlines()[0][:200]}): "
