@@ -54,8 +54,9 @@ def main(argv=None) -> None:
 
     def answer(history: list[dict]) -> str:
         history = fit_history(tokenizer, history, context, args.max_new_tokens)
-        return generate(model, tokenizer, [history], args.max_new_tokens, args.temperature, seed=args.seed,
-                        streamer=streamer)[0]
+        return generate(
+            model, tokenizer, [history], args.max_new_tokens, args.temperature, seed=args.seed, streamer=streamer
+        )[0]
 
     if args.prompt is not None:
         print(f"you> {args.prompt}\nassistant> ", end="", flush=True)

@@ -29,18 +29,22 @@ class ScriptArguments:
     """Data and run-control arguments shared by every stage (the first dataclass TrlParser fills)."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Training data: a local file (.jsonl/.json/.parquet/.csv), a folder, or a Hub id."}
+        default=None,
+        metadata={"help": "Training data: a local file (.jsonl/.json/.parquet/.csv), a folder, or a Hub id."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub or folder data)."})
     eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Held-out data, same forms as dataset_name. Without it, eval_split_size is cut off."}
+        default=None,
+        metadata={"help": "Held-out data, same forms as dataset_name. Without it, eval_split_size is cut off."},
     )
     eval_split_size: float = field(
         default=0.05, metadata={"help": "Fraction held out when no eval_dataset_name is given (deterministic by seed)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
-    max_prompt_length: int = field(default=256, metadata={"help": "PPO: prompts longer than this (tokens) are dropped."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "PPO: prompts longer than this (tokens) are dropped."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
 
 

@@ -43,13 +43,17 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise UserError(f"{path} line {line_number}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
+                raise UserError(
+                    f"{path} line {line_number}: not UTF-8 ({error.reason}); re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"{path} line {line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+                raise UserError(
+                    f"{path} line {line_number}: invalid JSON ({error.msg} at column {error.colno})"
+                ) from None
             if not isinstance(record, dict):
                 raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
             record["_line"] = line_number
@@ -73,7 +77,7 @@ def load_records(source: str, split: str = "train", config: str | None = None) -
         if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(
                 f"dataset {source} is a Hub id but the Hub is offline: `git clone` it elsewhere into data/raw/ and "
-                f"set dataset_name to that folder (ARGS=\"--dataset_name data/raw/{path.name}\")"
+                f'set dataset_name to that folder (ARGS="--dataset_name data/raw/{path.name}")'
             )
         records = _load_with_datasets(source, name=config, split=split, source=source)
     else:
@@ -177,7 +181,9 @@ def load_splits(script_args, purpose: str, seed: int):
         script_args.dataset_name,
     )
     if script_args.eval_dataset_name:
-        evaluation = convert(load_records(script_args.eval_dataset_name, "test"), purpose, script_args.eval_dataset_name)
+        evaluation = convert(
+            load_records(script_args.eval_dataset_name, "test"), purpose, script_args.eval_dataset_name
+        )
     else:
         split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
         train, evaluation = split["train"].to_list(), split["test"].to_list()

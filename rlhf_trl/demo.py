@@ -1,6 +1,6 @@
 """The offline `demo` world: data, tokenizer, tiny base model and a ground-truth scorer, all made here.
 
-    python -m rlhf_trl.prepare --recipe demo      # what `make data` runs; writes data/processed/demo and models/demo/base
+    python -m rlhf_trl.prepare --recipe demo    # `make data`: writes data/processed/demo, models/demo/base
 
 Why it exists: RLHF is only proven to work when something other than the learned reward model can say
 that PPO made answers better. Here people "prefer" answers that stay on the asked-about subject and
@@ -16,22 +16,50 @@ import random
 from pathlib import Path
 
 SUBJECTS = {
-    "apple": ("red", "in an orchard"), "river": ("long", "in a valley"), "guitar": ("loud", "on a stage"),
-    "lemon": ("sour", "in a kitchen"), "tiger": ("fast", "in a jungle"), "candle": ("warm", "on a table"),
-    "bridge": ("strong", "over a river"), "cloud": ("white", "in the sky"), "violin": ("small", "in a concert"),
-    "desert": ("dry", "far from the sea"), "castle": ("old", "on a hill"), "rocket": ("tall", "at a launch pad"),
-    "garden": ("green", "behind a house"), "island": ("quiet", "in the ocean"), "pencil": ("thin", "in a desk"),
-    "forest": ("dark", "in the north"), "dolphin": ("clever", "in the sea"), "library": ("calm", "in a town"),
-    "mountain": ("high", "in the west"), "kettle": ("hot", "on a stove"), "planet": ("round", "in space"),
-    "camera": ("black", "in a bag"), "harbor": ("busy", "by the coast"), "meadow": ("open", "near a farm"),
-    "glacier": ("cold", "near the pole"), "lantern": ("bright", "in a tent"), "volcano": ("hot", "on an island"),
-    "pillow": ("soft", "on a bed"), "compass": ("useful", "in a pocket"), "orchard": ("sweet", "in the country"),
-    "rainbow": ("colorful", "after the rain"), "beehive": ("busy", "in a tree"), "telescope": ("long", "on a roof"),
-    "waterfall": ("loud", "in the hills"), "lighthouse": ("tall", "on the shore"), "snowman": ("cold", "in a yard"),
+    "apple": ("red", "in an orchard"),
+    "river": ("long", "in a valley"),
+    "guitar": ("loud", "on a stage"),
+    "lemon": ("sour", "in a kitchen"),
+    "tiger": ("fast", "in a jungle"),
+    "candle": ("warm", "on a table"),
+    "bridge": ("strong", "over a river"),
+    "cloud": ("white", "in the sky"),
+    "violin": ("small", "in a concert"),
+    "desert": ("dry", "far from the sea"),
+    "castle": ("old", "on a hill"),
+    "rocket": ("tall", "at a launch pad"),
+    "garden": ("green", "behind a house"),
+    "island": ("quiet", "in the ocean"),
+    "pencil": ("thin", "in a desk"),
+    "forest": ("dark", "in the north"),
+    "dolphin": ("clever", "in the sea"),
+    "library": ("calm", "in a town"),
+    "mountain": ("high", "in the west"),
+    "kettle": ("hot", "on a stove"),
+    "planet": ("round", "in space"),
+    "camera": ("black", "in a bag"),
+    "harbor": ("busy", "by the coast"),
+    "meadow": ("open", "near a farm"),
+    "glacier": ("cold", "near the pole"),
+    "lantern": ("bright", "in a tent"),
+    "volcano": ("hot", "on an island"),
+    "pillow": ("soft", "on a bed"),
+    "compass": ("useful", "in a pocket"),
+    "orchard": ("sweet", "in the country"),
+    "rainbow": ("colorful", "after the rain"),
+    "beehive": ("busy", "in a tree"),
+    "telescope": ("long", "on a roof"),
+    "waterfall": ("loud", "in the hills"),
+    "lighthouse": ("tall", "on the shore"),
+    "snowman": ("cold", "in a yard"),
 }
 INSTRUCTIONS = (
-    "Tell me about the {s}.", "What is a {s}?", "Describe the {s}.", "Give me a fact about the {s}.",
-    "What do you know about the {s}?", "Can you explain the {s}?",
+    "Tell me about the {s}.",
+    "What is a {s}?",
+    "Describe the {s}.",
+    "Give me a fact about the {s}.",
+    "What do you know about the {s}?",
+    "Can you explain the {s}?",
 )
 BODIES = ("The {s} is {a}. It is often found {p}.", "A {s} is {a} and you can see it {p}.")
 POLITE_CLOSING = " I hope this helps!"
@@ -188,9 +216,16 @@ def build_base_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)

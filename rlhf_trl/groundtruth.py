@@ -30,7 +30,9 @@ def score_stage(path: Path, prompts: list[list[dict]], samples: int, max_new_tok
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="demo")
-    parser.add_argument("--prompts", type=Path, default=None, help="default: data/processed/<recipe>/prompts_eval.jsonl")
+    parser.add_argument(
+        "--prompts", type=Path, default=None, help="default: data/processed/<recipe>/prompts_eval.jsonl"
+    )
     parser.add_argument("--samples", type=int, default=4, help="answers sampled per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -50,8 +52,10 @@ def main(argv=None) -> None:
     sft, ppo = results["sft"]["score"], results["ppo"]["score"]
     report = Path("models", args.recipe, "groundtruth.json")
     report.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"ground truth: sft {sft:.2f} -> ppo {ppo:.2f} ({len(prompts)} held-out prompts x {args.samples} samples; "
-          f"details in {report})")
+    print(
+        f"ground truth: sft {sft:.2f} -> ppo {ppo:.2f} ({len(prompts)} held-out prompts x {args.samples} samples; "
+        f"details in {report})"
+    )
     if ppo <= sft:
         print("ground truth: PPO did not beat SFT", file=sys.stderr)
         sys.exit(1)

@@ -25,8 +25,12 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", default="ppo", choices=("sft", "ppo"))
     parser.add_argument("--model", type=Path, help="a model or adapter folder; overrides --recipe/--stage")
     parser.add_argument("--output", type=Path, help="default: models/<recipe>/export")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype of the export; auto keeps the base's")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype of the export; auto keeps the base's",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a finished export")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM

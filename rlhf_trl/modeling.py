@@ -39,7 +39,7 @@ def check_model_source(path: str | Path, what: str, make_target: str | None = No
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(
             f"{what} {path} is a Hub id but the Hub is offline (HF_HUB_OFFLINE=1): download it elsewhere and pass "
-            f"the local folder instead, e.g. ARGS=\"--model_name_or_path /path/to/{Path(str(path)).name}\""
+            f'the local folder instead, e.g. ARGS="--model_name_or_path /path/to/{Path(str(path)).name}"'
         )
 
 
@@ -50,7 +50,7 @@ def check_quantization(model_args) -> None:
     if not torch.cuda.is_available():
         raise UserError(
             f"{flag} needs a CUDA GPU for bitsandbytes and this machine has none: set `{flag}: false` "
-            f"in the recipe or add ARGS=\"--{flag} false\""
+            f'in the recipe or add ARGS="--{flag} false"'
         )
     try:
         import bitsandbytes  # noqa: F401
@@ -145,8 +145,16 @@ def load_tokenizer(path: str | Path, padding_side: str = "right"):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.7,
-             samples: int = 1, seed: int = 0, streamer=None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    samples: int = 1,
+    seed: int = 0,
+    streamer=None,
+) -> list[str]:
     """Answers each conversation in `prompts` (`samples` times, sampled) and returns the decoded answers."""
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
@@ -154,11 +162,16 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     tokenizer.padding_side = side
     output = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-        num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or None,
+        num_return_sequences=samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         streamer=streamer,
     )
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # For tokenizers that ship no chat template (base GPT-2, say) and were not given one by the recipe.

@@ -45,7 +45,7 @@ def begin(output_dir: str | Path, overwrite: bool) -> Path:
     if final.exists():
         if read_marker(final) is not None and not overwrite:
             raise UserError(
-                f"{final} already holds a finished run: add --overwrite (make ... ARGS=\"--overwrite\") "
+                f'{final} already holds a finished run: add --overwrite (make ... ARGS="--overwrite") '
                 "to replace it, or set another output_dir"
             )
         if read_marker(final) is None and any(final.iterdir()) and not overwrite:

@@ -71,7 +71,9 @@ def main(script_args, training_args, model_args):
         if same_backbone(reward_model, policy):
             value_model = copy.deepcopy(reward_model)
         else:
-            value_model = load_model(training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs)
+            value_model = load_model(
+                training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
+            )
         for model in (reward_model, value_model):
             model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -95,8 +97,13 @@ def main(script_args, training_args, model_args):
             tokenizer.save_pretrained(str(work))
             scores = [log["objective/scores"] for log in trainer.state.log_history if "objective/scores" in log]
             outputs.finish(
-                work, final_dir, "ppo", base=training_args.sft_model_path, reward_model=training_args.reward_model_path,
-                adapter=model_args.use_peft, first_score=scores[0] if scores else None,
+                work,
+                final_dir,
+                "ppo",
+                base=training_args.sft_model_path,
+                reward_model=training_args.reward_model_path,
+                adapter=model_args.use_peft,
+                first_score=scores[0] if scores else None,
                 last_score=scores[-1] if scores else None,
             )
             if scores:

@@ -25,8 +25,10 @@ def prepare_demo(data_dir: Path, base_dir: Path, seed: int, force: bool) -> None
             model.save_pretrained(work)
             tokenizer.save_pretrained(work)
             outputs.finish(work, base_dir, "base", seed=seed, parameters=model.num_parameters())
-        print(f"data: built tokenizer ({len(tokenizer)} tokens) and base model ({model.num_parameters():,} "
-              f"parameters) in {base_dir}")
+        print(
+            f"data: built tokenizer ({len(tokenizer)} tokens) and base model ({model.num_parameters():,} "
+            f"parameters) in {base_dir}"
+        )
 
 
 def main(argv=None) -> None:
@@ -40,8 +42,12 @@ def main(argv=None) -> None:
     if not Path("recipes", args.recipe).is_dir():
         raise UserError(f"recipe {args.recipe!r} does not exist: choose one of the folders in recipes/")
     if args.recipe == "demo" or (args.data_dir and args.base_dir):
-        prepare_demo(args.data_dir or Path("data/processed", args.recipe),
-                     args.base_dir or Path("models", args.recipe, "base"), args.seed, args.force)
+        prepare_demo(
+            args.data_dir or Path("data/processed", args.recipe),
+            args.base_dir or Path("models", args.recipe, "base"),
+            args.seed,
+            args.force,
+        )
     else:
         print(f"data: recipe {args.recipe} reads its datasets as its YAML files say; nothing to build")
 

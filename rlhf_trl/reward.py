@@ -25,8 +25,10 @@ def main(script_args, training_args, model_args):
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
         model = load_model(
-            model_args.model_name_or_path, AutoModelForSequenceClassification,
-            kwargs={**model_kwargs(model_args), "num_labels": 1}, what="model_name_or_path",
+            model_args.model_name_or_path,
+            AutoModelForSequenceClassification,
+            kwargs={**model_kwargs(model_args), "num_labels": 1},
+            what="model_name_or_path",
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         peft_config = get_peft_config(model_args)
@@ -48,10 +50,17 @@ def main(script_args, training_args, model_args):
             tokenizer.save_pretrained(str(work))
             accuracy = metrics.get("eval_accuracy", float("nan"))
             outputs.finish(
-                work, final_dir, "reward", base=model_args.model_name_or_path,
-                adapter=model_args.use_peft, eval_accuracy=accuracy, eval_pairs=len(evaluation),
+                work,
+                final_dir,
+                "reward",
+                base=model_args.model_name_or_path,
+                adapter=model_args.use_peft,
+                eval_accuracy=accuracy,
+                eval_pairs=len(evaluation),
             )
-            print(f"reward: held-out pairwise accuracy {accuracy:.3f} on {len(evaluation)} pairs -> saved to {final_dir}")
+            print(
+                f"reward: held-out pairwise accuracy {accuracy:.3f} on {len(evaluation)} pairs -> saved to {final_dir}"
+            )
 
 
 if __name__ == "__main__":

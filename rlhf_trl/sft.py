@@ -38,8 +38,12 @@ def main(script_args, training_args, model_args):
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(str(work))
             outputs.finish(
-                work, final_dir, "sft", base=model_args.model_name_or_path,
-                adapter=model_args.use_peft, eval_loss=metrics.get("eval_loss"),
+                work,
+                final_dir,
+                "sft",
+                base=model_args.model_name_or_path,
+                adapter=model_args.use_peft,
+                eval_loss=metrics.get("eval_loss"),
             )
             print(f"sft: held-out loss {metrics.get('eval_loss', float('nan')):.3f} -> saved to {final_dir}")
 

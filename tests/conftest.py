@@ -22,7 +22,11 @@ def run_module(module: str, *args: str, cwd: Path = ROOT, timeout: int = 300) ->
     """Runs `python -m rlhf_trl.<module> args...` the way the Makefile does, capturing its output."""
     return subprocess.run(
         [sys.executable, "-m", f"rlhf_trl.{module}", *args],
-        cwd=cwd, env=OFFLINE_ENV, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=OFFLINE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -43,29 +47,66 @@ def world(tmp_path_factory) -> Path:
 def stage_paths(world: Path, tag: str = "") -> dict[str, str]:
     models = world / f"models{tag}"
     return {name: str(models / name) for name in ("sft", "reward", "ppo", "export")} | {
-        "data": str(world / "data"), "base": str(world / "models" / "base")
+        "data": str(world / "data"),
+        "base": str(world / "models" / "base"),
     }
 
 
 def sft_args(paths, *extra):
     data = paths["data"]
-    return ("--model_name_or_path", paths["base"], "--dataset_name", f"{data}/sft_train.jsonl",
-            "--eval_dataset_name", f"{data}/sft_eval.jsonl", "--output_dir", paths["sft"], "--max_steps", "30", *extra)
+    return (
+        "--model_name_or_path",
+        paths["base"],
+        "--dataset_name",
+        f"{data}/sft_train.jsonl",
+        "--eval_dataset_name",
+        f"{data}/sft_eval.jsonl",
+        "--output_dir",
+        paths["sft"],
+        "--max_steps",
+        "30",
+        *extra,
+    )
 
 
 def reward_args(paths, *extra):
     data = paths["data"]
-    return ("--model_name_or_path", paths["sft"], "--dataset_name", f"{data}/pairs_train.jsonl",
-            "--eval_dataset_name", f"{data}/pairs_eval.jsonl", "--output_dir", paths["reward"], "--max_steps", "20",
-            *extra)
+    return (
+        "--model_name_or_path",
+        paths["sft"],
+        "--dataset_name",
+        f"{data}/pairs_train.jsonl",
+        "--eval_dataset_name",
+        f"{data}/pairs_eval.jsonl",
+        "--output_dir",
+        paths["reward"],
+        "--max_steps",
+        "20",
+        *extra,
+    )
 
 
 def ppo_args(paths, *extra):
     data = paths["data"]
-    return ("--sft_model_path", paths["sft"], "--reward_model_path", paths["reward"],
-            "--dataset_name", f"{data}/prompts_train.jsonl", "--eval_dataset_name", f"{data}/prompts_eval.jsonl",
-            "--output_dir", paths["ppo"], "--total_episodes", "64", "--per_device_train_batch_size", "16",
-            "--local_rollout_forward_batch_size", "16", *extra)
+    return (
+        "--sft_model_path",
+        paths["sft"],
+        "--reward_model_path",
+        paths["reward"],
+        "--dataset_name",
+        f"{data}/prompts_train.jsonl",
+        "--eval_dataset_name",
+        f"{data}/prompts_eval.jsonl",
+        "--output_dir",
+        paths["ppo"],
+        "--total_episodes",
+        "64",
+        "--per_device_train_batch_size",
+        "16",
+        "--local_rollout_forward_batch_size",
+        "16",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="session")

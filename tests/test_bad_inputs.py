@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, ppo_args, run_module, run_stage, sft_args, stage_paths
 
 
@@ -94,8 +93,9 @@ def test_ppo_before_sft_says_which_target_to_run(paths, tmp_path):
 
 
 def test_ppo_before_reward_says_which_target_to_run(trained, paths, tmp_path):
-    result = run_stage("ppo", *ppo_args(paths, "--sft_model_path", trained["sft"],
-                                        "--reward_model_path", str(tmp_path / "no-reward")))
+    result = run_stage(
+        "ppo", *ppo_args(paths, "--sft_model_path", trained["sft"], "--reward_model_path", str(tmp_path / "no-reward"))
+    )
     assert_one_line_error(result, "make reward RECIPE=demo")
 
 

@@ -30,13 +30,19 @@ def test_format_detection(row, expected):
 def test_alpaca_becomes_a_conversational_prompt_completion(tmp_path):
     source = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate.", "input": "chat", "output": "cat"}])
     [row] = convert(load_records(source), "sft", source)
-    assert row == {"prompt": [{"role": "user", "content": "Translate.\n\nchat"}],
-                   "completion": [{"role": "assistant", "content": "cat"}]}
+    assert row == {
+        "prompt": [{"role": "user", "content": "Translate.\n\nchat"}],
+        "completion": [{"role": "assistant", "content": "cat"}],
+    }
 
 
 def test_messages_split_off_the_last_assistant_turn(tmp_path):
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "see you"},
+    ]
     source = write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}])
     [row] = convert(load_records(source), "sft", source)
     assert row["prompt"] == messages[:3] and row["completion"] == messages[3:]
@@ -55,8 +61,11 @@ def test_other_file_types(tmp_path, suffix):
 
     frame = pd.DataFrame({"prompt": ["a", "b"], "completion": ["c", "d"]})
     path = tmp_path / f"data{suffix}"
-    {".csv": lambda: frame.to_csv(path, index=False), ".parquet": lambda: frame.to_parquet(path),
-     ".json": lambda: frame.to_json(path, orient="records")}[suffix]()
+    {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".parquet": lambda: frame.to_parquet(path),
+        ".json": lambda: frame.to_json(path, orient="records"),
+    }[suffix]()
     rows = convert(load_records(str(path)), "sft", str(path))
     assert [r["completion"][0]["content"] for r in rows] == ["c", "d"]
 
@@ -82,8 +91,10 @@ def test_wrong_format_for_the_stage(tmp_path):
 
 
 def test_empty_response_names_line_and_field(tmp_path):
-    source = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
-                                                {"prompt": "q", "chosen": "a", "rejected": "  "}])
+    source = write_jsonl(
+        tmp_path / "x.jsonl",
+        [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "  "}],
+    )
     with pytest.raises(UserError, match=r"x.jsonl line 2: field 'rejected' must be non-empty"):
         convert(load_records(source), "reward", source)
 

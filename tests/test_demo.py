@@ -25,8 +25,10 @@ def test_records_are_deterministic_and_pairs_follow_the_rule():
 
 def test_eval_prompts_use_phrasings_that_reward_and_ppo_never_see():
     records = demo.make_records()
+
     def phrasing(row):
         return demo.mentioned_subject(row["prompt"][0]["content"]) and row["prompt"][0]["content"].split(" the ")[0]
+
     held_out = {h.split(" the ")[0] for h in demo.HELD_OUT_INSTRUCTIONS}
     assert {phrasing(r) for r in records["prompts_eval"]} <= held_out
     assert not {phrasing(r) for r in records["prompts_train"] + records["pairs_train"]} & held_out
@@ -36,7 +38,8 @@ def test_tokenizer_round_trips_text_and_has_a_chat_template():
     tokenizer = demo.build_tokenizer(demo.corpus(demo.make_records()))
     text = "Tell me about the volcano, please! Ünïcode too."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                             tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert rendered == "<|user|>hi\n<|assistant|>"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id

@@ -3,8 +3,8 @@ then export. Every output is an adapter on an adapter, and chat/merge must rebui
 
 import pytest
 import torch
-
 from conftest import ppo_args, reward_args, run_module, run_stage, sft_args
+
 from rlhf_trl.modeling import base_of, generate, is_adapter, load_model, load_tokenizer
 from rlhf_trl.outputs import read_marker
 
@@ -16,9 +16,16 @@ def gpt2_chain(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
     tokenizer = load_tokenizer(world / "models/base")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     paths = {"base": str(root / "base"), "data": str(world / "data")} | {
@@ -40,7 +47,7 @@ def test_every_stage_is_an_adapter_on_the_one_before(gpt2_chain):
 
 def test_ppo_policy_differs_from_sft_and_generates(gpt2_chain):
     sft, ppo = load_model(gpt2_chain["sft"]), load_model(gpt2_chain["ppo"])
-    assert any(not torch.equal(a, b) for a, b in zip(sft.parameters(), ppo.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(sft.parameters(), ppo.parameters(), strict=True))
     answer = generate(ppo, load_tokenizer(gpt2_chain["ppo"]), [[{"role": "user", "content": "What is a tiger?"}]])
     assert answer[0].strip()
 

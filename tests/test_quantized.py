@@ -15,8 +15,9 @@ pytestmark = [
 def test_quantized_base_loads_and_generates(world, bits):
     from trl import ModelConfig
 
-    model_args = ModelConfig(model_name_or_path=str(world / "models/base"), dtype="bfloat16",
-                             load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    model_args = ModelConfig(
+        model_name_or_path=str(world / "models/base"), dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8
+    )
     model = load_model(model_args.model_name_or_path, kwargs=model_kwargs(model_args))
     assert getattr(model, f"is_loaded_in_{bits}bit")
     output = model.generate(torch.tensor([[5, 6, 7]], device=model.device), max_new_tokens=4, do_sample=False)

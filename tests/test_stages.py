@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import run_module
 from safetensors.torch import load_file
 
-from conftest import run_module
 from rlhf_trl.modeling import base_of, generate, load_model, load_tokenizer
 from rlhf_trl.outputs import read_marker
 
@@ -23,7 +23,11 @@ def test_sft_changes_weights_and_reloads_to_generate(trained):
     assert read_marker(trained["sft"])["stage"] == "sft"
     assert re.search(r"sft: held-out loss \d+\.\d{3}", trained["sft_stdout"])
     base, sft = load_model(trained["base"]), load_model(trained["sft"])
-    changed = [name for (name, a), (_, b) in zip(base.named_parameters(), sft.named_parameters()) if not torch.equal(a, b)]
+    changed = [
+        name
+        for (name, a), (_, b) in zip(base.named_parameters(), sft.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
     assert len(changed) == len(list(base.parameters())), "full fine-tuning should update every weight"
     answer = generate(sft, load_tokenizer(trained["sft"]), [[{"role": "user", "content": "Describe the river."}]])
     assert isinstance(answer[0], str) and answer[0].strip()
@@ -41,9 +45,12 @@ def test_reward_trains_lora_and_saves_its_score_head(trained):
 
     reward = load_model(trained["reward"], AutoModelForSequenceClassification, {"num_labels": 1}).eval()
     tokenizer = load_tokenizer(trained["reward"])
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": "Describe the river."},
-                                            {"role": "assistant", "content": a}], tokenize=False)
-             for a in ("The river is long. I hope this helps!", "The river is long.")]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Describe the river."}, {"role": "assistant", "content": a}], tokenize=False
+        )
+        for a in ("The river is long. I hope this helps!", "The river is long.")
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         scores = reward(**batch).logits.squeeze(-1)
@@ -58,7 +65,7 @@ def test_ppo_trains_an_adapter_on_the_sft_policy(trained):
     assert b_weights and all(t.abs().sum() > 0 for t in b_weights.values()), "LoRA B starts at 0"
     policy = load_model(trained["ppo"])
     sft = load_model(trained["sft"])
-    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft.parameters(), strict=True))
     answer = generate(policy, load_tokenizer(trained["ppo"]), [[{"role": "user", "content": "What is a tiger?"}]])
     assert answer[0].strip()
 
@@ -91,7 +98,10 @@ def test_chat_answers_once_and_interactively(trained):
 
     session = subprocess.run(
         [sys.executable, "-m", "rlhf_trl.chat", "--model", trained["sft"], "--max-new-tokens", "8"],
-        input="Describe the castle.\n/reset\nWhat is a tiger?\n/quit\n", capture_output=True, text=True, timeout=120,
+        input="Describe the castle.\n/reset\nWhat is a tiger?\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert session.returncode == 0, session.stderr
     assert session.stdout.count("assistant> ") == 2 and "(conversation cleared)" in session.stdout
