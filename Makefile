@@ -73,6 +73,7 @@ all: setup
 	@if [ "$(RECIPE)" = demo ]; then $(MAKE) groundtruth RECIPE=$(RECIPE); fi
 
 test: setup
+	$(BIN)/ruff check rlhf_trl tests
 	$(BIN)/python -m pytest -q -x --durations=10
 
 lint: setup
