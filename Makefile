@@ -9,6 +9,7 @@ SHELL := /bin/bash
 RECIPE ?= demo
 ACCELERATE_CONFIG ?= recipes/accelerate_configs/single_process.yaml
 ARGS ?=
+DATA_ARGS ?=
 PROMPT ?=
 STAGE ?= ppo
 PYTHON ?= python3
@@ -35,9 +36,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $@
 
-# Builds the recipe's data (the demo recipe also builds its tokenizer and tiny base model); skips what exists.
+# Builds the recipe's data (demo: also its tokenizer and tiny base model); keeps what exists. DATA_ARGS="--overwrite" rebuilds.
 data: setup
-	$(BIN)/python -m rlhf_trl.prepare --recipe $(RECIPE)
+	$(BIN)/python -m rlhf_trl.prepare --recipe $(RECIPE) $(DATA_ARGS)
 
 sft: data
 	$(LAUNCH) -m rlhf_trl.sft --config recipes/$(RECIPE)/sft.yaml $(ARGS)

@@ -41,6 +41,14 @@ class ScriptArguments:
     eval_split_size: float = field(
         default=0.05, metadata={"help": "Fraction held out when no eval_dataset_name is given (deterministic by seed)."}
     )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "auto (detect from the fields), alpaca, messages, prompt_completion, preference or prompt."},
+    )
+    allow_unmatched: bool = field(
+        default=False,
+        metadata={"help": "accepted/rejected files: train on the matched prompts when some prompts are unmatched."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_prompt_length: int = field(
         default=256, metadata={"help": "PPO: prompts longer than this (tokens) are dropped."}
@@ -48,10 +56,10 @@ class ScriptArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
 
 
-def parse(config_class, argv: list[str] | None = None):
-    """Parses `--config recipe.yaml` plus command-line overrides into (script, trainer config, model config)."""
+def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """`--config file.yaml` plus `--key value` overrides into `dataclass_types`; unknown keys are errors."""
     import yaml
-    from trl import ModelConfig, TrlParser
+    from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
@@ -66,22 +74,30 @@ def parse(config_class, argv: list[str] | None = None):
             raise UserError(f"{config_path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
         if not isinstance(loaded, dict):
             raise UserError(f"{config_path}: must be a YAML mapping of `key: value` lines")
-    parser = TrlParser((ScriptArguments, config_class, ModelConfig))
+    parser = TrlParser(dataclass_types)
     try:
-        script_args, training_args, model_args, unknown = parser.parse_args_and_config(
-            args=argv, return_remaining_strings=True
-        )
+        *parsed, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     except SystemExit as exit_:  # argparse already printed the one-line reason (bad type, bad choice)
         raise SystemExit(EXIT_USER_ERROR if exit_.code else 0) from None
     except (ValueError, TypeError) as error:
+        if "bf16" in str(error):
+            raise UserError('bf16: true needs a GPU that supports bfloat16: add ARGS="--bf16 false"') from None
         raise UserError(f"invalid setting: {error}") from None
     if unknown:
         keys = [s.lstrip("-").split("=")[0] for s in unknown if s.startswith("--")] or unknown
-        raise UserError(
-            f"unknown key(s) {', '.join(keys)} for {config_class.__name__}: fix the spelling in the recipe or ARGS"
-        )
+        names = "/".join(t.__name__ for t in dataclass_types[1:] or dataclass_types)
+        raise UserError(f"unknown key(s) {', '.join(keys)} for {names}: fix the spelling in the recipe or ARGS")
+    return tuple(parsed)
+
+
+def parse(config_class, argv: list[str] | None = None):
+    """Parses a stage: (ScriptArguments, the trainer's config, TRL's ModelConfig)."""
+    from trl import ModelConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, training_args, model_args = parse_dataclasses((ScriptArguments, config_class, ModelConfig), argv)
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
-    script_args.recipe = config_path.parent.name if "--config" in argv else None
+    script_args.recipe = Path(argv[argv.index("--config") + 1]).parent.name if "--config" in argv else None
     return script_args, training_args, model_args
 
 

@@ -9,6 +9,8 @@ forms TRL's trainers take, so that every model is trained through its chat templ
     prompt_completion  prompt, completion                 -> prompt/completion
     preference         prompt?, chosen, rejected          -> prompt/chosen/rejected
     prompt             prompt                             -> prompt (PPO rollouts)
+    accepted/rejected  the seed project's accepted_data.jsonl + rejected_data.jsonl, joined on the prompt
+                                                          -> prompt/chosen/rejected
 
 Bad records fail early with the file, the line and the field, rather than deep inside a trainer.
 """
@@ -96,8 +98,16 @@ def _load_with_datasets(*args, source: str, **kwargs) -> list[dict]:
         raise UserError(f"could not read dataset {source}: {str(error).splitlines()[0][:300]}") from None
 
 
-def detect_format(records: list[dict], source: str) -> str:
+def detect_format(records: list[dict], source: str, forced: str = "auto") -> str:
     fields = set(records[0]) - {"_line"}
+    if forced != "auto":
+        if forced not in FORMAT_FIELDS:
+            raise UserError(f"dataset_format {forced!r} is unknown: use auto or one of {', '.join(FORMAT_FIELDS)}")
+        if not set(FORMAT_FIELDS[forced]) <= fields:
+            raise UserError(
+                f"{source}: dataset_format {forced} needs fields {list(FORMAT_FIELDS[forced])}, found {sorted(fields)}"
+            )
+        return forced
     for name, required in FORMAT_FIELDS.items():
         if set(required) <= fields:
             return name
@@ -133,40 +143,136 @@ def _as_messages(value, role: str) -> list[dict]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def convert(records: list[dict], purpose: str, source: str) -> list[dict]:
-    """Validates `records` and converts them to TRL's conversational form for `purpose` (sft/reward/prompts)."""
-    fmt = detect_format(records, source)
+def convert(
+    records: list[dict], purpose: str, source: str, fmt: str = "auto", skipped: list[str] | None = None
+) -> list[dict]:
+    """Validates `records` and converts them to TRL's conversational form for `purpose` (sft/reward/prompts).
+
+    An invalid record raises UserError, or, when a `skipped` list is given, is left out and its reason
+    appended there (data preparation drops and reports what training would refuse).
+    """
+    fmt = detect_format(records, source, fmt)
     if fmt not in STAGE_FORMATS[purpose]:
         raise UserError(
             f"{source}: {fmt} data cannot be used for {purpose}; expected {' or '.join(STAGE_FORMATS[purpose])}"
         )
     out = []
     for index, record in enumerate(records):
-        where = _where(source, record, index)
-        if fmt == "alpaca":
-            instruction = _text(record, "instruction", where)
-            extra = _text(record, "input", where, required=False)
-            prompt = _as_messages(instruction + (f"\n\n{extra}" if extra else ""), "user")
-            completion = _as_messages(_text(record, "output", where), "assistant")
-        elif fmt == "messages":
-            messages = _text(record, "messages", where)
-            if messages[-1]["role"] != "assistant":
-                raise UserError(f"{where}: the last message must be the assistant's answer")
-            prompt, completion = messages[:-1], messages[-1:]
-        elif fmt == "preference":
-            prompt = _text(record, "prompt", where, required=False)
-            chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
-            if prompt is None:
-                raise UserError(f"{where}: preference pairs need a 'prompt' field next to 'chosen' and 'rejected'")
-            prompt = _as_messages(prompt, "user")
-            pair = {"chosen": _as_messages(chosen, "assistant"), "rejected": _as_messages(rejected, "assistant")}
-            out.append({"prompt": prompt, **pair} if purpose == "reward" else {"prompt": prompt})
-            continue
-        else:
-            prompt = _as_messages(_text(record, "prompt", where), "user")
-            completion = _as_messages(_text(record, "completion", where), "assistant") if fmt != "prompt" else None
-        out.append({"prompt": prompt, "completion": completion} if purpose == "sft" else {"prompt": prompt})
+        try:
+            out.append(_convert_one(record, fmt, purpose, _where(source, record, index)))
+        except UserError as error:
+            if skipped is None:
+                raise
+            skipped.append(str(error))
     return out
+
+
+def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
+    if fmt == "preference":
+        prompt = _text(record, "prompt", where, required=False)
+        chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+        if prompt is None:
+            raise UserError(f"{where}: preference pairs need a 'prompt' field next to 'chosen' and 'rejected'")
+        prompt = _as_messages(prompt, "user")
+        if purpose != "reward":
+            return {"prompt": prompt}
+        return {
+            "prompt": prompt,
+            "chosen": _as_messages(chosen, "assistant"),
+            "rejected": _as_messages(rejected, "assistant"),
+        }
+    if fmt == "alpaca":
+        instruction = _text(record, "instruction", where)
+        extra = _text(record, "input", where, required=False)
+        prompt = _as_messages(instruction + (f"\n\n{extra}" if extra else ""), "user")
+        completion = _as_messages(_text(record, "output", where), "assistant")
+    elif fmt == "messages":
+        messages = _text(record, "messages", where)
+        if messages[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last message must be the assistant's answer")
+        prompt, completion = messages[:-1], messages[-1:]
+    else:
+        prompt = _as_messages(_text(record, "prompt", where), "user")
+        completion = _as_messages(_text(record, "completion", where), "assistant") if fmt != "prompt" else None
+    return {"prompt": prompt, "completion": completion} if purpose == "sft" else {"prompt": prompt}
+
+
+SEED_FILES = ("accepted_data.jsonl", "rejected_data.jsonl")
+PROMPT_FIELDS = ("prompt", "instruction", "query", "question")
+ANSWER_FIELDS = ("response", "output", "completion", "answer", "chosen", "rejected", "text")
+
+
+def seed_pair_files(source: str) -> tuple[Path, Path] | None:
+    """The seed project's layout: a folder holding both files, or the path of accepted_data.jsonl."""
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent if path.name == SEED_FILES[0] else None
+    if folder is not None and all((folder / name).is_file() for name in SEED_FILES):
+        return folder / SEED_FILES[0], folder / SEED_FILES[1]
+    return None
+
+
+def _answers_by_prompt(path: Path) -> dict[str, tuple]:
+    """prompt key -> (prompt, [answers], first line) for one of the two seed files."""
+    records = read_jsonl(path)
+    if not records:
+        raise UserError(f"{path} holds no records")
+    grouped: dict[str, tuple] = {}
+    for record in records:
+        where = f"{path} line {record['_line']}"
+        prompt_field = next((f for f in PROMPT_FIELDS if f in record), None)
+        answer_field = next((f for f in ANSWER_FIELDS if f in record), None)
+        if prompt_field is None or answer_field is None:
+            raise UserError(
+                f"{where}: needs a prompt field ({'/'.join(PROMPT_FIELDS)}) and an answer field "
+                f"({'/'.join(ANSWER_FIELDS)}); found {sorted(set(record) - {'_line'})}"
+            )
+        prompt = _text(record, prompt_field, where)
+        if prompt_field == "instruction" and _text(record, "input", where, required=False):
+            prompt = f"{prompt}\n\n{record['input']}"
+        answer = _text(record, answer_field, where)
+        # Prompts match when they differ only in case and whitespace.
+        key = " ".join(prompt.split()).lower() if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        grouped.setdefault(key, (prompt, [], record["_line"]))[1].append(answer)
+    return grouped
+
+
+def join_accepted_rejected(accepted: Path, rejected: Path, allow_unmatched: bool = False) -> list[dict]:
+    """Pairs each prompt's accepted answers with its rejected ones (cycling the shorter list)."""
+    good, bad = _answers_by_prompt(accepted), _answers_by_prompt(rejected)
+    only_good, only_bad = [k for k in good if k not in bad], [k for k in bad if k not in good]
+    matched = [k for k in good if k in bad]
+    if (only_good or only_bad) and (not allow_unmatched or not matched):
+        example = good[only_good[0]][0] if only_good else bad[only_bad[0]][0] if only_bad else ""
+        fix = "fix the files" + (
+            f" or add --allow_unmatched true to train on the {len(matched)} matched prompts" if matched else ""
+        )
+        raise UserError(
+            f"{len(only_good)} prompts in {accepted.name} have no rejected answer and {len(only_bad)} in "
+            f"{rejected.name} no accepted one (first: {str(example)[:60]!r}): {fix}"
+        )
+    pairs = []
+    for key in matched:
+        (prompt, chosen, line), (_, refused, _) = good[key], bad[key]
+        for i in range(max(len(chosen), len(refused))):
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen[i % len(chosen)],
+                    "rejected": refused[i % len(refused)],
+                    "_line": line,
+                }
+            )
+    return pairs
+
+
+def load_dataset_for(source: str, purpose: str, script_args, split: str) -> list[dict]:
+    """Any supported source, validated and converted for `purpose`."""
+    seed_files = seed_pair_files(source)
+    if seed_files is not None:
+        records = join_accepted_rejected(*seed_files, allow_unmatched=script_args.allow_unmatched)
+        return convert(records, purpose, str(seed_files[0]))
+    records = load_records(source, split, script_args.dataset_config)
+    return convert(records, purpose, source, script_args.dataset_format)
 
 
 def load_splits(script_args, purpose: str, seed: int):
@@ -175,15 +281,9 @@ def load_splits(script_args, purpose: str, seed: int):
 
     if not script_args.dataset_name:
         raise UserError("no dataset_name set: add `dataset_name: <file, folder or Hub id>` to the recipe")
-    train = convert(
-        load_records(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config),
-        purpose,
-        script_args.dataset_name,
-    )
+    train = load_dataset_for(script_args.dataset_name, purpose, script_args, script_args.dataset_train_split)
     if script_args.eval_dataset_name:
-        evaluation = convert(
-            load_records(script_args.eval_dataset_name, "test"), purpose, script_args.eval_dataset_name
-        )
+        evaluation = load_dataset_for(script_args.eval_dataset_name, purpose, script_args, "test")
     else:
         split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
         train, evaluation = split["train"].to_list(), split["test"].to_list()

@@ -7,6 +7,8 @@ TRL's PPOTrainer (through `ppo_engine`, the only module that imports it) does th
 - the policy is the SFT output (an SFT adapter is merged into its base first) with a fresh LoRA on top,
   so the reference model is simply the policy with its adapters disabled: no second copy in memory;
 - the reward model is stage 2's output, with its LoRA merged, since TRL reads `.score` off a plain model;
+  one with its own tokenizer (DistilBERT next to GPT-2, as in the seed project) is wrapped in
+  `rewards.CrossTokenizerReward`, which re-encodes each rollout as text;
 - the value model starts from the reward model when both share the policy's architecture (it already
   knows what a good answer looks like), and from the policy with a fresh head otherwise;
 - prompts are rendered with the policy's chat template and tokenized, as TRL's trainer expects.
@@ -22,20 +24,25 @@ from .cli import UserError, parse, run
 from .data import load_splits
 from .modeling import check_model_source, load_model, load_tokenizer, model_kwargs
 from .ppo_engine import PPOConfig, PPOTrainer
+from .rewards import CrossTokenizerReward, needs_cross_tokenizer
 
 
-def tokenize_prompts(dataset, tokenizer, max_prompt_length: int):
+def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: dict | None = None):
+    """input_ids of each prompt through the policy's chat template; records ids -> conversation if asked."""
+
     def render(example):
         encoded = tokenizer.apply_chat_template(
             example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return {"input_ids": list(encoded["input_ids"])}
 
-    tokenized = dataset.map(render, remove_columns=dataset.column_names)
+    tokenized = dataset.map(render)
     kept = tokenized.filter(lambda example: len(example["input_ids"]) <= max_prompt_length)
     if len(kept) == 0:
         raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens: raise it")
-    return kept
+    if conversations is not None:
+        conversations.update({tuple(row["input_ids"]): row["prompt"] for row in kept})
+    return kept.remove_columns([c for c in kept.column_names if c != "input_ids"])
 
 
 def same_backbone(a, b) -> bool:
@@ -52,15 +59,10 @@ def main(script_args, training_args, model_args):
     with outputs.stage_output(final_dir, script_args.overwrite) as work:
         tokenizer = load_tokenizer(training_args.sft_model_path, padding_side="left")
         reward_tokenizer = load_tokenizer(training_args.reward_model_path)
-        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise UserError(
-                f"reward model {training_args.reward_model_path} uses another tokenizer than the policy "
-                f"{training_args.sft_model_path}: train the reward model from the policy's base (TRL's PPO scores "
-                "the policy's token ids as they are)"
-            )
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
-        train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length)
-        evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length)
+        conversations = {}
+        train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
+        evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations)
 
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
@@ -68,15 +70,26 @@ def main(script_args, training_args, model_args):
         reward_model = load_model(
             training_args.reward_model_path, AutoModelForSequenceClassification, classifier_kwargs, "reward_model_path"
         )
-        if same_backbone(reward_model, policy):
+        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+        if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
+            limit = min(reward_tokenizer.model_max_length, getattr(reward_model.config, "max_position_embeddings", 512))
+            reward_model = CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
+            print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
+        if not isinstance(reward_model, CrossTokenizerReward) and same_backbone(reward_model, policy):
             value_model = copy.deepcopy(reward_model)
         else:
             value_model = load_model(
                 training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
             )
-        for model in (reward_model, value_model):
-            model.config.pad_token_id = tokenizer.pad_token_id
+        value_model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
+        context = getattr(policy.config, "max_position_embeddings", None)
+        longest = max(len(ids) for split in (train, evaluation) for ids in split["input_ids"])
+        if context and longest + training_args.response_length > context:
+            raise UserError(
+                f"prompts of up to {longest} tokens plus response_length {training_args.response_length} exceed the "
+                f"policy's context of {context} tokens: lower response_length or max_prompt_length"
+            )
 
         training_args.output_dir = str(work)
         trainer = PPOTrainer(

@@ -4,8 +4,10 @@
     make reward RECIPE=demo
 
 TRL's RewardTrainer trains a one-output sequence classifier so that chosen answers score higher than
-rejected ones. Starting it from the SFT model (as InstructGPT did) gives it the policy's tokenizer, which
-PPO needs, and a head start on the data. With LoRA the new score head must stay trainable and be saved
+rejected ones. Decoder models (started from the SFT model) and encoder classifiers such as DistilBERT
+both work: pairs are tokenized by `rewards.encode_for_reward`, the same encoding PPO scores with.
+Starting a decoder reward model from the SFT model (as InstructGPT did) gives it a head start on the data,
+and lets PPO score the policy's tokens directly. With LoRA the new score head must stay trainable and be saved
 with the adapter, otherwise it stays random: the adapter is built for sequence classification, which
 peft does by keeping the head in `modules_to_save`. Held-out pairwise accuracy is printed at the end.
 """
@@ -17,6 +19,19 @@ from . import outputs
 from .cli import parse, run
 from .data import load_splits
 from .modeling import load_model, load_tokenizer, model_kwargs
+from .rewards import encode_for_reward
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int | None):
+    """chosen_ids/rejected_ids through `encode_for_reward`, the encoding PPO scores with too."""
+
+    def encode(example):
+        return {
+            f"{side}_ids": encode_for_reward(tokenizer, example["prompt"], example[side][-1]["content"], max_length)
+            for side in ("chosen", "rejected")
+        }
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
 
 
 def main(script_args, training_args, model_args):
@@ -24,6 +39,7 @@ def main(script_args, training_args, model_args):
     with outputs.stage_output(final_dir, script_args.overwrite) as work:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
+        train, evaluation = (tokenize_pairs(d, tokenizer, training_args.max_length) for d in (train, evaluation))
         model = load_model(
             model_args.model_name_or_path,
             AutoModelForSequenceClassification,

@@ -110,3 +110,9 @@ def test_finished_run_is_not_overwritten(trained):
 def test_hub_id_while_offline(paths):
     result = run_stage("sft", *sft_args(paths, "--model_name_or_path", "someone/some-model"))
     assert_one_line_error(result, "offline", "local folder")
+
+
+def test_ppo_rollouts_longer_than_the_context(trained, paths):
+    result = run_stage("ppo", *ppo_args(paths, "--sft_model_path", trained["sft"], "--response_length", "500"))
+    assert_one_line_error(result, "response_length 500", "context of 128 tokens")
+    assert_nothing_finished(paths["ppo"])

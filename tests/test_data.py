@@ -110,3 +110,70 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match=r"offline.*data/raw/alpaca-cleaned"):
         load_records("yahma/alpaca-cleaned")
+
+
+def write_seed_pair(folder, accepted, rejected):
+    folder.mkdir(exist_ok=True)
+    write_jsonl(folder / "accepted_data.jsonl", accepted)
+    write_jsonl(folder / "rejected_data.jsonl", rejected)
+    return folder
+
+
+def test_seed_accepted_and_rejected_files_join_on_the_prompt(tmp_path):
+    from rlhf_trl.data import join_accepted_rejected, seed_pair_files
+
+    folder = write_seed_pair(
+        tmp_path / "processed",
+        [{"prompt": "Q1", "response": "good 1"}, {"instruction": "Q2", "output": "good 2"}],
+        [
+            {"prompt": "Q2", "response": "bad 2a"},
+            {"prompt": "q1 ", "response": "bad 1"},
+            {"prompt": "Q2", "response": "bad 2b"},
+        ],
+    )
+    files = seed_pair_files(str(folder))
+    assert files == seed_pair_files(str(folder / "accepted_data.jsonl"))
+    pairs = join_accepted_rejected(*files)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("Q1", "good 1", "bad 1"),
+        ("Q2", "good 2", "bad 2a"),
+        ("Q2", "good 2", "bad 2b"),
+    ]
+    rows = convert(pairs, "reward", "seed")
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "good 1"}]
+
+
+def test_unmatched_seed_prompts_are_counted_and_need_allow_unmatched(tmp_path):
+    from rlhf_trl.data import join_accepted_rejected, seed_pair_files
+
+    folder = write_seed_pair(
+        tmp_path / "processed",
+        [{"prompt": "Q1", "response": "a"}, {"prompt": "Q2", "response": "b"}, {"prompt": "Q3", "response": "c"}],
+        [{"prompt": "Q1", "response": "x"}, {"prompt": "Q9", "response": "y"}],
+    )
+    with pytest.raises(
+        UserError,
+        match=r"2 prompts in accepted_data.jsonl have no rejected answer and 1 in "
+        r"rejected_data.jsonl no accepted one.*--allow_unmatched true.*1 matched",
+    ):
+        join_accepted_rejected(*seed_pair_files(str(folder)))
+    assert len(join_accepted_rejected(*seed_pair_files(str(folder)), allow_unmatched=True)) == 1
+
+
+def test_seed_file_missing_an_answer_names_the_line(tmp_path):
+    from rlhf_trl.data import join_accepted_rejected, seed_pair_files
+
+    folder = write_seed_pair(
+        tmp_path / "p", [{"prompt": "Q1", "response": "a"}, {"prompt": "Q2"}], [{"prompt": "Q1", "response": "x"}]
+    )
+    with pytest.raises(UserError, match=r"accepted_data.jsonl line 2: needs a prompt field"):
+        join_accepted_rejected(*seed_pair_files(str(folder)))
+
+
+def test_forced_format_must_match_the_fields(tmp_path):
+    source = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "completion": "a"}])
+    assert convert(load_records(source), "prompts", source, "prompt") == [
+        {"prompt": [{"role": "user", "content": "q"}]}
+    ]
+    with pytest.raises(UserError, match=r"dataset_format alpaca needs fields \['instruction', 'output'\]"):
+        convert(load_records(source), "sft", source, "alpaca")

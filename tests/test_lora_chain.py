@@ -4,6 +4,7 @@ then export. Every output is an adapter on an adapter, and chat/merge must rebui
 import pytest
 import torch
 from conftest import ppo_args, reward_args, run_module, run_stage, sft_args
+from tests_helpers import build_gpt2
 
 from rlhf_trl.modeling import base_of, generate, is_adapter, load_model, load_tokenizer
 from rlhf_trl.outputs import read_marker
@@ -11,23 +12,8 @@ from rlhf_trl.outputs import read_marker
 
 @pytest.fixture(scope="module")
 def gpt2_chain(world, tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     root = tmp_path_factory.mktemp("gpt2")
-    tokenizer = load_tokenizer(world / "models/base")
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=128,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    build_gpt2(load_tokenizer(world / "models/base"), root / "base")
     paths = {"base": str(root / "base"), "data": str(world / "data")} | {
         name: str(root / name) for name in ("sft", "reward", "ppo", "export")
     }

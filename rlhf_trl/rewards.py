@@ -1,0 +1,95 @@
+"""How a reward model sees a (prompt, answer): one encoding for training and for PPO, any tokenizer.
+
+TRL's PPOTrainer scores rollouts by running the reward model on the policy's own token ids and reading
+`.score` off a decoder backbone. That rules out the seed project's design, a DistilBERT reward model
+next to a GPT-2 policy. `CrossTokenizerReward` removes the restriction: it decodes each query and
+response with the policy's tokenizer, re-encodes them with the reward model's tokenizer (through
+`encode_for_reward`, the same function the reward stage trains with) and scores them. `ppo_engine`
+routes TRL's reward call to it. When the reward model shares the policy's tokenizer and is a decoder,
+PPO keeps TRL's direct path, which costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """A conversation as plain text for encoders: the user's words, earlier turns labelled by role."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def encode_for_reward(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
+    """Token ids the reward model scores: its chat template when it has one, else a (prompt, answer) text pair.
+
+    A text pair is what encoder classifiers (BERT, DistilBERT) were pretrained on: [CLS] prompt [SEP] answer [SEP].
+    Truncation cuts the prompt first, because the answer is what is being judged.
+    """
+    if tokenizer.chat_template:
+        conversation = prompt + [{"role": "assistant", "content": answer}]
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        return list(ids[-max_length:] if max_length else ids)
+    truncation = "only_first" if max_length else False
+    try:
+        return tokenizer(prompt_text(prompt), answer, truncation=truncation, max_length=max_length)["input_ids"]
+    except Exception:  # the answer alone is longer than max_length: keep its beginning
+        return tokenizer(prompt_text(prompt), answer, truncation="longest_first", max_length=max_length)["input_ids"]
+
+
+def needs_cross_tokenizer(reward_model, reward_tokenizer, policy_tokenizer) -> bool:
+    """True unless TRL's direct path applies: same vocabulary and template, and a decoder with `.score`."""
+    same_tokens = reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+    same_template = reward_tokenizer.chat_template == policy_tokenizer.chat_template
+    return not (same_tokens and same_template and hasattr(reward_model, "score"))
+
+
+class CrossTokenizerReward(nn.Module):
+    """Scores policy rollouts with a reward model that has its own tokenizer (see the module docstring)."""
+
+    def __init__(
+        self, reward_model, reward_tokenizer, policy_tokenizer, prompts: dict[tuple, list[dict]], max_length: int = 512
+    ):
+        super().__init__()
+        self.reward_model = reward_model
+        self.reward_tokenizer = reward_tokenizer
+        self.policy_tokenizer = policy_tokenizer
+        self.prompts = prompts  # policy prompt ids -> the conversation they were rendered from
+        self.max_length = max_length
+
+    @property
+    def config(self):
+        return self.reward_model.config
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
+        encoded = [
+            encode_for_reward(self.reward_tokenizer, p, a, self.max_length)
+            for p, a in zip(prompts, answers, strict=True)
+        ]
+        batch = self.reward_tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+        device = next(self.reward_model.parameters()).device
+        logits = self.reward_model(**{k: v.to(device) for k, v in batch.items()}).logits
+        return logits[:, 0].float()
+
+    def conversation(self, query_ids: list[int]) -> list[dict]:
+        """The conversation a tokenized query came from; unknown queries are decoded as one user turn."""
+        known = self.prompts.get(tuple(query_ids))
+        if known is not None:
+            return known
+        return [{"role": "user", "content": self.policy_tokenizer.decode(query_ids, skip_special_tokens=True)}]
+
+    def get_reward(self, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
+        """Same contract as trl.experimental.utils.get_reward: (per-token logits, final scores, sequence ends)."""
+        queries, responses = query_responses[:, :context_length], query_responses[:, context_length:]
+        conversations = [self.conversation([t for t in row.tolist() if t != pad_token_id]) for row in queries]
+        answers = self.policy_tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = self.score(conversations, answers).to(query_responses.device)
+        is_pad = (responses == pad_token_id).long()
+        # TRL marks a response's last token as (index of the first pad) - 1, counted from the sequence start.
+        first_pad = torch.where(is_pad.any(1), is_pad.argmax(1), torch.full_like(is_pad[:, 0], responses.shape[1]))
+        sequence_lengths = first_pad - 1 + context_length
+        per_token = scores[:, None, None].expand(-1, query_responses.shape[1], 1)
+        return per_token, scores, sequence_lengths

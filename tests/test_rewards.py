@@ -1,0 +1,65 @@
+"""Cross-tokenizer rewards: a reward model with its own tokenizer scores what the policy generated."""
+
+import torch
+from tests_helpers import build_encoder_tokenizer
+from torch import nn
+
+from rlhf_trl import demo
+from rlhf_trl.rewards import CrossTokenizerReward, encode_for_reward, needs_cross_tokenizer
+
+
+class CountsAWord(nn.Module):
+    """A reward model with a known preference: its score is how often one token id appears."""
+
+    def __init__(self, token_id: int):
+        super().__init__()
+        self.token_id = token_id
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        counts = ((input_ids == self.token_id) & attention_mask.bool()).sum(1, keepdim=True).float()
+        return type("Output", (), {"logits": counts + self.anchor})()
+
+
+def test_scores_follow_the_reward_models_preference_through_re_encoding():
+    records = demo.make_records()
+    policy_tokenizer = demo.build_tokenizer(demo.corpus(records))
+    reward_tokenizer = build_encoder_tokenizer(demo.corpus(records))
+    reward = CountsAWord(reward_tokenizer.convert_tokens_to_ids("helps"))
+    prompt = [{"role": "user", "content": "Describe the river."}]
+    query = policy_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+    answers = ["The river is long. I hope this helps!", "The river is long.", "helps helps helps"]
+    pad, eos = policy_tokenizer.pad_token_id, policy_tokenizer.eos_token_id
+    responses = [policy_tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    width = max(map(len, responses)) + 2
+    rows = [[pad] * 2 + list(query) + r + [pad] * (width - len(r)) for r in responses]  # left-padded query
+    query_responses = torch.tensor(rows)
+    context_length = len(query) + 2
+
+    scorer = CrossTokenizerReward(reward, reward_tokenizer, policy_tokenizer, {tuple(query): prompt})
+    per_token, scores, ends = scorer.get_reward(query_responses, pad, context_length)
+
+    assert scores.tolist() == [1.0, 0.0, 3.0]
+    assert ends.tolist() == [context_length + len(r) - 1 for r in responses], "index of each response's EOS"
+    assert per_token[torch.arange(3), ends].squeeze(-1).tolist() == scores.tolist()
+
+
+def test_encoder_pairs_are_prompt_then_answer_and_truncate_the_prompt_first():
+    tokenizer = build_encoder_tokenizer(demo.corpus(demo.make_records()))
+    ids = encode_for_reward(tokenizer, [{"role": "user", "content": "describe the river"}], "it is long")
+    assert tokenizer.decode(ids) == "[CLS] describe the river [SEP] it is long [SEP]"
+    long_prompt = [{"role": "user", "content": "describe the river " * 50}]
+    short = encode_for_reward(tokenizer, long_prompt, "it is long", max_length=16)
+    assert len(short) == 16 and tokenizer.decode(short).endswith("[SEP] it is long [SEP]")
+
+
+def test_direct_path_only_for_a_decoder_with_the_policys_tokenizer():
+    policy_tokenizer = demo.build_tokenizer(demo.corpus(demo.make_records()))
+    encoder_tokenizer = build_encoder_tokenizer(demo.corpus(demo.make_records()))
+    decoder_reward = nn.Module()
+    decoder_reward.score = nn.Linear(2, 1)
+    assert not needs_cross_tokenizer(decoder_reward, policy_tokenizer, policy_tokenizer)
+    assert needs_cross_tokenizer(decoder_reward, encoder_tokenizer, policy_tokenizer)
+    assert needs_cross_tokenizer(nn.Module(), policy_tokenizer, policy_tokenizer), "no .score head"
