@@ -61,14 +61,17 @@ def series(records: list[dict], key: str, x_key: str = "step") -> tuple[list[flo
 
 
 def plot_lines(path: Path, title: str, panels: list[tuple[str, list, list, str]], xlabel: str) -> bool:
-    """One figure, one panel per (label, x, y, style) group; False (nothing written) when no panel has data."""
+    """One axis, one line per (label, x, y, style) (style "hline": a level at y[0]); False when none has data."""
     panels = [p for p in panels if p[2]]
     if not panels:
         return False
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
     for label, x, y, style in panels:
-        axis.plot(x, y, style, label=label, markersize=7)
+        if style == "hline":  # a reference level, not a series
+            axis.axhline(y[0], linestyle="--", color="tab:green", label=label)
+        else:
+            axis.plot(x, y, style, label=label, markersize=7)
     axis.set_title(title)
     axis.set_xlabel(xlabel)
     axis.grid(alpha=0.3)
@@ -227,7 +230,7 @@ def build(models: Path, result: dict, output: Path) -> list[Path]:
                 [
                     ("training batches", *series(reward, "accuracy"), "o-"),
                     ("held-out (end of training)", *series(reward, "eval_accuracy"), "s"),
-                    (f"held-out, make eval ({accuracy:.3f})", *_flat(reward, accuracy), "--"),
+                    (f"held-out, make eval ({accuracy:.3f})", [0], [accuracy], "hline"),
                 ],
                 "step",
             ),
@@ -265,12 +268,6 @@ def build(models: Path, result: dict, output: Path) -> list[Path]:
     ]
     (output / "report.md").write_text("\n".join(report).rstrip() + "\n", encoding="utf-8")
     return written
-
-
-def _flat(records: list[dict], value: float) -> tuple[list[float], list[float]]:
-    """A horizontal line at `value` across the logged steps (or one point at 0 when nothing was logged)."""
-    steps = [r["step"] for r in records if isinstance(r.get("step"), int | float)] or [0]
-    return [min(steps), max(steps)], [value, value]
 
 
 def main(argv=None) -> None:
