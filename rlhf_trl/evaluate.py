@@ -155,9 +155,15 @@ def hacking_warnings(sft: dict, ppo: dict, eos_drop: float = 0.05) -> list[str]:
 def load_reward_model(path: str | Path):
     """The reward output (a LoRA adapter + score head on the SFT model), merged, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     tokenizer = load_tokenizer(path, padding_side="right")
-    model = load_model(path, AutoModelForSequenceClassification, {"num_labels": 1}, what="reward model").eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the base loads without a score head ("MISSING"): the adapter brings it
+    try:
+        model = load_model(path, AutoModelForSequenceClassification, {"num_labels": 1}, what="reward model").eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
