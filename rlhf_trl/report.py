@@ -53,9 +53,15 @@ def _pyplot():
 
 
 def series(records: list[dict], key: str, x_key: str = "step") -> tuple[list[float], list[float]]:
-    """(x, y) of every logged step that has `key` with a number."""
+    """(x, y) of every logged step that has `key` with a number.
+
+    The end-of-training summary line (the one with `train_runtime`) is left out: TRL's RewardTrainer puts the
+    averages of only the batches since the last logged step into it, which would plot as a last-step jump.
+    """
     points = [
-        (r.get(x_key, r.get("step", i)), r[key]) for i, r in enumerate(records) if isinstance(r.get(key), int | float)
+        (r.get(x_key, r.get("step", i)), r[key])
+        for i, r in enumerate(records)
+        if isinstance(r.get(key), int | float) and "train_runtime" not in r
     ]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -184,13 +190,13 @@ def samples_page(result: dict, rows: int = SAMPLE_ROWS) -> str:
     lines = [
         f"# Sample generations: {result['recipe']}",
         "",
-        f"The first {min(rows, len(result['generations']))} of {len(result['generations'])} held-out answers; "
-        f"scores are reward-model score{truth}.",
+        f"The first answer to each of the first {min(rows, result['prompts'])} of {result['prompts']} held-out "
+        f"prompts (same seed for both models); scores are reward-model score{truth}.",
         "",
         f"| prompt | SFT | score{truth} | PPO | score{truth} |",
         "|---|---|---:|---|---:|",
     ]
-    for g in result["generations"][:rows]:
+    for g in result["generations"][:: result["samples"]][:rows]:  # the first answer to each prompt
         scores = {
             stage: fmt(g[stage]["score"], 2) + (f" / {g[stage]['ground_truth']:.0f}" if with_truth else "")
             for stage in ("sft", "ppo")
