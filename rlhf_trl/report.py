@@ -298,10 +298,21 @@ def main(argv=None) -> None:
             result = json.loads(eval_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise UserError(f"{eval_file} is not valid JSON ({error.msg}): delete it and rerun `make report`") from None
-        for line in evaluate.table(result):
+        try:
+            lines = evaluate.table(result)
+        except (KeyError, TypeError) as error:
+            raise UserError(
+                f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"
+            ) from None
+        for line in lines:
             print(line)
     output = args.output or models / "report"
-    written = build(models, result, output)
+    try:
+        written = build(models, result, output)
+    except (KeyError, TypeError) as error:
+        raise UserError(
+            f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"
+        ) from None
     print(f"report: {len(written)} plot(s) and samples.md in {output}")
     print(f"report: {output / 'report.md'}")
 

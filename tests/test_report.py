@@ -89,3 +89,11 @@ def test_report_on_a_missing_stage_says_which_make_target_to_run(tmp_path):
     result = run_module("report", "--models", str(tmp_path / "none"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "run `make sft RECIPE=demo` first" in result.stderr.strip().splitlines()[-1]
+
+
+def test_report_on_a_broken_eval_json_says_to_rerun(tmp_path):
+    for text in ("{not json", '{"stages": {}}'):
+        (tmp_path / "eval.json").write_text(text)
+        result = run_module("report", "--models", str(tmp_path), "--eval", str(tmp_path / "eval.json"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "rerun `make report`" in result.stderr.strip().splitlines()[-1]
