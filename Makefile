@@ -1,5 +1,5 @@
 # rlhf-trl: every stage is `accelerate launch -m rlhf_trl.<stage> --config recipes/$(RECIPE)/<stage>.yaml`.
-#   make all                      offline demo: setup, data, sft, reward, ppo, chat, merge, ground-truth score
+#   make all                      offline demo: setup, data, sft, reward, ppo, chat, merge, ground truth, report
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
 SHELL := /bin/bash
@@ -22,7 +22,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 LAUNCH := $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
 
-.PHONY: help setup data sft reward ppo chat merge groundtruth all test lint clean-demo
+.PHONY: help setup data sft reward ppo chat merge groundtruth eval report all test lint clean-demo
 
 help:
 	@sed -n '1,4p' Makefile | sed 's/^# \{0,1\}//'
@@ -59,6 +59,14 @@ merge: setup
 groundtruth: setup
 	$(BIN)/python -m rlhf_trl.groundtruth --recipe $(RECIPE)
 
+# SFT against PPO on held-out prompts, judged by the reward model (and for demo the ground truth): writes eval.json.
+eval: setup
+	$(BIN)/python -m rlhf_trl.evaluate --recipe $(RECIPE) $(ARGS)
+
+# models/<recipe>/report/: report.md, samples.md and plots; reruns eval first when eval.json is missing or stale.
+report: setup
+	$(BIN)/python -m rlhf_trl.report --recipe $(RECIPE) $(ARGS)
+
 # A stage whose output is already finished is kept, not redone: `make <stage> ARGS=--overwrite` redoes one.
 all: setup
 	$(MAKE) data RECIPE=$(RECIPE)
@@ -72,6 +80,7 @@ all: setup
 	  echo "merge: models/$(RECIPE)/export is finished; kept (make merge ARGS=--overwrite redoes it)"; \
 	else $(MAKE) merge RECIPE=$(RECIPE) ARGS=; fi
 	@if [ "$(RECIPE)" = demo ]; then $(MAKE) groundtruth RECIPE=$(RECIPE); fi
+	$(MAKE) report RECIPE=$(RECIPE) ARGS=
 
 test: setup
 	$(BIN)/ruff check rlhf_trl tests

@@ -154,8 +154,13 @@ def generate(
     samples: int = 1,
     seed: int = 0,
     streamer=None,
-) -> list[str]:
-    """Answers each conversation in `prompts` (`samples` times, sampled) and returns the decoded answers."""
+    return_ids: bool = False,
+) -> list[str] | tuple[list[str], list[list[int]]]:
+    """Answers each conversation in `prompts` (`samples` times, sampled) and returns the decoded answers.
+
+    With `return_ids`, also returns each answer's token ids, up to and including its first EOS (the padding
+    after it dropped): what `rlhf_trl.evaluate` needs for lengths, EOS rates and log-probabilities.
+    """
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
     texts = [render_prompt(tokenizer, messages) for messages in prompts]
@@ -171,7 +176,12 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
         streamer=streamer,
     )
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    if not return_ids:
+        return answers
+    ids = [row.tolist() for row in output[:, batch["input_ids"].shape[1] :]]
+    eos = tokenizer.eos_token_id
+    return answers, [row[: row.index(eos) + 1] if eos in row else row for row in ids]
 
 
 # For tokenizers that ship no chat template (base GPT-2, say) and were not given one by the recipe.

@@ -22,6 +22,7 @@ from trl import get_peft_config
 from . import outputs
 from .cli import UserError, parse, run
 from .data import load_splits
+from .metrics_log import MetricsLog
 from .modeling import check_model_source, load_model, load_tokenizer, model_kwargs
 from .ppo_engine import PPOConfig, PPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
@@ -102,6 +103,7 @@ def main(script_args, training_args, model_args):
             train_dataset=train,
             eval_dataset=evaluation,
             peft_config=get_peft_config(model_args),
+            callbacks=[MetricsLog()],
         )
         trainer.train()
         trainer.save_model(str(work))

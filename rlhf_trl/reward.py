@@ -18,6 +18,7 @@ from trl import RewardConfig, RewardTrainer, get_peft_config
 from . import outputs
 from .cli import parse, run
 from .data import load_splits
+from .metrics_log import MetricsLog
 from .modeling import load_model, load_tokenizer, model_kwargs
 from .rewards import encode_for_reward
 
@@ -58,6 +59,7 @@ def main(script_args, training_args, model_args):
             eval_dataset=evaluation,
             processing_class=tokenizer,
             peft_config=peft_config,
+            callbacks=[MetricsLog()],
         )
         trainer.train()
         metrics = trainer.evaluate()

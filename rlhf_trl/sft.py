@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer, get_peft_config
 from . import outputs
 from .cli import parse, run
 from .data import load_splits
+from .metrics_log import MetricsLog
 from .modeling import load_model, load_tokenizer, model_kwargs
 
 
@@ -31,6 +32,7 @@ def main(script_args, training_args, model_args):
             eval_dataset=evaluation,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
+            callbacks=[MetricsLog()],
         )
         trainer.train()
         metrics = trainer.evaluate()

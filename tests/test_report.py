@@ -1,0 +1,99 @@
+"""`make report`: built from a tiny run, every plot is a real image with data in it, and eval is rerun when stale."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_module
+from test_eval import eval_command
+
+from rlhf_trl import report
+
+PLOTS = ("sft_loss.png", "reward_accuracy.png", "ppo_training.png", "reward_distribution.png")
+
+
+@pytest.fixture(scope="module")
+def built(trained, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("report")
+    result = eval_command(trained, folder / "eval.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_module(
+        "report",
+        "--models",
+        str(Path(trained["sft"]).parent),
+        "--eval",
+        str(folder / "eval.json"),
+        "--output",
+        str(folder / "report"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"report: {folder / 'report' / 'report.md'}"
+    assert "mean reward-model score" in result.stdout, "the report prints the evaluation table"
+    assert "running the evaluation" not in result.stdout, "a fresh eval.json is reused"
+    return folder / "report"
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_every_plot_is_an_image_with_data(built, name):
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(built / name)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[2])[::7].tolist()}) > 10, "not one flat colour"
+
+
+def test_report_md_holds_the_tables_plots_and_samples(built):
+    text = (built / "report.md").read_text()
+    for needle in (
+        "pairwise accuracy",
+        "| mean reward-model score |",
+        "win rate",
+        "KL from SFT",
+        "answers ending with EOS",
+    ):
+        assert needle in text
+    assert "ground truth" in text
+    for name in PLOTS:
+        assert f"]({name})" in text
+    samples = (built / "samples.md").read_text()
+    assert samples.count("\n| ") == 1 + 6 and "| prompt | SFT |" in samples  # one answer to each of 6 prompts
+
+
+def test_a_stage_without_a_metrics_log_gets_a_note_not_a_crash(trained, built, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for stage in ("sft", "reward", "ppo"):
+        shutil.copytree(trained[stage], models / stage)
+    (models / "sft" / "metrics.jsonl").unlink()
+    result = json.loads((built.parent / "eval.json").read_text())
+    written = report.build(models, result, tmp_path / "out")
+    assert {p.name for p in written} == set(PLOTS) - {"sft_loss.png"}
+    assert "make sft ARGS=--overwrite" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_is_stale_when_a_stage_is_newer(trained, built, tmp_path):
+    eval_file = built.parent / "eval.json"
+    models = Path(trained["sft"]).parent
+    assert not report.eval_is_stale(eval_file, models)
+    copy = tmp_path / "eval.json"
+    shutil.copy(eval_file, copy)
+    marker = Path(trained["ppo"]) / "rlhf_trl_run.json"
+    os.utime(copy, (marker.stat().st_mtime - 10, marker.stat().st_mtime - 10))
+    assert report.eval_is_stale(copy, models)
+    assert report.eval_is_stale(tmp_path / "missing.json", models)
+
+
+def test_report_on_a_missing_stage_says_which_make_target_to_run(tmp_path):
+    result = run_module("report", "--models", str(tmp_path / "none"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "run `make sft RECIPE=demo` first" in result.stderr.strip().splitlines()[-1]
+
+
+def test_report_on_a_broken_eval_json_says_to_rerun(tmp_path):
+    for text in ("{not json", '{"stages": {}}'):
+        (tmp_path / "eval.json").write_text(text)
+        result = run_module("report", "--models", str(tmp_path), "--eval", str(tmp_path / "eval.json"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "rerun `make report`" in result.stderr.strip().splitlines()[-1]
