@@ -22,7 +22,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 LAUNCH := $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
 
-.PHONY: help setup data sft reward ppo chat merge groundtruth eval report all test lint clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report all test lint clean-demo
 
 help:
 	@sed -n '1,4p' Makefile | sed 's/^# \{0,1\}//'
@@ -55,10 +55,6 @@ chat: setup
 merge: setup
 	$(BIN)/python -m rlhf_trl.merge --recipe $(RECIPE) $(ARGS)
 
-# Ground truth exists for the demo recipe only: its preference rule is checked by code, not by a model.
-groundtruth: setup
-	$(BIN)/python -m rlhf_trl.groundtruth --recipe $(RECIPE)
-
 # SFT against PPO on held-out prompts, judged by the reward model (and for demo the ground truth): writes eval.json.
 eval: setup
 	$(BIN)/python -m rlhf_trl.evaluate --recipe $(RECIPE) $(ARGS)
@@ -79,7 +75,6 @@ all: setup
 	@if [ -f models/$(RECIPE)/export/rlhf_trl_run.json ]; then \
 	  echo "merge: models/$(RECIPE)/export is finished; kept (make merge ARGS=--overwrite redoes it)"; \
 	else $(MAKE) merge RECIPE=$(RECIPE) ARGS=; fi
-	@if [ "$(RECIPE)" = demo ]; then $(MAKE) groundtruth RECIPE=$(RECIPE); fi
 	$(MAKE) report RECIPE=$(RECIPE) ARGS=
 
 test: setup

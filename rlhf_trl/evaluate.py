@@ -36,6 +36,7 @@ from . import demo, outputs
 from .cli import UserError, run
 from .data import convert, load_records
 from .modeling import generate, load_model, load_tokenizer, render_prompt
+from .rewards import score_answers
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -168,24 +169,6 @@ def load_reward_model(path: str | Path):
     return model, tokenizer
 
 
-@torch.no_grad()
-def reward_scores(
-    model, tokenizer, prompts: Sequence[list[dict]], answers: Sequence[str], batch_size: int = 64
-) -> list[float]:
-    """The reward model's score of each (prompt messages, answer text), through the chat template it trained on."""
-    texts = [
-        tokenizer.apply_chat_template(list(prompt) + [{"role": "assistant", "content": answer}], tokenize=False)
-        for prompt, answer in zip(prompts, answers, strict=True)
-    ]
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(model.device)
-        scores.extend(model(**batch).logits.squeeze(-1).float().tolist())
-    return scores
-
-
 def message_text(messages: list[dict]) -> str:
     """The text of an assistant answer given as messages (preference pairs hold their answers that way)."""
     return "".join(m["content"] for m in messages)
@@ -242,10 +225,10 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     with_truth = args.recipe == "demo"
 
     reward_model, reward_tokenizer = load_reward_model(paths["reward"])
-    chosen = reward_scores(
+    chosen = score_answers(
         reward_model, reward_tokenizer, [p["prompt"] for p in pairs], [message_text(p["chosen"]) for p in pairs]
     )
-    rejected = reward_scores(
+    rejected = score_answers(
         reward_model, reward_tokenizer, [p["prompt"] for p in pairs], [message_text(p["rejected"]) for p in pairs]
     )
 
@@ -259,7 +242,7 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     for stage in ("sft", "ppo"):
         model = sft_model if stage == "sft" else load_model(paths["ppo"], what="ppo model").eval()
         answers[stage], ids = sample_stage(model, tokenizer, prompts, args)
-        scores = reward_scores(reward_model, reward_tokenizer, expanded, answers[stage])
+        scores = score_answers(reward_model, reward_tokenizer, expanded, answers[stage])
         truth = (
             [demo.ground_truth_score(p[-1]["content"], a) for p, a in zip(expanded, answers[stage], strict=True)]
             if with_truth
@@ -336,6 +319,10 @@ def table(result: dict) -> list[str]:
         f"  {'':34} {'sft':>8} {'ppo':>8}",
     ]
     lines += [f"  {name:34} {a:>8} {b:>8}" for name, a, b in rows]
+    if sft.get("ground_truth") is not None:
+        lines.append(f"ground truth: sft {sft['ground_truth']:.2f} -> ppo {ppo['ground_truth']:.2f}")
+        if ppo["ground_truth"] <= sft["ground_truth"]:
+            lines.append("warning: PPO did not beat SFT on the ground truth: RLHF did not help this run")
     lines += [f"warning: {warning}" for warning in result["warnings"]]
     return lines
 

@@ -39,6 +39,26 @@ def encode_for_reward(tokenizer, prompt: list[dict], answer: str, max_length: in
         return tokenizer(prompt_text(prompt), answer, truncation="longest_first", max_length=max_length)["input_ids"]
 
 
+@torch.no_grad()
+def score_answers(
+    model, tokenizer, prompts: list[list[dict]], answers: list[str], max_length: int | None = None, batch_size: int = 64
+) -> list[float]:
+    """The reward model's score of each (prompt messages, answer text), encoded by `encode_for_reward`."""
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(answers), batch_size):
+        encoded = [
+            encode_for_reward(tokenizer, p, a, max_length)
+            for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)
+        ]
+        side, tokenizer.padding_side = tokenizer.padding_side, "right"
+        batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+        tokenizer.padding_side = side
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        scores.extend(logits[:, 0].float().tolist())
+    return scores
+
+
 def needs_cross_tokenizer(reward_model, reward_tokenizer, policy_tokenizer) -> bool:
     """True unless TRL's direct path applies: same vocabulary and template, and a decoder with `.score`."""
     same_tokens = reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab()
@@ -63,16 +83,8 @@ class CrossTokenizerReward(nn.Module):
     def config(self):
         return self.reward_model.config
 
-    @torch.no_grad()
     def score(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
-        encoded = [
-            encode_for_reward(self.reward_tokenizer, p, a, self.max_length)
-            for p, a in zip(prompts, answers, strict=True)
-        ]
-        batch = self.reward_tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
-        device = next(self.reward_model.parameters()).device
-        logits = self.reward_model(**{k: v.to(device) for k, v in batch.items()}).logits
-        return logits[:, 0].float()
+        return torch.tensor(score_answers(self.reward_model, self.reward_tokenizer, prompts, answers, self.max_length))
 
     def conversation(self, query_ids: list[int]) -> list[dict]:
         """The conversation a tokenized query came from; unknown queries are decoded as one user turn."""
