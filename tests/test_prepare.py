@@ -76,3 +76,11 @@ def test_an_existing_dataset_is_kept_unless_overwrite(tmp_path, world, capsys):
 def test_missing_raw_folder_says_how_to_get_it(tmp_path, world):
     with pytest.raises(UserError, match="git clone"):
         main(["--config", write_recipe(tmp_path, world, raw_dataset="data/raw/not-there")])
+
+
+def test_rejected_answers_can_be_sampled_from_the_sft_model(tmp_path, world, trained):
+    main(["--config", write_recipe(tmp_path, world, rejected_source="sft", sft_model_path=trained["sft"])])
+    pairs = convert(load_records(str(tmp_path / "run/pairs_train.jsonl")), "reward", "pairs")
+    report = json.loads((tmp_path / "run/data_report.json").read_text())
+    assert report["rejected_source"] == "sft" and len(pairs) == 16
+    assert all(p["rejected"][0]["content"].strip() for p in pairs), "the SFT model's answers are the rejected side"
