@@ -90,16 +90,28 @@ def base_of(adapter_dir: str | Path) -> str:
     return PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
 
 
+def model_config(path: str | Path):
+    """The transformers config of a model or of an adapter chain's root base, without loading weights."""
+    from transformers import AutoConfig
+
+    while is_adapter(path):
+        path = base_of(path)
+    return AutoConfig.from_pretrained(str(path))
+
+
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_model(path: str | Path, auto_class=None, kwargs: dict | None = None, what: str = "model"):
-    """Loads a full model, or an adapter chain merged into its base (never into quantized weights).
+def load_model(
+    path: str | Path, auto_class=None, kwargs: dict | None = None, what: str = "model", live_adapter: bool = False
+):
+    """Loads a full model, or an adapter chain merged into its full-precision base.
 
     `auto_class` picks the head (AutoModelForCausalLM by default; AutoModelForSequenceClassification for
     reward and value models). An adapter trained on a causal LM loads onto a classifier of the same base
-    too, because the adapted modules have the same names in both.
+    too, because the adapted modules have the same names in both. With `live_adapter`, the last adapter
+    stays unmerged, injected into the plain model (what a frozen reward model on a 4-bit base needs).
     """
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +123,13 @@ def load_model(path: str | Path, auto_class=None, kwargs: dict | None = None, wh
             return auto_class.from_pretrained(str(path), **kwargs)
         except OSError as error:
             raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
+    if kwargs.get("quantization_config") is not None and not live_adapter:
+        # Merging would round the adapter into 4/8-bit weights, and a live adapter cannot take a second
+        # trainable LoRA in TRL's trainers: export a full-precision merge once and quantize that instead.
+        raise UserError(
+            f"{what} {path} is a LoRA adapter and this stage loads in 4/8-bit: merge it first with "
+            f'`make merge ARGS="--model {path} --output {path}-merged"` and point {what} at {path}-merged'
+        )
     from peft import PeftConfig, PeftModel
 
     base = load_model(base_of(path), auto_class, kwargs, what=f"base of {path}")
@@ -124,9 +143,7 @@ def load_model(path: str | Path, auto_class=None, kwargs: dict | None = None, wh
             f"adapter {path} does not fit its base {base_of(path)} ({str(error).splitlines()[0][:200]}): "
             "retrain the adapter or point it at the base it was trained on"
         ) from None
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        return model  # merging would round the adapter into quantized weights; keep it as a live adapter
-    return model.merge_and_unload()
+    return model.get_base_model() if live_adapter else model.merge_and_unload()
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "right"):

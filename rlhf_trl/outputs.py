@@ -79,6 +79,20 @@ def finish(work: Path, output_dir: str | Path, stage: str, **info) -> Path:
     return final
 
 
+def publish(trainer, tokenizer, work: Path, output_dir: str | Path, stage: str, **info) -> bool:
+    """Saves the trained model and its tokenizer into `work` and marks the output finished.
+
+    Every process takes part in saving (sharded or DeepSpeed models need it); only the main process writes
+    the tokenizer and the marker, and it alone gets True back, to print the stage's summary.
+    """
+    trainer.save_model(str(work))
+    if not trainer.accelerator.is_main_process:
+        return False
+    tokenizer.save_pretrained(str(work))
+    finish(work, output_dir, stage, **info)
+    return True
+
+
 def require(path: str | Path, stage: str, recipe: str | None = None) -> dict:
     """Returns the marker of a finished stage output, or says which make target produces it."""
     marker = read_marker(path)

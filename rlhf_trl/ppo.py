@@ -6,7 +6,8 @@
 TRL's PPOTrainer (through `ppo_engine`, the only module that imports it) does the optimisation. Here:
 - the policy is the SFT output (an SFT adapter is merged into its base first) with a fresh LoRA on top,
   so the reference model is simply the policy with its adapters disabled: no second copy in memory;
-- the reward model is stage 2's output, with its LoRA merged, since TRL reads `.score` off a plain model;
+- the reward model is stage 2's output as a plain model, since TRL reads `.score` off one: its LoRA merged,
+  or on a 4-bit base left unmerged inside it (merging would round it into quantized weights);
   one with its own tokenizer (DistilBERT next to GPT-2, as in the seed project) is wrapped in
   `rewards.CrossTokenizerReward`, which re-encodes each rollout as text;
 - the value model starts from the reward model when both share the policy's architecture (it already
@@ -23,7 +24,7 @@ from . import outputs
 from .cli import UserError, parse, run
 from .data import load_splits
 from .metrics_log import MetricsLog
-from .modeling import check_model_source, load_model, load_tokenizer, model_kwargs
+from .modeling import check_model_source, load_model, load_tokenizer, model_config, model_kwargs
 from .ppo_engine import PPOConfig, PPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
 
@@ -51,6 +52,18 @@ def same_backbone(a, b) -> bool:
     return all(getattr(a.config, key, None) == getattr(b.config, key, None) for key in keys)
 
 
+def start_value_from_reward(reward_model, reward_path: str, classifier_kwargs: dict):
+    """A trainable copy of the reward model. On a 4-bit base the copy is loaded again (quantized weights do not
+    deep-copy) and trains only its own copy of the reward adapter and score head."""
+    if "quantization_config" not in classifier_kwargs:
+        return copy.deepcopy(reward_model)
+    value_model = load_model(reward_path, AutoModelForSequenceClassification, classifier_kwargs, live_adapter=True)
+    for name, parameter in value_model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            parameter.requires_grad_(True)
+    return value_model
+
+
 def main(script_args, training_args, model_args):
     recipe = getattr(script_args, "recipe", None)
     make_hint = f" RECIPE={recipe}" if recipe else ""
@@ -65,26 +78,7 @@ def main(script_args, training_args, model_args):
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
         evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations)
 
-        kwargs = model_kwargs(model_args)
-        policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
-        classifier_kwargs = {**kwargs, "num_labels": 1}
-        reward_model = load_model(
-            training_args.reward_model_path, AutoModelForSequenceClassification, classifier_kwargs, "reward_model_path"
-        )
-        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-        if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
-            limit = min(reward_tokenizer.model_max_length, getattr(reward_model.config, "max_position_embeddings", 512))
-            reward_model = CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
-            print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
-        if not isinstance(reward_model, CrossTokenizerReward) and same_backbone(reward_model, policy):
-            value_model = copy.deepcopy(reward_model)
-        else:
-            value_model = load_model(
-                training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
-            )
-        value_model.config.pad_token_id = tokenizer.pad_token_id
-        policy.generation_config.pad_token_id = tokenizer.pad_token_id
-        context = getattr(policy.config, "max_position_embeddings", None)
+        context = getattr(model_config(training_args.sft_model_path), "max_position_embeddings", None)
         longest = max(len(ids) for split in (train, evaluation) for ids in split["input_ids"])
         if context and longest + training_args.response_length > context:
             raise UserError(
@@ -92,6 +86,30 @@ def main(script_args, training_args, model_args):
                 f"policy's context of {context} tokens: lower response_length or max_prompt_length"
             )
 
+        kwargs = model_kwargs(model_args)
+        policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
+        classifier_kwargs = {**kwargs, "num_labels": 1}
+        quantized = "quantization_config" in kwargs
+        reward_model = load_model(
+            training_args.reward_model_path,
+            AutoModelForSequenceClassification,
+            classifier_kwargs,
+            "reward_model_path",
+            live_adapter=quantized,
+        )
+        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+        if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
+            limit = min(reward_tokenizer.model_max_length, getattr(reward_model.config, "max_position_embeddings", 512))
+            reward_model = CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
+            print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
+        if not isinstance(reward_model, CrossTokenizerReward) and same_backbone(reward_model, policy):
+            value_model = start_value_from_reward(reward_model, training_args.reward_model_path, classifier_kwargs)
+        else:
+            value_model = load_model(
+                training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
+            )
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+        policy.generation_config.pad_token_id = tokenizer.pad_token_id
         training_args.output_dir = str(work)
         trainer = PPOTrainer(
             args=training_args,
@@ -106,21 +124,16 @@ def main(script_args, training_args, model_args):
             callbacks=[MetricsLog()],
         )
         trainer.train()
-        trainer.save_model(str(work))
-        if trainer.accelerator.is_main_process:
-            tokenizer.padding_side = "right"
-            tokenizer.save_pretrained(str(work))
-            scores = [log["objective/scores"] for log in trainer.state.log_history if "objective/scores" in log]
-            outputs.finish(
-                work,
-                final_dir,
-                "ppo",
-                base=training_args.sft_model_path,
-                reward_model=training_args.reward_model_path,
-                adapter=model_args.use_peft,
-                first_score=scores[0] if scores else None,
-                last_score=scores[-1] if scores else None,
-            )
+        tokenizer.padding_side = "right"  # for whoever loads the policy next; PPO needed left for generation
+        scores = [log["objective/scores"] for log in trainer.state.log_history if "objective/scores" in log]
+        stage_info = {
+            "base": training_args.sft_model_path,
+            "reward_model": training_args.reward_model_path,
+            "adapter": model_args.use_peft,
+            "first_score": scores[0] if scores else None,
+            "last_score": scores[-1] if scores else None,
+        }
+        if outputs.publish(trainer, tokenizer, work, final_dir, "ppo", **stage_info):
             if scores:
                 print(f"ppo: mean reward-model score {scores[0]:.3f} (first logged step) -> {scores[-1]:.3f} (last)")
             print(f"ppo: saved to {final_dir}")

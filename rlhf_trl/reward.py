@@ -63,19 +63,14 @@ def main(script_args, training_args, model_args):
         )
         trainer.train()
         metrics = trainer.evaluate()
-        trainer.save_model(str(work))
-        if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(str(work))
-            accuracy = metrics.get("eval_accuracy", float("nan"))
-            outputs.finish(
-                work,
-                final_dir,
-                "reward",
-                base=model_args.model_name_or_path,
-                adapter=model_args.use_peft,
-                eval_accuracy=accuracy,
-                eval_pairs=len(evaluation),
-            )
+        accuracy = metrics.get("eval_accuracy", float("nan"))
+        stage_info = {
+            "base": model_args.model_name_or_path,
+            "adapter": model_args.use_peft,
+            "eval_accuracy": accuracy,
+            "eval_pairs": len(evaluation),
+        }
+        if outputs.publish(trainer, tokenizer, work, final_dir, "reward", **stage_info):
             print(
                 f"reward: held-out pairwise accuracy {accuracy:.3f} on {len(evaluation)} pairs -> saved to {final_dir}"
             )

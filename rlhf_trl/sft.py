@@ -36,18 +36,10 @@ def main(script_args, training_args, model_args):
         )
         trainer.train()
         metrics = trainer.evaluate()
-        trainer.save_model(str(work))
-        if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(str(work))
-            outputs.finish(
-                work,
-                final_dir,
-                "sft",
-                base=model_args.model_name_or_path,
-                adapter=model_args.use_peft,
-                eval_loss=metrics.get("eval_loss"),
-            )
-            print(f"sft: held-out loss {metrics.get('eval_loss', float('nan')):.3f} -> saved to {final_dir}")
+        loss = metrics.get("eval_loss", float("nan"))
+        stage_info = {"base": model_args.model_name_or_path, "adapter": model_args.use_peft, "eval_loss": loss}
+        if outputs.publish(trainer, tokenizer, work, final_dir, "sft", **stage_info):
+            print(f"sft: held-out loss {loss:.3f} -> saved to {final_dir}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,13 @@ def test_ppo_rollouts_longer_than_the_context(trained, paths):
     result = run_stage("ppo", *ppo_args(paths, "--sft_model_path", trained["sft"], "--response_length", "500"))
     assert_one_line_error(result, "response_length 500", "context of 128 tokens")
     assert_nothing_finished(paths["ppo"])
+
+
+def test_an_adapter_is_not_merged_into_a_quantized_base(trained):
+    from transformers import BitsAndBytesConfig
+
+    from rlhf_trl.cli import UserError
+    from rlhf_trl.modeling import load_model
+
+    with pytest.raises(UserError, match=r"LoRA adapter .* 4/8-bit: merge it first with `make merge"):
+        load_model(trained["ppo"], kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True)})

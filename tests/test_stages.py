@@ -105,3 +105,18 @@ def test_chat_answers_once_and_interactively(trained):
     )
     assert session.returncode == 0, session.stderr
     assert session.stdout.count("assistant> ") == 2 and "(conversation cleared)" in session.stdout
+
+
+def test_a_live_reward_adapter_scores_like_the_merged_one(trained):
+    """PPO on a 4-bit base keeps the reward adapter unmerged; on CPU the same path must score identically."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"num_labels": 1}
+    merged = load_model(trained["reward"], AutoModelForSequenceClassification, kwargs).eval()
+    live = load_model(trained["reward"], AutoModelForSequenceClassification, kwargs, live_adapter=True).eval()
+    assert type(live).__name__ == "LlamaForSequenceClassification", "a plain model, as TRL's reward call expects"
+    assert any("lora_A" in name for name, _ in live.named_parameters()), "the adapter is injected, not merged"
+    assert not any("lora_A" in name for name, _ in merged.named_parameters())
+    probe = torch.tensor([[5, 17, 42, 99, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(live(probe).logits, merged(probe).logits, atol=1e-5, rtol=1e-4)
