@@ -78,10 +78,16 @@ def plot_lines(path: Path, title: str, panels: list[tuple[str, list, list, str]]
             axis.axhline(y[0], linestyle="--", color="tab:green", label=label)
         else:
             axis.plot(x, y, style, label=label, markersize=7)
-    axis.set_title(title)
-    axis.set_xlabel(xlabel)
-    axis.grid(alpha=0.3)
-    axis.legend()
+    return save(plt, figure, path, axis, title, xlabel)
+
+
+def save(plt, figure, path: Path, axis=None, title: str = "", xlabel: str = "") -> bool:
+    """Labels a single-axis figure (when given its axis), writes the PNG and frees the figure."""
+    if axis is not None:
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -101,10 +107,7 @@ def plot_ppo(path: Path, records: list[dict]) -> bool:
         axis.set_xlabel(x_key)
         axis.grid(alpha=0.3)
     figure.suptitle("PPO training")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return True
+    return save(plt, figure, path)
 
 
 def plot_distribution(path: Path, scores: dict[str, list[float]]) -> bool:
@@ -123,15 +126,8 @@ def plot_distribution(path: Path, scores: dict[str, list[float]]) -> bool:
             color=color,
             label=f"{stage.upper()} (mean {evaluate.mean(scores[stage]):.2f})",
         )
-    axis.set_title("Reward-model score of held-out answers")
-    axis.set_xlabel("reward-model score")
     axis.set_ylabel("answers")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return True
+    return save(plt, figure, path, axis, "Reward-model score of held-out answers", "reward-model score")
 
 
 def cell(text) -> str:
