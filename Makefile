@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $@
 
-# Builds the recipe's data (demo: also its tokenizer and tiny base model); keeps what exists. DATA_ARGS="--overwrite" rebuilds.
+# Builds the recipe's data (demo: also its tokenizer and tiny base model); keeps what exists. DATA_ARGS="--overwrite true" rebuilds (demo: DATA_ARGS=--overwrite).
 data: setup
 	$(BIN)/python -m rlhf_trl.prepare --recipe $(RECIPE) $(DATA_ARGS)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import outputs
 from .cli import UserError, run
-from .modeling import generate, load_model, load_tokenizer, render_prompt
+from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt
 
 STAGES = ("sft", "ppo", "export")
 
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     if args.model is None:
         outputs.require(path, args.stage, args.recipe)
     tokenizer = load_tokenizer(path)
-    model = load_model(path).eval()
+    model = for_inference(load_model(path))
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 

@@ -63,6 +63,8 @@ def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
+        if argv.index("--config") + 1 >= len(argv):
+            raise UserError("--config needs a recipe file: --config recipes/<recipe>/<stage>.yaml")
         config_path = Path(argv[argv.index("--config") + 1])
         if not config_path.is_file():
             raise UserError(f"recipe file {config_path} does not exist: check RECIPE= (see the folders in recipes/)")

@@ -75,7 +75,7 @@ def load_records(source: str, split: str = "train", config: str | None = None) -
             raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}")
     elif path.is_dir():
         records = _load_with_datasets(str(path), name=config, split=split, source=source)
-    elif source.count("/") == 1 and not source.startswith((".", "/", "data/")):
+    elif looks_like_hub_id(source):
         if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(
                 f"dataset {source} is a Hub id but the Hub is offline: `git clone` it elsewhere into data/raw/ and "
@@ -89,12 +89,17 @@ def load_records(source: str, split: str = "train", config: str | None = None) -
     return records
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """`owner/name` that is not a local path: what the Hub would be asked for."""
+    return str(source).count("/") == 1 and not str(source).startswith((".", "/", "data/", "models/"))
+
+
 def _load_with_datasets(*args, source: str, **kwargs) -> list[dict]:
     import datasets
 
     try:
         return list(datasets.load_dataset(*args, **kwargs))
-    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
         raise UserError(f"could not read dataset {source}: {str(error).splitlines()[0][:300]}") from None
 
 
@@ -265,14 +270,20 @@ def join_accepted_rejected(accepted: Path, rejected: Path, allow_unmatched: bool
     return pairs
 
 
-def load_dataset_for(source: str, purpose: str, script_args, split: str) -> list[dict]:
-    """Any supported source, validated and converted for `purpose`."""
+def load_dataset_for(
+    source: str,
+    purpose: str,
+    split: str = "train",
+    config: str | None = None,
+    fmt: str = "auto",
+    allow_unmatched: bool = False,
+) -> list[dict]:
+    """Any supported source (the seed's accepted/rejected folder included), validated and converted for `purpose`."""
     seed_files = seed_pair_files(source)
     if seed_files is not None:
-        records = join_accepted_rejected(*seed_files, allow_unmatched=script_args.allow_unmatched)
+        records = join_accepted_rejected(*seed_files, allow_unmatched=allow_unmatched)
         return convert(records, purpose, str(seed_files[0]))
-    records = load_records(source, split, script_args.dataset_config)
-    return convert(records, purpose, source, script_args.dataset_format)
+    return convert(load_records(source, split, config), purpose, source, fmt)
 
 
 def load_splits(script_args, purpose: str, seed: int):
@@ -281,9 +292,14 @@ def load_splits(script_args, purpose: str, seed: int):
 
     if not script_args.dataset_name:
         raise UserError("no dataset_name set: add `dataset_name: <file, folder or Hub id>` to the recipe")
-    train = load_dataset_for(script_args.dataset_name, purpose, script_args, script_args.dataset_train_split)
+    options = {
+        "config": script_args.dataset_config,
+        "fmt": script_args.dataset_format,
+        "allow_unmatched": script_args.allow_unmatched,
+    }
+    train = load_dataset_for(script_args.dataset_name, purpose, script_args.dataset_train_split, **options)
     if script_args.eval_dataset_name:
-        evaluation = load_dataset_for(script_args.eval_dataset_name, purpose, script_args, "test")
+        evaluation = load_dataset_for(script_args.eval_dataset_name, purpose, "test", **options)
     else:
         split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
         train, evaluation = split["train"].to_list(), split["test"].to_list()

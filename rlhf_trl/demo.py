@@ -232,18 +232,3 @@ def build_base_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def build_base(out_dir: Path, seed: int = 0, **model_kwargs) -> Path:
-    """Writes tokenizer + random base model into out_dir atomically (a half-built base is never left behind)."""
-    import shutil
-
-    tokenizer = build_tokenizer(corpus(make_records(seed)))
-    model = build_base_model(tokenizer, seed=seed, **model_kwargs)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir

@@ -34,8 +34,8 @@ import torch
 
 from . import demo, outputs
 from .cli import UserError, run
-from .data import convert, load_records
-from .modeling import generate, load_model, load_tokenizer, render_prompt
+from .data import load_dataset_for, seed_pair_files
+from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt
 from .rewards import score_answers
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -162,7 +162,9 @@ def load_reward_model(path: str | Path):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the base loads without a score head ("MISSING"): the adapter brings it
     try:
-        model = load_model(path, AutoModelForSequenceClassification, {"num_labels": 1}, what="reward model").eval()
+        model = for_inference(
+            load_model(path, AutoModelForSequenceClassification, {"num_labels": 1}, what="reward model")
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -179,6 +181,9 @@ def message_text(messages: list[dict]) -> str:
 
 def default_data(recipe: str, name: str, given: Path | None, flag: str) -> Path:
     path = given or Path("data/processed", recipe, f"{name}_eval.jsonl")
+    seed_layout = Path("data/processed", recipe, "eval")  # `pair_layout: accepted_rejected` keeps eval pairs here
+    if given is None and not path.exists() and seed_pair_files(str(seed_layout)):
+        path = seed_layout
     if not path.exists():
         if given is None:
             raise UserError(
@@ -218,8 +223,8 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
         outputs.require(path, stage, args.recipe)
     prompts_file = default_data(args.recipe, "prompts", args.prompts, "--prompts")
     pairs_file = default_data(args.recipe, "pairs", args.pairs, "--pairs")
-    prompts = [row["prompt"] for row in convert(load_records(str(prompts_file)), "prompts", str(prompts_file))]
-    pairs = convert(load_records(str(pairs_file)), "reward", str(pairs_file))
+    prompts = [row["prompt"] for row in load_dataset_for(str(prompts_file), "prompts")]
+    pairs = load_dataset_for(str(pairs_file), "reward")
     if args.max_prompts:
         prompts, pairs = prompts[: args.max_prompts], pairs[: args.max_prompts * 4]
     with_truth = args.recipe == "demo"
@@ -236,11 +241,11 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     expanded = [p for p in prompts for _ in range(args.samples)]  # generate's order: each prompt's samples together
     prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in expanded]
-    sft_model = load_model(paths["sft"], what="sft model").eval()
+    sft_model = for_inference(load_model(paths["sft"], what="sft model"))
     stages: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     for stage in ("sft", "ppo"):
-        model = sft_model if stage == "sft" else load_model(paths["ppo"], what="ppo model").eval()
+        model = sft_model if stage == "sft" else for_inference(load_model(paths["ppo"], what="ppo model"))
         answers[stage], ids = sample_stage(model, tokenizer, prompts, args)
         scores = score_answers(reward_model, reward_tokenizer, expanded, answers[stage])
         truth = (

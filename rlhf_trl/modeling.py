@@ -14,26 +14,24 @@ from pathlib import Path
 import torch
 
 from .cli import UserError
+from .data import looks_like_hub_id
 from .outputs import partial_dir, read_marker
-
-
-def is_local(path: str | Path) -> bool:
-    return Path(path).exists()
 
 
 def check_model_source(path: str | Path, what: str, make_target: str | None = None) -> None:
     """Fails with a fix when `path` is neither a usable local model nor reachable on the Hub."""
+    if not path:
+        raise UserError(f"{what} is not set: add `{what.split()[0]}: <model folder or Hub id>` to the recipe")
     local = Path(path)
     if local.exists():
-        if (local / "config.json").is_file() or (local / "adapter_config.json").is_file():
+        if any((local / name).is_file() for name in ("config.json", "adapter_config.json", "tokenizer_config.json")):
             return
         hint = f": run `make {make_target}` first" if make_target else ""
         raise UserError(f"{what} {path} holds no model (no config.json or adapter_config.json){hint}")
     if partial_dir(local).exists():
         hint = f"rerun `make {make_target}`" if make_target else "rerun the stage that writes it"
         raise UserError(f"{what} {path} never finished (only {partial_dir(local)} exists): {hint}")
-    looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/", "models/", "data/"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(str(path)):
         hint = f": run `make {make_target}` first" if make_target else ""
         raise UserError(f"{what} {path} does not exist{hint}")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -153,12 +151,44 @@ def load_tokenizer(path: str | Path, padding_side: str = "right"):
     if is_adapter(path) and not (Path(path) / "tokenizer_config.json").is_file():
         source = base_of(path)
     check_model_source(source, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as error:
+        raise UserError(f"tokenizer of {source} could not be loaded ({str(error).splitlines()[0][:200]})") from None
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
-        # GPT-2 style tokenizers have no pad token; reusing EOS is the standard fix for right-padded training.
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = spare_pad_token(tokenizer) or tokenizer.eos_token
     return tokenizer
+
+
+def for_inference(model):
+    """Eval mode, on the GPU when there is one (quantized models were already placed when loaded)."""
+    if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):
+        model = model.to("cuda")
+    return model.eval()
+
+
+def ensure_distinct_pad(tokenizer, model) -> bool:
+    """Gives a tokenizer whose pad is its EOS (GPT-2) a pad token of its own, growing the model's embeddings.
+
+    TRL's PPO takes every pad id for the end of a sequence, so pad == EOS hides each EOS from the policy loss.
+    Only for full fine-tuning: a LoRA adapter cannot carry the grown embedding matrix.
+    """
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return True
+
+
+def spare_pad_token(tokenizer) -> str | None:
+    """A special token made for padding that the tokenizer has but does not use as pad (Llama 3's
+    <|finetune_right_pad_id|>). Falling back to EOS as pad makes TRL's PPO treat every EOS as padding."""
+    for token in tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder):
+        if "pad" in token.lower() and token != tokenizer.eos_token:
+            return token
+    return None
 
 
 @torch.no_grad()

@@ -48,8 +48,13 @@ def begin(output_dir: str | Path, overwrite: bool) -> Path:
                 f'{final} already holds a finished run: add --overwrite (make ... ARGS="--overwrite") '
                 "to replace it, or set another output_dir"
             )
-        if read_marker(final) is None and any(final.iterdir()) and not overwrite:
-            raise UserError(f"{final} exists but is not a finished rlhf-trl run: move it away or add --overwrite")
+        if not final.is_dir():
+            raise UserError(f"output_dir {final} is a file: choose another output_dir")
+        if read_marker(final) is None and any(final.iterdir()):
+            # --overwrite replaces finished runs only: a typo such as output_dir: models/demo must not wipe a tree.
+            raise UserError(
+                f"{final} exists and is not a finished rlhf-trl run: move it away or set another output_dir"
+            )
     work = partial_dir(final)
     shutil.rmtree(work, ignore_errors=True)  # left by a crashed run; it never counted as an output
     work.mkdir(parents=True)
@@ -86,9 +91,12 @@ def publish(trainer, tokenizer, work: Path, output_dir: str | Path, stage: str, 
     the tokenizer and the marker, and it alone gets True back, to print the stage's summary.
     """
     trainer.save_model(str(work))
+    trainer.accelerator.wait_for_everyone()  # sharded saves: every rank has written before the rename
     if not trainer.accelerator.is_main_process:
         return False
     tokenizer.save_pretrained(str(work))
+    for checkpoint in work.glob("checkpoint-*"):  # optimizer state for resuming; not part of the published model
+        shutil.rmtree(checkpoint, ignore_errors=True)
     finish(work, output_dir, stage, **info)
     return True
 

@@ -56,7 +56,7 @@ def start_value_from_reward(reward_model, reward_path: str, classifier_kwargs: d
     """A trainable copy of the reward model. On a 4-bit base the copy is loaded again (quantized weights do not
     deep-copy) and trains only its own copy of the reward adapter and score head."""
     if "quantization_config" not in classifier_kwargs:
-        return copy.deepcopy(reward_model)
+        return copy.deepcopy(reward_model).requires_grad_(True)  # merged weights load frozen
     value_model = load_model(reward_path, AutoModelForSequenceClassification, classifier_kwargs, live_adapter=True)
     for name, parameter in value_model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
@@ -73,6 +73,11 @@ def main(script_args, training_args, model_args):
     with outputs.stage_output(final_dir, script_args.overwrite) as work:
         tokenizer = load_tokenizer(training_args.sft_model_path, padding_side="left")
         reward_tokenizer = load_tokenizer(training_args.reward_model_path)
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            print(
+                "ppo: warning: the policy pads with its EOS token, so TRL's PPO cannot reward ending an answer; "
+                "train SFT in full (it then adds a pad token) or use a tokenizer with a pad token"
+            )
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
         conversations = {}
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
@@ -88,6 +93,8 @@ def main(script_args, training_args, model_args):
 
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
+        if not model_args.use_peft:
+            policy.requires_grad_(True)  # full PPO fine-tuning; a merged SFT adapter comes back frozen
         classifier_kwargs = {**kwargs, "num_labels": 1}
         quantized = "quantization_config" in kwargs
         reward_model = load_model(
@@ -108,6 +115,8 @@ def main(script_args, training_args, model_args):
             value_model = load_model(
                 training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
             )
+            if not quantized:
+                value_model.requires_grad_(True)  # an adapter chain merged on load comes back frozen
         value_model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
         training_args.output_dir = str(work)

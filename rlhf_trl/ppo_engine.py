@@ -21,8 +21,9 @@ _trl_get_reward = _trl_ppo.get_reward
 
 
 def _get_reward(model, query_responses, pad_token_id, context_length):
-    if isinstance(model, CrossTokenizerReward):
-        return model.get_reward(query_responses, pad_token_id, context_length)
+    inner = getattr(model, "module", model)  # DeepSpeed wraps the reward model in an engine
+    if isinstance(inner, CrossTokenizerReward):
+        return inner.get_reward(query_responses, pad_token_id, context_length)
     return _trl_get_reward(model, query_responses, pad_token_id, context_length)
 
 

@@ -19,6 +19,7 @@ The folder is written atomically like a stage output, so a half-written dataset 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -82,24 +83,34 @@ def clean(rows: list[dict], tokenizer, max_tokens: int, dropped: Counter) -> lis
     return kept
 
 
-def rejected_answers(rows: list[dict], args: DataArguments, rng: random.Random) -> list[str]:
+@functools.cache
+def _sft_sampler(path: str):
+    from .modeling import for_inference, load_model, load_tokenizer
+
+    outputs.require(path, "sft")
+    return for_inference(load_model(path)), load_tokenizer(path)
+
+
+def rejected_answers(rows: list[dict], args: DataArguments, rng: random.Random, dropped: Counter) -> list[str]:
+    """One rejected answer per row; an empty SFT sample is replaced by a corruption (and counted)."""
+    answers = [r["completion"][-1]["content"] for r in rows]
     if args.rejected_source == "corruption":
-        answers = [r["completion"][-1]["content"] for r in rows]
         return [corrupt_answer(a, answers, rng) for a in answers]
     if args.rejected_source != "sft":
         raise UserError(f"rejected_source {args.rejected_source!r} is unknown: use corruption or sft")
     if not args.sft_model_path:
         raise UserError("rejected_source: sft needs sft_model_path (e.g. models/<recipe>/sft)")
-    from .modeling import generate, load_model, load_tokenizer
+    from .modeling import generate
 
-    outputs.require(args.sft_model_path, "sft")
-    model, tokenizer = load_model(args.sft_model_path).eval(), load_tokenizer(args.sft_model_path)
+    model, tokenizer = _sft_sampler(args.sft_model_path)
     prompts = [r["prompt"] for r in rows]
-    return [
+    sampled = [
         a
         for i in range(0, len(prompts), 16)
         for a in generate(model, tokenizer, prompts[i : i + 16], max_new_tokens=128, seed=args.seed + i)
     ]
+    dropped["empty_sft_sample_replaced_by_corruption"] += sum(not a.strip() for a in sampled)
+    return [a if a.strip() else corrupt_answer(ref, answers, rng) for a, ref in zip(sampled, answers, strict=True)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -163,7 +174,7 @@ def prepare_dataset(args: DataArguments) -> None:
         for split, split_rows in splits.items():
             write_jsonl(work / f"sft_{split}.jsonl", split_rows)
             write_jsonl(work / f"prompts_{split}.jsonl", [{"prompt": r["prompt"]} for r in split_rows])
-            rejected = rejected_answers(split_rows, args, rng)
+            rejected = rejected_answers(split_rows, args, rng, dropped)
             write_pairs(work, split, split_rows, rejected, args.pair_layout, args.rejected_source)
         report = {
             "raw_records": len(records),
@@ -208,7 +219,9 @@ def main(argv=None) -> None:
     if known.recipe == "demo" and "--config" not in rest:
         demo_parser = argparse.ArgumentParser(description="prepare the demo recipe")
         demo_parser.add_argument("--seed", type=int, default=0)
-        demo_parser.add_argument("--force", action="store_true", help="rebuild even when the outputs exist")
+        demo_parser.add_argument(
+            "--force", "--overwrite", action="store_true", help="rebuild even when the outputs exist"
+        )
         demo_parser.add_argument("--data-dir", type=Path, default=Path("data/processed/demo"))
         demo_parser.add_argument("--base-dir", type=Path, default=Path("models/demo/base"))
         args = demo_parser.parse_args(rest)

@@ -30,8 +30,12 @@ def encode_for_reward(tokenizer, prompt: list[dict], answer: str, max_length: in
     """
     if tokenizer.chat_template:
         conversation = prompt + [{"role": "assistant", "content": answer}]
-        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
-        return list(ids[-max_length:] if max_length else ids)
+        ids = list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+        # Templates such as ChatML add text after the end token ("<|im_end|>\n"); PPO cuts a rollout right after
+        # it and reads the score there, so training must end at the same token.
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: len(ids) - ids[::-1].index(tokenizer.eos_token_id)]
+        return ids[-max_length:] if max_length else ids
     truncation = "only_first" if max_length else False
     try:
         return tokenizer(prompt_text(prompt), answer, truncation=truncation, max_length=max_length)["input_ids"]

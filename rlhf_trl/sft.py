@@ -15,7 +15,7 @@ from . import outputs
 from .cli import parse, run
 from .data import load_splits
 from .metrics_log import MetricsLog
-from .modeling import load_model, load_tokenizer, model_kwargs
+from .modeling import ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
 
 
 def main(script_args, training_args, model_args):
@@ -24,6 +24,8 @@ def main(script_args, training_args, model_args):
         train, evaluation = load_splits(script_args, "sft", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
         model = load_model(model_args.model_name_or_path, kwargs=model_kwargs(model_args), what="model_name_or_path")
+        if not model_args.use_peft and ensure_distinct_pad(tokenizer, model):
+            print("sft: the tokenizer padded with its EOS token; added <|pad|> so PPO can tell the two apart")
         training_args.output_dir = str(work)
         trainer = SFTTrainer(
             model=model,

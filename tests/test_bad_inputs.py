@@ -126,3 +126,14 @@ def test_an_adapter_is_not_merged_into_a_quantized_base(trained):
 
     with pytest.raises(UserError, match=r"LoRA adapter .* 4/8-bit: merge it first with `make merge"):
         load_model(trained["ppo"], kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True)})
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
+    from rlhf_trl.cli import UserError
+    from rlhf_trl.outputs import begin
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not a finished rlhf-trl run: move it away"):
+        begin(tmp_path / "models", overwrite=True)
+    assert (tmp_path / "models/notes.txt").read_text() == "keep me"

@@ -120,3 +120,15 @@ def test_a_live_reward_adapter_scores_like_the_merged_one(trained):
     probe = torch.tensor([[5, 17, 42, 99, 1]])
     with torch.no_grad():
         torch.testing.assert_close(live(probe).logits, merged(probe).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_value_model_starts_from_the_reward_model_and_trains(trained):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_trl.ppo import start_value_from_reward
+
+    reward = load_model(trained["reward"], AutoModelForSequenceClassification, {"num_labels": 1})
+    assert not any(p.requires_grad for p in reward.parameters()), "merged weights load frozen"
+    value = start_value_from_reward(reward, trained["reward"], {"num_labels": 1})
+    assert all(p.requires_grad for p in value.parameters()), "PPO's optimizer only sees trainable weights"
+    assert torch.equal(value.score.weight, reward.score.weight) and value.score.weight is not reward.score.weight
