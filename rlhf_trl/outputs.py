@@ -39,23 +39,28 @@ def read_marker(path: str | Path) -> dict | None:
         return None
 
 
-def begin(output_dir: str | Path, overwrite: bool) -> Path:
-    """Checks that output_dir may be written and returns a fresh `.partial` directory to train in."""
+def check_writable(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuses an output_dir that holds a finished run (unless overwrite) or anything that is not a run."""
     final = Path(output_dir)
-    if final.exists():
-        if read_marker(final) is not None and not overwrite:
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise UserError(f"output_dir {final} is a file: choose another output_dir")
+    if read_marker(final) is not None:
+        if not overwrite:
             raise UserError(
                 f'{final} already holds a finished run: add --overwrite (make ... ARGS="--overwrite") '
                 "to replace it, or set another output_dir"
             )
-        if not final.is_dir():
-            raise UserError(f"output_dir {final} is a file: choose another output_dir")
-        if read_marker(final) is None and any(final.iterdir()):
-            # --overwrite replaces finished runs only: a typo such as output_dir: models/demo must not wipe a tree.
-            raise UserError(
-                f"{final} exists and is not a finished rlhf-trl run: move it away or set another output_dir"
-            )
-    work = partial_dir(final)
+    elif any(final.iterdir()):
+        # --overwrite replaces finished runs only: a typo such as output_dir: models/demo must not wipe a tree.
+        raise UserError(f"{final} exists and is not a finished rlhf-trl run: move it away or set another output_dir")
+
+
+def begin(output_dir: str | Path, overwrite: bool) -> Path:
+    """Checks that output_dir may be written and returns a fresh `.partial` directory to train in."""
+    check_writable(output_dir, overwrite)
+    work = partial_dir(output_dir)
     shutil.rmtree(work, ignore_errors=True)  # left by a crashed run; it never counted as an output
     work.mkdir(parents=True)
     return work
@@ -128,6 +133,7 @@ def stage_output(output_dir: str | Path, overwrite: bool):
     from accelerate import PartialState
 
     state = PartialState()
+    check_writable(output_dir, overwrite)  # on every rank, so a refusal never leaves ranks at the barrier
     work = partial_dir(output_dir)
     if state.is_main_process:
         work = begin(output_dir, overwrite)
