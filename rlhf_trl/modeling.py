@@ -141,7 +141,10 @@ def load_model(
             f"adapter {path} does not fit its base {base_of(path)} ({str(error).splitlines()[0][:200]}): "
             "retrain the adapter or point it at the base it was trained on"
         ) from None
-    return model.get_base_model() if live_adapter else model.merge_and_unload()
+    if live_adapter:
+        return model.get_base_model()
+    # peft loads adapters frozen and merging keeps that; a merged chain must train like any full model.
+    return model.merge_and_unload().requires_grad_(True)
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "right"):

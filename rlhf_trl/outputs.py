@@ -60,6 +60,10 @@ def check_writable(output_dir: str | Path, overwrite: bool) -> None:
 def begin(output_dir: str | Path, overwrite: bool) -> Path:
     """Checks that output_dir may be written and returns a fresh `.partial` directory to train in."""
     check_writable(output_dir, overwrite)
+    return fresh_partial_dir(output_dir)
+
+
+def fresh_partial_dir(output_dir: str | Path) -> Path:
     work = partial_dir(output_dir)
     shutil.rmtree(work, ignore_errors=True)  # left by a crashed run; it never counted as an output
     work.mkdir(parents=True)
@@ -134,9 +138,7 @@ def stage_output(output_dir: str | Path, overwrite: bool):
 
     state = PartialState()
     check_writable(output_dir, overwrite)  # on every rank, so a refusal never leaves ranks at the barrier
-    work = partial_dir(output_dir)
-    if state.is_main_process:
-        work = begin(output_dir, overwrite)
+    work = fresh_partial_dir(output_dir) if state.is_main_process else partial_dir(output_dir)
     state.wait_for_everyone()
     try:
         yield work

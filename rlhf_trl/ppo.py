@@ -56,7 +56,7 @@ def start_value_from_reward(reward_model, reward_path: str, classifier_kwargs: d
     """A trainable copy of the reward model. On a 4-bit base the copy is loaded again (quantized weights do not
     deep-copy) and trains only its own copy of the reward adapter and score head."""
     if "quantization_config" not in classifier_kwargs:
-        return copy.deepcopy(reward_model).requires_grad_(True)  # merged weights load frozen
+        return copy.deepcopy(reward_model)
     value_model = load_model(reward_path, AutoModelForSequenceClassification, classifier_kwargs, live_adapter=True)
     for name, parameter in value_model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
@@ -93,8 +93,6 @@ def main(script_args, training_args, model_args):
 
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
-        if not model_args.use_peft:
-            policy.requires_grad_(True)  # full PPO fine-tuning; a merged SFT adapter comes back frozen
         classifier_kwargs = {**kwargs, "num_labels": 1}
         quantized = "quantization_config" in kwargs
         reward_model = load_model(
@@ -115,8 +113,6 @@ def main(script_args, training_args, model_args):
             value_model = load_model(
                 training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
             )
-            if not quantized:
-                value_model.requires_grad_(True)  # an adapter chain merged on load comes back frozen
         value_model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
         training_args.output_dir = str(work)

@@ -33,6 +33,7 @@ def test_every_stage_is_an_adapter_on_the_one_before(gpt2_chain):
 
 def test_ppo_policy_differs_from_sft_and_generates(gpt2_chain):
     sft, ppo = load_model(gpt2_chain["sft"]), load_model(gpt2_chain["ppo"])
+    assert all(p.requires_grad for p in sft.parameters()), "a merged adapter chain trains like a full model"
     assert any(not torch.equal(a, b) for a, b in zip(sft.parameters(), ppo.parameters(), strict=True))
     answer = generate(ppo, load_tokenizer(gpt2_chain["ppo"]), [[{"role": "user", "content": "What is a tiger?"}]])
     assert answer[0].strip()

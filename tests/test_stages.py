@@ -128,7 +128,7 @@ def test_value_model_starts_from_the_reward_model_and_trains(trained):
     from rlhf_trl.ppo import start_value_from_reward
 
     reward = load_model(trained["reward"], AutoModelForSequenceClassification, {"num_labels": 1})
-    assert not any(p.requires_grad for p in reward.parameters()), "merged weights load frozen"
+    assert all(p.requires_grad for p in reward.parameters()), "a merged adapter chain loads trainable"
     value = start_value_from_reward(reward, trained["reward"], {"num_labels": 1})
     assert all(p.requires_grad for p in value.parameters()), "PPO's optimizer only sees trainable weights"
     assert torch.equal(value.score.weight, reward.score.weight) and value.score.weight is not reward.score.weight
