@@ -100,6 +100,11 @@ def parse(config_class, argv: list[str] | None = None):
     script_args, training_args, model_args = parse_dataclasses((ScriptArguments, config_class, ModelConfig), argv)
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
     script_args.recipe = Path(argv[argv.index("--config") + 1]).parent.name if "--config" in argv else None
+    # Seeded before any model is loaded: a new score head or LoRA is drawn at load time, before the trainer
+    # seeds anything, and an unseeded draw made identical runs differ (issue 7).
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
     return script_args, training_args, model_args
 
 
