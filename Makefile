@@ -21,6 +21,9 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 LAUNCH := $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
+# A rerun resumes an unfinished run from its newest checkpoint by itself; RESUME=1 insists, RESUME=0 starts over.
+RESUME ?=
+RESUME_FLAG := $(if $(RESUME),--resume $(if $(filter 1 true yes,$(RESUME)),true,false))
 
 .PHONY: help setup data sft reward ppo chat merge eval report all test lint clean-demo
 
@@ -41,13 +44,13 @@ data: setup
 	$(BIN)/python -m rlhf_trl.prepare --recipe $(RECIPE) $(DATA_ARGS)
 
 sft: data
-	$(LAUNCH) -m rlhf_trl.sft --config recipes/$(RECIPE)/sft.yaml $(ARGS)
+	$(LAUNCH) -m rlhf_trl.sft --config recipes/$(RECIPE)/sft.yaml $(RESUME_FLAG) $(ARGS)
 
 reward: data
-	$(LAUNCH) -m rlhf_trl.reward --config recipes/$(RECIPE)/reward.yaml $(ARGS)
+	$(LAUNCH) -m rlhf_trl.reward --config recipes/$(RECIPE)/reward.yaml $(RESUME_FLAG) $(ARGS)
 
 ppo: data
-	$(LAUNCH) -m rlhf_trl.ppo --config recipes/$(RECIPE)/ppo.yaml $(ARGS)
+	$(LAUNCH) -m rlhf_trl.ppo --config recipes/$(RECIPE)/ppo.yaml $(RESUME_FLAG) $(ARGS)
 
 chat: setup
 	$(BIN)/python -m rlhf_trl.chat --recipe $(RECIPE) --stage $(STAGE) $(if $(PROMPT),--prompt "$(PROMPT)") $(ARGS)

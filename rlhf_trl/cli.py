@@ -10,6 +10,7 @@ Anything a user can fix (a bad path, a bad key, a missing earlier stage) is rais
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -54,6 +55,14 @@ class ScriptArguments:
         default=256, metadata={"help": "PPO: prompts longer than this (tokens) are dropped."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: continue an unfinished run of the same settings from its newest checkpoint in "
+            "<output_dir>.partial; true: the same, but fail when there is none; false: start over (make RESUME=0/1).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
 
 
 def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
@@ -122,5 +131,35 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print("interrupted: the output directory was not marked finished; rerun the same command", file=sys.stderr)
+        print(
+            "interrupted: nothing was marked finished; rerun the same command to resume from the last checkpoint "
+            "(RESUME=0 starts over)",
+            file=sys.stderr,
+        )
         sys.exit(130)
+    except Exception as error:
+        reason = storage_failure(error)
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+# How a full disk or an unwritable folder shows up: OSError from Python, text from torch.save and safetensors.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = ("No space left", "File too large", "FileTooLarge", "StorageFull", "file write failed")
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """A one-line reason and fix when `error` is a full disk or an unwritable folder, else None."""
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    text = str(error)
+    if (isinstance(error, OSError) and error.errno in _DISK_FULL) or any(t in text for t in _DISK_FULL_TEXT):
+        return (
+            f"the disk filled up while writing{where}: free some space, then rerun the same command; "
+            "finished outputs were not touched and the run resumes from its last complete checkpoint"
+        )
+    if isinstance(error, OSError) and error.errno in _READ_ONLY:
+        return f"cannot write{where}: {error.strerror}; make the folder writable or set output_dir elsewhere"
+    return None

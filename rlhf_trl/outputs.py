@@ -1,16 +1,27 @@
-"""Stage outputs that are either complete or absent.
+"""Stage outputs that are either complete or absent, resumable, and traceable to what produced them.
 
 A stage trains inside `<output_dir>.partial/` and renames it to `<output_dir>` only after the model, the
 tokenizer and `rlhf_trl_run.json` are written. The marker records what the output is (full model or
 adapter) and what it was built on, so later stages and `chat`/`merge` can rebuild the model chain, and
 refuse an input that never finished. A finished output is replaced only with `--overwrite`.
+
+`manifest.json` sits next to the marker: the resolved config, package versions, git commit, fingerprints of
+every local file or folder the config names (data included), the seed, the hardware and the wall time.
+A training stage writes it when it starts, so a crashed run's `.partial/` says what it was; rerunning the
+same command resumes from the newest complete `checkpoint-*` in it, and refuses (rather than silently
+mixing) when the settings or the data changed since.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -20,6 +31,14 @@ from pathlib import Path
 from .cli import UserError
 
 MARKER = "rlhf_trl_run.json"
+MANIFEST = "manifest.json"
+# Written last into a checkpoint by TRL/transformers trainers and by ppo_engine: present means complete.
+CHECKPOINT_STATE = "trainer_state.json"
+# Settings that may change between a crash and the resume without changing what is trained.
+RESUME_IGNORES = {
+    "output_dir", "logging_dir", "overwrite", "resume", "save_steps", "save_total_limit", "logging_steps",
+    "report_to", "run_name", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory",
+}  # fmt: skip
 # The make target that produces each stage's output, for "run X first" messages.
 MAKE_TARGET = {"base": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "export": "merge"}
 
@@ -73,15 +92,12 @@ def fresh_partial_dir(output_dir: str | Path) -> Path:
 def finish(work: Path, output_dir: str | Path, stage: str, **info) -> Path:
     """Writes the marker into `work`, then renames it over output_dir in one step."""
     final = Path(output_dir)
-    record = {
-        "stage": stage,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": {name: _version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")},
-        **info,
-    }
-    (work / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest = _read_json(work / MANIFEST) or new_manifest(stage)
+    manifest["finished_at"] = finished_at
+    manifest["wall_time_s"] = round(time.time() - manifest["attempts"][-1]["started_unix"], 1)
+    _write_json(work / MANIFEST, manifest)
+    _write_json(work / MARKER, {"stage": stage, "finished_at": finished_at, "manifest": MANIFEST, **info})
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -104,7 +120,7 @@ def publish(trainer, tokenizer, work: Path, output_dir: str | Path, stage: str, 
     if not trainer.accelerator.is_main_process:
         return False
     tokenizer.save_pretrained(str(work))
-    for checkpoint in work.glob("checkpoint-*"):  # optimizer state for resuming; not part of the published model
+    for checkpoint in work.glob("checkpoint-*"):  # for resuming only; not part of the published model
         shutil.rmtree(checkpoint, ignore_errors=True)
     finish(work, output_dir, stage, **info)
     return True
@@ -128,21 +144,313 @@ def _version(name: str) -> str | None:
         return None
 
 
-@contextmanager
-def stage_output(output_dir: str | Path, overwrite: bool):
-    """`with stage_output(dir, overwrite) as work:` trains in `work`; on a user error the partial dir is removed.
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    Only the main process creates, renames or removes directories; the others wait for it.
+
+def _write_json(path: Path, record: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temporary, path)  # a crash mid-write leaves the previous version, never half a file
+
+
+def _git_commit() -> dict | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _hardware() -> dict:
+    import torch
+
+    hardware = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "processes": int(os.environ.get("WORLD_SIZE", 1)),
+    }
+    if torch.cuda.is_available():
+        hardware["gpus"] = [
+            f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+            for i in range(torch.cuda.device_count())
+        ]
+    return hardware
+
+
+def _command() -> list[str]:
+    """sys.argv as the user would retype it: `python -m rlhf_trl.sft ...` rather than a path into the package."""
+    program = Path(sys.argv[0])
+    if program.parent.name == "rlhf_trl":
+        return ["python", "-m", f"rlhf_trl.{program.stem}", *sys.argv[1:]]
+    return [program.name, *sys.argv[1:]]
+
+
+def new_manifest(stage: str, config: dict | None = None, inputs: dict | None = None) -> dict:
+    """What produced an output: config, inputs, code, packages, machine; `finish` adds the wall time."""
+    return {
+        "stage": stage,
+        "command": _command(),
+        "config": config or {},
+        "seed": (config or {}).get("seed"),
+        "inputs": inputs or {},
+        "git": _git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {
+            name: _version(name)
+            for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+        },
+        "hardware": _hardware(),
+        "attempts": [{"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time()}],
+    }
+
+
+def resolved_config(*argument_sets) -> dict:
+    """The parsed dataclasses as one flat JSON-safe dict (later sets win on a shared key)."""
+    config = {}
+    for arguments in argument_sets:
+        values = arguments.to_dict() if hasattr(arguments, "to_dict") else dataclasses.asdict(arguments)
+        config.update(json.loads(json.dumps(values, default=str)))
+    return config
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a file; for a folder, of its finished-run marker or else its file names, sizes and small files."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    if (path / MARKER).is_file():  # names one finished run exactly, without hashing gigabytes of weights
+        return fingerprint(path / MARKER)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path)}:{size}\n".encode())
+        if size < (1 << 20):
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def input_fingerprints(config: dict) -> dict:
+    """Fingerprints of the local files and folders (data, models) that the config names."""
+    inputs = {}
+    for key, value in sorted(config.items()):
+        if key in RESUME_IGNORES or not isinstance(value, str) or not value or len(value) > 4096:
+            continue
+        path = Path(value)
+        if path.exists() and (path.is_file() or path.is_dir()) and path.resolve() != Path.cwd().resolve():
+            inputs[key] = {"path": value, "sha256": fingerprint(path)}
+    return inputs
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when it is complete and readable."""
+    state = _read_json(checkpoint / CHECKPOINT_STATE)
+    if state is None:
+        return f"no readable {CHECKPOINT_STATE} (the run stopped while writing it)"
+    for file in checkpoint.iterdir():
+        if file.suffix in (".safetensors", ".pt", ".pth", ".bin") and file.stat().st_size == 0:
+            return f"{file.name} is empty"
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except Exception as error:  # safetensors raises its own error types for a damaged header
+                return f"{file.name} is unreadable ({str(error).splitlines()[0][:80]})"
+    return None
+
+
+def usable_checkpoint(work: Path) -> Path | None:
+    """The newest complete checkpoint in `work`; damaged newer ones are reported and passed over."""
+    for checkpoint in sorted(work.glob("checkpoint-*"), key=checkpoint_step, reverse=True):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        print(f"resume: passing over {checkpoint}: {problem}")
+    return None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - RESUME_IGNORES)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
+
+
+def resume_point(work: Path, resume: str, config: dict, inputs: dict) -> Path | None:
+    """The checkpoint to resume from (None: start over), by the `--resume auto|true|false` rule."""
+    resume_hint = "add RESUME=0 (--resume false) to discard it and start over"
+    if resume == "false" or not work.is_dir():
+        if resume == "true":
+            raise UserError(f"--resume true, but there is no unfinished run in {work}: drop RESUME=1 to start one")
+        return None
+    checkpoint = usable_checkpoint(work)
+    if checkpoint is None:
+        if resume == "true":
+            raise UserError(f"--resume true, but {work} holds no complete checkpoint: {resume_hint}")
+        print(f"resume: {work} holds no complete checkpoint; starting over")
+        return None
+    manifest = _read_json(work / MANIFEST)
+    if manifest is None:
+        raise UserError(f"{work} holds checkpoints but no {MANIFEST}, so its settings are unknown: {resume_hint}")
+    changed = _differences(manifest.get("config", {}), config)
+    changed += [
+        f"{key} changed ({value['path']})"
+        for key, value in inputs.items()
+        if manifest.get("inputs", {}).get(key) != value
+    ]
+    if changed:
+        raise UserError(
+            f"{work} holds an unfinished run with other settings ({'; '.join(changed[:3])}): restore them to "
+            f"resume it from {checkpoint.name}, or {resume_hint}"
+        )
+    return checkpoint
+
+
+def trim_metrics(work: Path, step: int) -> None:
+    """Drops log lines written after the checkpoint: the resumed run logs those steps again."""
+    from .metrics_log import FILENAME
+
+    path = work / FILENAME
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    work: Path  # the `.partial` directory to train in (the trainer's output_dir)
+    checkpoint: str | None  # resume_from_checkpoint for the trainer, or None for a fresh start
+
+
+def lock_output(output_dir: str | Path):
+    """An open, locked `.<name>.lock` file next to output_dir; close it to release (the OS does on any exit).
+
+    Refuses a second run writing the same output: two runs sharing one `.partial` destroy each other's work.
     """
+    import fcntl
+
+    final = Path(output_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(final.with_name(f".{final.name}.lock"), "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another run is writing {final} right now: wait for it to end or stop it") from None
+    return handle
+
+
+def _decided_by_main(decide):
+    """Runs `decide()` on the main process only and hands its result, or its UserError, to every rank."""
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     state = PartialState()
-    check_writable(output_dir, overwrite)  # on every rank, so a refusal never leaves ranks at the barrier
-    work = fresh_partial_dir(output_dir) if state.is_main_process else partial_dir(output_dir)
-    state.wait_for_everyone()
+    outcome = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("ok", decide())]
+        except UserError as error:
+            outcome = [("error", str(error))]
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+@contextmanager
+def training_run(stage: str, script_args, training_args, model_args):
+    """`with training_run("sft", *args) as run:` trains in `run.work`, resuming from `run.checkpoint` if set.
+
+    The main process takes the output's lock, checks it, picks the checkpoint and prepares `.partial/`;
+    every rank gets the same decision (or the same one-line error) from it.
+    """
+
+    output_dir = training_args.output_dir
+    work = partial_dir(output_dir)
+    locks = []
+
+    def decide() -> str | None:
+        locks.append(lock_output(output_dir))
+        check_writable(output_dir, script_args.overwrite)
+        config = resolved_config(script_args, training_args, model_args)
+        inputs = input_fingerprints(config)
+        checkpoint = resume_point(work, script_args.resume, config, inputs)
+        if checkpoint is None:
+            fresh_partial_dir(output_dir)
+            _write_json(work / MANIFEST, new_manifest(stage, config, inputs))
+            return None
+        trim_metrics(work, checkpoint_step(checkpoint))
+        manifest = _read_json(work / MANIFEST)
+        manifest["attempts"].append({**new_manifest(stage)["attempts"][0], "resumed_from": checkpoint.name})
+        _write_json(work / MANIFEST, manifest)
+        print(f"{stage}: resuming from {checkpoint} (RESUME=0 starts over instead)")
+        return str(checkpoint)
+
     try:
-        yield work
+        checkpoint = _decided_by_main(decide)
+        yield TrainingRun(work, checkpoint)
     except UserError:
-        if state.is_main_process:
+        if locks and not any(work.glob("checkpoint-*")):  # locks: this is the main process and owned the run
             shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        for handle in locks:
+            handle.close()
+
+
+@contextmanager
+def stage_output(output_dir: str | Path, overwrite: bool):
+    """`with stage_output(dir, overwrite) as work:` writes in `work`; on a user error the partial dir is removed.
+
+    For outputs built without a trainer (data, base model, export): nothing to resume, so always fresh.
+    """
+    locks = []
+
+    def decide() -> str:
+        locks.append(lock_output(output_dir))
+        check_writable(output_dir, overwrite)
+        return str(fresh_partial_dir(output_dir))
+
+    try:
+        work = Path(_decided_by_main(decide))
+        yield work
+    except UserError:
+        if locks:
+            shutil.rmtree(partial_dir(output_dir), ignore_errors=True)
+        raise
+    finally:
+        for handle in locks:
+            handle.close()

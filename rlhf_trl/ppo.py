@@ -70,7 +70,7 @@ def main(script_args, training_args, model_args):
     check_model_source(training_args.sft_model_path, "sft_model_path", f"sft{make_hint}")
     check_model_source(training_args.reward_model_path, "reward_model_path", f"reward{make_hint}")
     final_dir = training_args.output_dir
-    with outputs.stage_output(final_dir, script_args.overwrite) as work:
+    with outputs.training_run("ppo", script_args, training_args, model_args) as run:
         tokenizer = load_tokenizer(training_args.sft_model_path, padding_side="left")
         reward_tokenizer = load_tokenizer(training_args.reward_model_path)
         if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -115,7 +115,7 @@ def main(script_args, training_args, model_args):
             )
         value_model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
-        training_args.output_dir = str(work)
+        training_args.output_dir = str(run.work)
         trainer = PPOTrainer(
             args=training_args,
             processing_class=tokenizer,
@@ -128,7 +128,7 @@ def main(script_args, training_args, model_args):
             peft_config=get_peft_config(model_args),
             callbacks=[MetricsLog()],
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=run.checkpoint)
         tokenizer.padding_side = "right"  # for whoever loads the policy next; PPO needed left for generation
         scores = [log["objective/scores"] for log in trainer.state.log_history if "objective/scores" in log]
         stage_info = {
@@ -138,7 +138,7 @@ def main(script_args, training_args, model_args):
             "first_score": scores[0] if scores else None,
             "last_score": scores[-1] if scores else None,
         }
-        if outputs.publish(trainer, tokenizer, work, final_dir, "ppo", **stage_info):
+        if outputs.publish(trainer, tokenizer, run.work, final_dir, "ppo", **stage_info):
             if scores:
                 print(f"ppo: mean reward-model score {scores[0]:.3f} (first logged step) -> {scores[-1]:.3f} (last)")
             print(f"ppo: saved to {final_dir}")

@@ -1,4 +1,4 @@
-"""The one module that imports TRL's PPO.
+"""The one module that imports TRL's PPO, and the resumable trainer built on it.
 
 TRL 1.13 removed PPO; 1.12.0 keeps it under `trl.experimental.ppo`. Every other module imports
 `PPOConfig` and `PPOTrainer` from here, so that moving to another PPO engine touches this file only.
@@ -6,17 +6,37 @@ TRL 1.13 removed PPO; 1.12.0 keeps it under `trl.experimental.ppo`. Every other 
 TRL's trainer calls the module-level `get_reward(model, query_responses, pad_token_id, context_length)`
 for both the value model and the reward model. A reward model with its own tokenizer
 (`rewards.CrossTokenizerReward`) answers that call itself; everything else goes to TRL's function.
+
+TRL's PPO cannot resume: its checkpoints hold the policy only, and `train()` always starts at step 0.
+`PPOTrainer` here keeps TRL's training loop untouched and adds what resuming needs. A checkpoint holds
+every trainable tensor (the policy's LoRA and the value model), the optimizer, the scheduler, each rank's
+RNG states and the trainer state, which is written last so its presence means the checkpoint is complete.
+`train(resume_from_checkpoint=...)` loads them, replays the shuffled prompt order up to the saved step
+(the sampler has its own generator, so the order comes out the same) and runs the remaining updates, so a
+resumed run ends at the same step with the same metrics as one that never stopped.
 """
 
+import math
 import warnings
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRL warns that experimental APIs may change; the pin makes that moot
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import PPOConfig
+    from trl.experimental.ppo import PPOTrainer as TrlPPOTrainer
     from trl.experimental.ppo import ppo_trainer as _trl_ppo
 
+from .cli import UserError
 from .rewards import CrossTokenizerReward
 
+TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
 _trl_get_reward = _trl_ppo.get_reward
 
 
@@ -28,5 +48,115 @@ def _get_reward(model, query_responses, pad_token_id, context_length):
 
 
 _trl_ppo.get_reward = _get_reward
+
+
+class _SkipFirstBatches:
+    """The prepared dataloader, with its first `skip` batches drawn and dropped so the order carries on."""
+
+    def __init__(self, dataloader, skip: int):
+        self.dataloader = dataloader
+        self.pending = iter(dataloader)
+        for _ in range(skip):
+            try:
+                next(self.pending)
+            except StopIteration:  # TRL cycles through the prompts; so does the replay
+                self.pending = iter(dataloader)
+                next(self.pending)
+
+    def __iter__(self):
+        if self.pending is None:
+            yield from self.dataloader
+        else:
+            pending, self.pending = self.pending, None
+            yield from pending
+
+    def __len__(self):
+        return len(self.dataloader)
+
+
+class _RestoreProgress(TrainerCallback):
+    """Puts the saved step, episode and log back after TRL's `train()` has reset them to zero."""
+
+    def __init__(self, saved, total_updates: int):
+        self.saved = saved
+        self.total_updates = total_updates
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.global_step = self.saved.global_step
+        state.episode = self.saved.episode
+        state.log_history = self.saved.log_history
+        state.max_steps = self.total_updates
+        for name in ("logging_steps", "save_steps", "eval_steps"):  # fractions are of the whole run
+            fraction = getattr(args, name, None)
+            if fraction is not None and 0 < fraction < 1:
+                setattr(state, name, math.ceil(self.total_updates * fraction))
+
+
+class PPOTrainer(TrlPPOTrainer):
+    """TRL's PPOTrainer with complete checkpoints and `train(resume_from_checkpoint=...)`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled and self.args.save_strategy != "no":
+            raise UserError(
+                "PPO checkpoints are not supported under DeepSpeed: set save_strategy: no in the PPO recipe "
+                "(the run then cannot resume) or use the multi_gpu accelerate config"
+            )
+
+    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    def _save_checkpoint(self, model, trial):
+        from safetensors.torch import save_file
+
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        if self.args.should_save:
+            tensors = {
+                name: p.detach().to("cpu").contiguous().clone() for name, p in self._trainable_parameters().items()
+            }
+            save_file(tensors, str(checkpoint / TRAINABLE_WEIGHTS))
+            # Plain state dicts: transformers' own helpers expect Trainer attributes TRL's PPOTrainer lacks.
+            torch.save(self.optimizer.state_dict(), checkpoint / OPTIMIZER)
+            torch.save(self.lr_scheduler.state_dict(), checkpoint / SCHEDULER)
+        self._save_rng_state(str(checkpoint))  # one file per rank
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self.state.save_to_json(str(checkpoint / TRAINER_STATE))  # last: marks the checkpoint complete
+            rotate_checkpoints(self.args.output_dir, save_total_limit=self.args.save_total_limit)
+
+    def _load_trainable(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(checkpoint / TRAINABLE_WEIGHTS))
+        parameters = self._trainable_parameters()
+        if set(saved) != set(parameters):
+            raise UserError(
+                f"{checkpoint} holds {len(saved)} trainable tensors but this PPO model has {len(parameters)} "
+                "(a different LoRA or model): add RESUME=0 (--resume false) to start over"
+            )
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(saved[name])
+
+    def train(self, resume_from_checkpoint: str | None = None):
+        if resume_from_checkpoint is None:
+            return super().train()
+        checkpoint = Path(resume_from_checkpoint)
+        saved = type(self.state).load_from_json(str(checkpoint / TRAINER_STATE))
+        self._load_trainable(checkpoint)
+        self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, map_location=self.accelerator.device))
+        self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER))
+        total_updates = self.args.num_total_batches
+        self.dataloader = _SkipFirstBatches(self.dataloader, saved.global_step)
+        self.add_callback(_RestoreProgress(saved, total_updates))
+        self._load_rng_state(str(checkpoint))  # after the replay, which must not shift the sampling RNG
+        self.args.num_total_batches = total_updates - saved.global_step  # TRL's loop counts from 1 to this
+        try:
+            return super().train()
+        finally:
+            self.args.num_total_batches = total_updates
+
 
 __all__ = ["PPOConfig", "PPOTrainer"]

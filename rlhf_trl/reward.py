@@ -37,7 +37,7 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None):
 
 def main(script_args, training_args, model_args):
     final_dir = training_args.output_dir
-    with outputs.stage_output(final_dir, script_args.overwrite) as work:
+    with outputs.training_run("reward", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
         train, evaluation = (tokenize_pairs(d, tokenizer, training_args.max_length) for d in (train, evaluation))
@@ -51,7 +51,7 @@ def main(script_args, training_args, model_args):
         peft_config = get_peft_config(model_args)
         if peft_config is not None:
             peft_config.task_type = "SEQ_CLS"  # keeps and saves the score head (peft's modules_to_save)
-        training_args.output_dir = str(work)
+        training_args.output_dir = str(run.work)
         trainer = RewardTrainer(
             model=model,
             args=training_args,
@@ -61,7 +61,7 @@ def main(script_args, training_args, model_args):
             peft_config=peft_config,
             callbacks=[MetricsLog()],
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=run.checkpoint)
         metrics = trainer.evaluate()
         accuracy = metrics.get("eval_accuracy", float("nan"))
         stage_info = {
@@ -70,7 +70,7 @@ def main(script_args, training_args, model_args):
             "eval_accuracy": accuracy,
             "eval_pairs": len(evaluation),
         }
-        if outputs.publish(trainer, tokenizer, work, final_dir, "reward", **stage_info):
+        if outputs.publish(trainer, tokenizer, run.work, final_dir, "reward", **stage_info):
             print(
                 f"reward: held-out pairwise accuracy {accuracy:.3f} on {len(evaluation)} pairs -> saved to {final_dir}"
             )

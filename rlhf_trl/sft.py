@@ -20,13 +20,13 @@ from .modeling import ensure_distinct_pad, load_model, load_tokenizer, model_kwa
 
 def main(script_args, training_args, model_args):
     final_dir = training_args.output_dir
-    with outputs.stage_output(final_dir, script_args.overwrite) as work:
+    with outputs.training_run("sft", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "sft", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
         model = load_model(model_args.model_name_or_path, kwargs=model_kwargs(model_args), what="model_name_or_path")
         if not model_args.use_peft and ensure_distinct_pad(tokenizer, model):
             print("sft: the tokenizer padded with its EOS token; added <|pad|> so PPO can tell the two apart")
-        training_args.output_dir = str(work)
+        training_args.output_dir = str(run.work)
         trainer = SFTTrainer(
             model=model,
             args=training_args,
@@ -36,11 +36,11 @@ def main(script_args, training_args, model_args):
             peft_config=get_peft_config(model_args),
             callbacks=[MetricsLog()],
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=run.checkpoint)
         metrics = trainer.evaluate()
         loss = metrics.get("eval_loss", float("nan"))
         stage_info = {"base": model_args.model_name_or_path, "adapter": model_args.use_peft, "eval_loss": loss}
-        if outputs.publish(trainer, tokenizer, work, final_dir, "sft", **stage_info):
+        if outputs.publish(trainer, tokenizer, run.work, final_dir, "sft", **stage_info):
             print(f"sft: held-out loss {loss:.3f} -> saved to {final_dir}")
 
 

@@ -1,0 +1,147 @@
+"""Resume after a crash: each stage is killed with SIGKILL after a checkpoint, rerun, and must end exactly
+where an uninterrupted run with the same seed ends (the `trained` fixture is that run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, run_stage, sft_args, stage_paths
+from safetensors.torch import load_file
+
+from rlhf_trl.cli import UserError
+from rlhf_trl.metrics_log import read_metrics
+from rlhf_trl.outputs import (
+    MANIFEST,
+    partial_dir,
+    read_marker,
+    require,
+    resume_point,
+    trim_metrics,
+    usable_checkpoint,
+)
+
+WEIGHTS = {"sft": "model.safetensors", "reward": "adapter_model.safetensors", "ppo": "adapter_model.safetensors"}
+ARGS = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}
+
+
+def start_stage(stage: str, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / "recipes/demo" / f"{stage}.yaml")]
+    return subprocess.Popen(
+        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """SIGKILLs the process as soon as `ready()` holds; fails if it ended first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended before it could be killed:\n{process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def logged(output_dir) -> list:
+    """Per-step values; not the trainers' windowed `loss`, which averages only the steps since the resume."""
+    keys = ("step", "learning_rate", "objective/scores", "objective/kl", "loss/value_avg", "eval_loss", "eval_accuracy")
+    return [{k: record[k] for k in keys if k in record} for record in read_metrics(output_dir)]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_a_killed_stage_resumes_to_the_same_result(stage, trained, tmp_path):
+    paths = stage_paths(Path(trained["data"]).parent) | {stage: str(tmp_path / stage)}
+    for earlier in ("sft", "reward"):
+        paths[earlier] = trained[earlier] if earlier != stage else paths[earlier]
+    # The trained fixture ran the same arguments without checkpoints; save_steps does not change training.
+    args = (*ARGS[stage](paths), "--save_steps", "1" if stage == "ppo" else "5")
+    work = partial_dir(paths[stage])
+    first = work / "checkpoint-1" if stage == "ppo" else work / "checkpoint-5"
+    kill_when(start_stage(stage, *args), lambda: (first / "trainer_state.json").is_file())
+    assert read_marker(paths[stage]) is None and not Path(paths[stage]).exists()
+    with pytest.raises(UserError, match="is unfinished"):
+        require(paths[stage], stage)
+
+    result = run_stage(stage, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{stage}: resuming from {work}/checkpoint-" in result.stdout
+    assert not work.exists()
+    assert logged(paths[stage]) == logged(trained[stage])
+    resumed, uninterrupted = (load_file(str(Path(d) / WEIGHTS[stage])) for d in (paths[stage], trained[stage]))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    manifest = json.loads((Path(paths[stage]) / MANIFEST).read_text())
+    assert len(manifest["attempts"]) == 2 and manifest["attempts"][1]["resumed_from"].startswith("checkpoint-")
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_never_accepted(world, tmp_path):
+    paths = stage_paths(world) | {"sft": str(tmp_path / "sft")}
+    work = partial_dir(paths["sft"])
+    kill_when(start_stage("sft", *sft_args(paths)), lambda: (work / MANIFEST).is_file())
+    assert not Path(paths["sft"]).exists()
+    result = run_stage("reward", *reward_args(paths | {"reward": str(tmp_path / "reward")}))
+    assert result.returncode == 2 and "never finished" in result.stderr.strip().splitlines()[-1]
+
+    result = run_stage("sft", *sft_args(paths), "--max_steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no complete checkpoint; starting over" in result.stdout
+
+
+def make_checkpoint(work: Path, step: int, complete: bool = True) -> Path:
+    checkpoint = work / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"x")
+    if complete:
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return checkpoint
+
+
+def test_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
+    good = make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4, complete=False)
+    truncated = make_checkpoint(tmp_path, 6)
+    (truncated / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    assert usable_checkpoint(tmp_path) == good
+    said = capsys.readouterr().out
+    assert "checkpoint-4: no readable trainer_state.json" in said
+    assert "checkpoint-6: model.safetensors is unreadable" in said
+
+
+def test_changed_settings_or_data_refuse_to_resume(tmp_path):
+    make_checkpoint(tmp_path, 3)
+    config = {"learning_rate": 0.001, "seed": 0, "logging_steps": 5}
+    inputs = {"dataset_name": {"path": "d.jsonl", "sha256": "aa"}}
+    (tmp_path / MANIFEST).write_text(json.dumps({"config": config, "inputs": inputs}))
+    assert resume_point(tmp_path, "auto", {**config, "logging_steps": 1}, inputs) == tmp_path / "checkpoint-3"
+    with pytest.raises(UserError, match=r"learning_rate: 0\.001 -> 0\.01.*RESUME=0"):
+        resume_point(tmp_path, "auto", {**config, "learning_rate": 0.01}, inputs)
+    with pytest.raises(UserError, match=r"dataset_name changed \(d\.jsonl\)"):
+        resume_point(tmp_path, "auto", config, {"dataset_name": {"path": "d.jsonl", "sha256": "bb"}})
+    assert resume_point(tmp_path, "false", config, inputs) is None
+    with pytest.raises(UserError, match="no unfinished run"):
+        resume_point(tmp_path / "absent", "true", config, inputs)
+
+
+def test_log_lines_after_the_checkpoint_are_dropped(tmp_path):
+    lines = [json.dumps({"step": step, "loss": 1.0}) for step in (5, 10, 15)] + ['{"step": 20, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    trim_metrics(tmp_path, 10)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [5, 10]
+
+
+def test_manifest_records_what_produced_the_output(trained):
+    manifest = json.loads((Path(trained["sft"]) / MANIFEST).read_text())
+    assert manifest["command"][:3] == ["python", "-m", "rlhf_trl.sft"]
+    assert manifest["seed"] == 0 and manifest["config"]["learning_rate"] == 3e-3
+    data = manifest["inputs"]["dataset_name"]
+    assert data["path"].endswith("sft_train.jsonl") and len(data["sha256"]) == 64
+    assert manifest["packages"]["trl"] == "1.12.0" and manifest["hardware"]["cpus"] == os.cpu_count()
+    assert manifest["git"] is None or len(manifest["git"]["commit"]) == 40
+    assert manifest["wall_time_s"] > 0 and manifest["finished_at"]
