@@ -169,6 +169,12 @@ class LabelStore:
                 self.decisions[record["decision_id"]] = record
         self.reconcile()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.close()  # releases the lock
+
     def path(self, name: str) -> Path:
         return self.folder / name
 
@@ -203,32 +209,27 @@ class LabelStore:
         """Makes each data file hold exactly the live decisions' lines (plus any lines it did not write)."""
         for name in DERIVED:
             path = self.path(name)
-            kept, present = [], set()
-            stale = False
+            expected = {key: derived_records(d)[name] for key, d in self.decisions.items()}
             lines = path.read_bytes().splitlines(keepends=True) if path.is_file() else []
-            for line_number, raw in enumerate(lines, start=1):
-                try:
-                    decision_id = json.loads(raw).get("decision_id") if raw.strip() else None
-                except (ValueError, AttributeError):
-                    raise UserError(
-                        f"{path} line {line_number}: not a JSON object; fix or delete that line "
-                        f"(the decisions in {self.path(LOG)} are rewritten into it)"
-                    ) from None
-                if decision_id is not None and decision_id not in self.decisions:
-                    stale = True  # undone
-                    continue
-                present.add(decision_id)
-                kept.append(raw)
-            if stale:
-                rewrite_atomically(path, kept)
-            missing = [
-                line
-                for d in self.decisions.values()
-                if d["decision_id"] not in present
-                for line in derived_records(d)[name]
-            ]
+            owners = [self._owner(path, number, raw) for number, raw in enumerate(lines, start=1)]
+            counts = Counter(owners)
+            # Lines of undone decisions, or a decision whose lines were cut short by a hand edit: rewritten.
+            wrong = {key for key in counts if key is not None and len(expected.get(key, ())) != counts[key]}
+            if wrong:
+                rewrite_atomically(path, [raw for raw, key in zip(lines, owners, strict=True) if key not in wrong])
+            missing = [line for key, records in expected.items() if key in wrong or not counts[key] for line in records]
             if missing:
                 append_lines(path, missing)
+
+    def _owner(self, path: Path, line_number: int, raw: bytes) -> str | None:
+        """The decision a data line was derived from; None for blank lines and lines this tool did not write."""
+        try:
+            return json.loads(raw).get("decision_id") if raw.strip() else None
+        except (ValueError, AttributeError):
+            raise UserError(
+                f"{path} line {line_number}: not a JSON object; fix or delete that line "
+                f"(the decisions in {self.path(LOG)} are written into it again)"
+            ) from None
 
     def samples(self) -> dict[str, dict]:
         path = self.path(SAMPLES)
@@ -404,7 +405,11 @@ def label_session(args) -> None:
     from rich.console import Console
 
     console = Console(highlight=False)
-    store = LabelStore(args.out)
+    with LabelStore(args.out) as store:
+        _label_with(store, args, console)
+
+
+def _label_with(store: LabelStore, args, console) -> None:
     items = load_prompts(args)
     total = len(items)
     done = {d["prompt_id"] for d in store.by(args.labeler)}
@@ -464,7 +469,11 @@ def label_session(args) -> None:
 
 
 def export_samples(args) -> None:
-    store = LabelStore(args.out)
+    with LabelStore(args.out) as store:
+        _export_with(store, args)
+
+
+def _export_with(store: LabelStore, args) -> None:
     items = load_prompts(args)
     sampler = Sampler(model_path(args), args.k, args.max_new_tokens, args.temperature, args.seed)
     registry = store.samples()
@@ -533,8 +542,11 @@ def read_table(path: Path) -> list[dict]:
 
 def import_decisions(args) -> None:
     """Validates the whole file first, then records its decisions: a bad line changes nothing."""
-    path = Path(args.file)
-    store = LabelStore(args.out)
+    with LabelStore(args.out) as store:
+        _import_with(store, Path(args.file), args)
+
+
+def _import_with(store: LabelStore, path: Path, args) -> None:
     rows = read_table(path)
     registry = store.samples()
     existing = {(d["labeler"], d["sample_id"]): d for d in store.decisions.values()}
@@ -669,7 +681,8 @@ def main(argv=None) -> None:
             raise UserError("import needs --file <the labeled .csv or .jsonl> (make label-import FILE=...)")
         import_decisions(args)
     else:
-        print_agreement(LabelStore(args.out))
+        with LabelStore(args.out) as store:
+            print_agreement(store)
 
 
 if __name__ == "__main__":
