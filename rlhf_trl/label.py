@@ -669,7 +669,10 @@ def main(argv=None) -> None:
         raise UserError("--temperature 0 gives K identical answers: use a temperature above 0, or -k 1")
     args.out = args.out or Path("data", "labels", args.recipe)
     args.labeler_given = (args.labeler or os.environ.get("LABELER") or "").strip()
-    args.labeler = args.labeler_given or getpass.getuser()
+    try:
+        args.labeler = args.labeler_given or getpass.getuser()
+    except (KeyError, OSError):  # no login name (some containers): a decision must say whose it is
+        raise UserError("who is labeling? pass --labeler NAME (make label LABELER=NAME)") from None
     args.labeler_column = args.labeler_given  # export leaves the column for whoever labels the file
     if args.command == "label":
         label_session(args)
