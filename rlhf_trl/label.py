@@ -347,8 +347,11 @@ class KeyReader:
         import termios
 
         termios.tcflush(self.fd, termios.TCIFLUSH)  # keys pressed while answers were sampled are not decisions
-        key = os.read(self.fd, 1)
-        return "q" if key in (b"", b"\x04") else key.decode(errors="replace").lower()
+        pressed = os.read(self.fd, 32)
+        if pressed in (b"", b"\x04"):
+            return "q"
+        # An arrow or function key arrives as one escape sequence ("\x1b[A"): never read as the letter in it.
+        return pressed.decode(errors="replace").lower() if len(pressed) == 1 else "?"
 
 
 def key_help(count: int) -> str:
@@ -412,9 +415,14 @@ def label_session(args) -> None:
 def _label_with(store: LabelStore, args, console) -> None:
     items = load_prompts(args)
     total = len(items)
+    in_set = {item["prompt_id"] for item in items}
+
+    def count_labeled() -> int:
+        return len(in_set & {d["prompt_id"] for d in store.by(args.labeler)})
+
+    labeled = count_labeled()
     done = {d["prompt_id"] for d in store.by(args.labeler)}
     queue = [item for item in items if item["prompt_id"] not in done]
-    labeled = total - len(queue)
     if not queue:
         console.print(f"label: all {total} prompts are labeled by {args.labeler} in {args.out}")
         return
@@ -442,9 +450,8 @@ def _label_with(store: LabelStore, args, console) -> None:
                     if undone is None:
                         console.print("nothing to undo")
                         continue
-                    queue.insert(0, {"index": -1, "messages": None, **undone})
-                    labeled -= 1 if any(i["prompt_id"] == undone["prompt_id"] for i in items) else 0
-                    made -= 1
+                    queue.insert(0, undone)  # shown again with the same answers
+                    labeled, made = count_labeled(), made - 1
                     console.print(f"undone: {describe(undone)} on {str(undone['prompt'])[:60]!r}")
                     continue
                 choice = decision_for_key(key, len(item["responses"]))
@@ -454,8 +461,7 @@ def _label_with(store: LabelStore, args, console) -> None:
                 decision = new_decision(item, args.labeler, *choice, source="terminal")
                 store.record([decision])
                 queue.pop(0)
-                labeled += 1
-                made += 1
+                labeled, made = count_labeled(), made + 1
                 console.print(f"saved: {describe(decision)} ({labeled} of {total} labeled)")
     except KeyboardInterrupt:
         console.print(f"\nlabel: interrupted; {labeled} of {total} labeled, all saved in {args.out}; rerun to resume")

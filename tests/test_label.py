@@ -96,6 +96,7 @@ def test_label_undo_quit_and_resume_without_duplicates(sources, tmp_path):
     child = spawn(sources, out)
     child.expect_exact(f"labeled 0 of {len(prompts)}")
     child.expect_exact(prompts[0])
+    press(child, "\x1b[A", "unknown key")  # an arrow key is not the "a" inside its escape sequence
     press(child, "a", "saved: a (1 of")
     child.expect_exact(prompts[1])
     press(child, "y", "saved: accept (2 of")
