@@ -2,6 +2,7 @@
 #   make all                      offline demo: setup, data, sft, reward, ppo, chat, merge, ground truth, report
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
+#   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -12,6 +13,9 @@ ARGS ?=
 DATA_ARGS ?=
 PROMPT ?=
 STAGE ?= ppo
+K ?= 2
+LABELER ?=
+FILE ?=
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,10 +29,10 @@ LAUNCH := $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(if $(filter 1 true yes,$(RESUME)),true,false))
 
-.PHONY: help setup data sft reward ppo chat merge eval report all test lint clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test lint clean-demo
 
 help:
-	@sed -n '1,4p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -65,6 +69,24 @@ eval: setup
 # models/<recipe>/report/: report.md, samples.md and plots; reruns eval first when eval.json is missing or stale.
 report: setup
 	$(BIN)/python -m rlhf_trl.report --recipe $(RECIPE) $(ARGS)
+
+# Human feedback into data/labels/$(RECIPE)/ (accepted_data, rejected_data, pairs.jsonl). Answers come from the SFT model
+# unless STAGE= is given on the command line (STAGE's own default, ppo, is chat's).
+LABEL_STAGE = $(if $(filter command line environment,$(origin STAGE)),$(STAGE),sft)
+LABEL_ARGS = --recipe $(RECIPE) --stage $(LABEL_STAGE) -k $(K) $(if $(LABELER),--labeler "$(LABELER)")
+label: setup
+	$(BIN)/python -m rlhf_trl.label $(LABEL_ARGS) $(ARGS)
+
+# Samples for labeling elsewhere (a spreadsheet): FILE= names the .csv or .jsonl (default data/labels/$(RECIPE)/to_label.csv).
+label-export: setup
+	$(BIN)/python -m rlhf_trl.label export $(LABEL_ARGS) $(if $(FILE),--file "$(FILE)") $(ARGS)
+
+label-import: setup
+	@if [ -z "$(FILE)" ]; then echo "error: make label-import needs FILE=<the labeled .csv or .jsonl>" >&2; exit 2; fi
+	$(BIN)/python -m rlhf_trl.label import --recipe $(RECIPE) --file "$(FILE)" $(if $(LABELER),--labeler "$(LABELER)") $(ARGS)
+
+label-agreement: setup
+	$(BIN)/python -m rlhf_trl.label agreement --recipe $(RECIPE) $(ARGS)
 
 # A stage whose output is already finished is kept, not redone: `make <stage> ARGS=--overwrite` redoes one.
 all: setup

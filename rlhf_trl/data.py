@@ -286,18 +286,79 @@ def load_dataset_for(
     return convert(load_records(source, split, config), purpose, source, fmt)
 
 
+LABEL_MIXES = ("generated", "human", "mix")
+
+
+def human_label_pairs(script_args) -> list[dict]:
+    """The reward stage's human preference pairs from `human_labels` (see `label_mix`), converted for training.
+
+    In `mix` mode a file nobody has labeled into yet is skipped with a note, so a recipe can name the labels
+    file before it exists and behave exactly as before; in `human` mode there must be labels.
+    """
+    pairs = []
+    for source in script_args.human_labels:
+        if not Path(source).exists() and script_args.label_mix == "mix":
+            print(f"reward: no human labels at {source} yet (`make label` writes them); using generated pairs there")
+            continue
+        if not Path(source).exists():
+            raise UserError(
+                f"human_labels {source} does not exist: label some answers first (`make label`) or set label_mix: mix"
+            )
+        pairs += load_dataset_for(source, "reward", allow_unmatched=script_args.allow_unmatched)
+    return pairs
+
+
+def mix_training_pairs(script_args, generated: list[dict], seed: int) -> list[dict]:
+    """Training pairs as `label_mix` says: generated alone, human labels alone, or both (see `human_fraction`)."""
+    import random
+
+    mode, fraction = script_args.label_mix, script_args.human_fraction
+    if mode not in LABEL_MIXES:
+        raise UserError(f"label_mix {mode!r} is unknown: use one of {', '.join(LABEL_MIXES)}")
+    if mode == "generated":
+        return generated
+    if mode == "human" and not script_args.human_labels:
+        raise UserError("label_mix: human needs human_labels (e.g. [data/processed/<recipe>/human/pairs.jsonl])")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f"human_fraction {fraction} must be in (0, 1]: the share of training pairs that are human")
+    human = human_label_pairs(script_args)
+    if mode == "human":
+        if not human:
+            files = ", ".join(script_args.human_labels)
+            raise UserError(f"{files} hold no preference pairs: label more with `make label`")
+        print(f"reward: training on {len(human)} human pairs (label_mix: human)")
+        return human
+    if human and fraction is not None:
+        # Human labels are the scarce side: the generated pairs are subsampled (seeded) to reach the share.
+        wanted = round(len(human) * (1 - fraction) / fraction)
+        if wanted < len(generated):
+            generated = random.Random(seed).sample(generated, wanted)
+    if human:
+        print(f"reward: training on {len(generated)} generated + {len(human)} human pairs (label_mix: mix)")
+    return generated + human
+
+
 def load_splits(script_args, purpose: str, seed: int):
-    """(train, eval) as `datasets.Dataset`s; eval comes from eval_dataset_name or a seeded hold-out."""
+    """(train, eval) as `datasets.Dataset`s; eval comes from eval_dataset_name or a seeded hold-out.
+
+    For the reward stage, human labels join the training pairs as `label_mix` says; held-out accuracy is
+    measured on eval_dataset_name either way, so runs with and without human labels compare on the same pairs.
+    """
     from datasets import Dataset
 
-    if not script_args.dataset_name:
+    label_mix = getattr(script_args, "label_mix", "generated") if purpose == "reward" else "generated"
+    if not script_args.dataset_name and label_mix != "human":
         raise UserError("no dataset_name set: add `dataset_name: <file, folder or Hub id>` to the recipe")
     options = {
         "config": script_args.dataset_config,
         "fmt": script_args.dataset_format,
         "allow_unmatched": script_args.allow_unmatched,
     }
-    train = load_dataset_for(script_args.dataset_name, purpose, script_args.dataset_train_split, **options)
+    train = []
+    if label_mix != "human":
+        train = load_dataset_for(script_args.dataset_name, purpose, script_args.dataset_train_split, **options)
+    if purpose == "reward":
+        train = mix_training_pairs(script_args, train, seed)
     if script_args.eval_dataset_name:
         evaluation = load_dataset_for(script_args.eval_dataset_name, purpose, "test", **options)
     else:
