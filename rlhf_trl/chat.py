@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt leaves
             print()
             return
         if line == "/quit":
@@ -78,9 +78,13 @@ def main(argv=None) -> None:
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
-        history.append({"role": "assistant", "content": answer(history).strip()})
+        try:
+            reply = answer([*history, {"role": "user", "content": line}]).strip()
+        except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer only
+            print("\n(stopped; that exchange is forgotten)")
+            continue
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
 if __name__ == "__main__":

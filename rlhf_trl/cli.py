@@ -107,9 +107,14 @@ def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise UserError(f"{config_path}: must be a YAML mapping of `key: value` lines")
     parser = TrlParser(dataclass_types)
+
+    def refuse(message: str):  # argparse would print a usage of hundreds of lines first
+        raise UserError(f"{message}: fix the value in the recipe or ARGS (see --help)")
+
+    parser.error = refuse
     try:
         *parsed, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
-    except SystemExit as exit_:  # argparse already printed the one-line reason (bad type, bad choice)
+    except SystemExit as exit_:  # --help
         raise SystemExit(EXIT_USER_ERROR if exit_.code else 0) from None
     except (ValueError, TypeError) as error:
         if "bf16" in str(error):
@@ -149,12 +154,12 @@ def run(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(str(error))
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(
-            "interrupted: nothing was marked finished; rerun the same command to resume from the last checkpoint "
-            "(RESUME=0 starts over)",
+            "interrupted: nothing was marked finished; rerun the same command (a training stage resumes from its "
+            "last checkpoint; RESUME=0 starts over)",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -162,8 +167,21 @@ def run(main: Callable[[], None]) -> None:
         reason = storage_failure(error)
         if reason is None:
             raise
-        print(f"error: {reason}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(reason)
+
+
+def _close_progress_bars() -> None:
+    """Closes open tqdm bars now, so their last redraw lands before the error line rather than after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def fail(reason: str) -> None:
+    _close_progress_bars()
+    print(f"error: {reason}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 # How a full disk or an unwritable folder shows up: OSError from Python, text from torch.save and safetensors.
@@ -182,5 +200,6 @@ def storage_failure(error: BaseException) -> str | None:
             "finished outputs were not touched and the run resumes from its last complete checkpoint"
         )
     if isinstance(error, OSError) and error.errno in _READ_ONLY:
-        return f"cannot write{where}: {error.strerror}; make the folder writable or set output_dir elsewhere"
+        target = f" {error.filename}" if getattr(error, "filename", None) else ""
+        return f"cannot use{target} ({error.strerror}): fix its permissions or mount, or set output_dir elsewhere"
     return None

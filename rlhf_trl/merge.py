@@ -16,7 +16,7 @@ import torch
 
 from . import outputs
 from .cli import run
-from .modeling import is_adapter, load_model, load_tokenizer
+from .modeling import check_model_source, is_adapter, load_model, load_tokenizer
 
 
 def main(argv=None) -> None:
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     source = args.model or Path("models", args.recipe, args.stage)
     if args.model is None:
         outputs.require(source, args.stage, args.recipe)
+    check_model_source(source, "--model")
     output = args.output or Path("models", args.recipe, "export")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     with outputs.stage_output(output, args.overwrite) as work:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .cli import UserError
 from .data import looks_like_hub_id
@@ -101,6 +102,9 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+DAMAGED_FIX = "copy it again or rerun the stage that wrote it (make <stage> ARGS=--overwrite)"
+
+
 def load_model(
     path: str | Path, auto_class=None, kwargs: dict | None = None, what: str = "model", live_adapter: bool = False
 ):
@@ -119,6 +123,8 @@ def load_model(
     if not is_adapter(path):
         try:
             return auto_class.from_pretrained(str(path), **kwargs)
+        except SafetensorError as error:
+            raise UserError(f"{what} {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
         except OSError as error:
             raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
     if kwargs.get("quantization_config") is not None and not live_adapter:
@@ -136,6 +142,8 @@ def load_model(
         config.task_type = None  # a causal-LM adapter on a classifier head: plain LoRA injection, no LM wrapper
     try:
         model = PeftModel.from_pretrained(base, str(path), config=config)
+    except SafetensorError as error:
+        raise UserError(f"adapter {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise UserError(
             f"adapter {path} does not fit its base {base_of(path)} ({str(error).splitlines()[0][:200]}): "
