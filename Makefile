@@ -2,6 +2,7 @@
 #   make all                      offline demo: setup, data, sft, reward, ppo, chat, merge, ground truth, report
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
+#   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (README: More than one GPU)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -20,12 +21,15 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
-LAUNCH := $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
+LAUNCH_ARGS ?=
+# rlhf_trl.launch checks the accelerate config (GPUs, the deepspeed extra) with a one-line error, then runs
+# `accelerate launch` with these same arguments. LAUNCH_ARGS: accelerate flags, e.g. "--num_processes 4".
+LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CONFIG) $(LAUNCH_ARGS)
 
-.PHONY: help setup data sft reward ppo chat merge eval report all test lint clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report all test test-distributed lint clean-demo
 
 help:
-	@sed -n '1,4p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -80,6 +84,11 @@ all: setup
 test: setup
 	$(BIN)/ruff check rlhf_trl tests
 	$(BIN)/python -m pytest -q -x --durations=10
+
+# SFT, reward and PPO in 2 CPU processes (gloo, recipes/accelerate_configs/multi_cpu.yaml) against 1 process at the
+# same global batch; kept out of `make test` (pytest -m "not distributed" in pyproject.toml) for its run time.
+test-distributed: setup
+	$(BIN)/python -m pytest -q -x -m distributed --durations=10
 
 lint: setup
 	$(BIN)/ruff check rlhf_trl tests
