@@ -22,6 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from .cli import UserError, run
 
@@ -111,12 +112,31 @@ def plan_from_environment() -> Plan:
         num_machines=max(1, world // max(1, local)),
         use_cpu=flag("ACCELERATE_USE_CPU"),
         zero_stage=int(stage) if stage else (2 if distributed_type == "DEEPSPEED" else None),
-        source=f"this launch (ACCELERATE_CONFIG or `accelerate launch` flags, {world} process(es))",
+        source="this accelerate launch",
     )
 
 
 def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: int | None = None) -> None:
-    """Refuses a plan that cannot work here, with what to change. `stage`/`model_args` add the recipe's rules."""
+    """Refuses a plan that cannot work here, with what to change. `stage`/`model_args` add the recipe's rules,
+    checked first: installing DeepSpeed or finding GPUs would not help a combination that cannot run at all."""
+    if model_args is not None:
+        quantized = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
+        sharded = "ZeRO-3" if plan.zero_stage == 3 else "FSDP" if plan.distributed_type == "FSDP" else None
+        if quantized and sharded:
+            # modeling.model_kwargs places a whole quantized copy on each process's GPU (device_map), which
+            # ZeRO-3 and FSDP would have to shard; bitsandbytes weights cannot be partitioned that way.
+            raise UserError(
+                f"{quantized} keeps a whole quantized base on every GPU, which {sharded} cannot shard: use "
+                f"{CONFIGS}/multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
+            )
+    if stage == "ppo" and plan.zero_stage == 3:
+        # TRL 1.12's PPO: a full fine-tune builds its reference with create_reference_model, which raises under
+        # ZeRO-3; with LoRA the reference is the policy with its adapter disabled, a second forward through the same
+        # sharded model that ZeRO-3's parameter prefetching is reported to break on (trl#6237, LlamaFactory#2189).
+        raise UserError(
+            f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
+            "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
+        )
     if plan.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"{plan.source} uses DeepSpeed, which is not installed: {DEEPSPEED_EXTRA}")
     if plan.uses_gpus:
@@ -137,44 +157,43 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
                 f"{plan.source} starts {wanted} process(es) per machine, each on its own GPU, but this machine has "
                 f"{cuda_devices} usable CUDA GPU(s): {fix}"
             )
-    if model_args is not None:
-        quantized = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
-        sharded = "ZeRO-3" if plan.zero_stage == 3 else "FSDP" if plan.distributed_type == "FSDP" else None
-        if quantized and sharded:
-            # modeling.model_kwargs places a whole quantized copy on each process's GPU (device_map), which
-            # ZeRO-3 and FSDP would have to shard; bitsandbytes weights cannot be partitioned that way.
-            raise UserError(
-                f"{quantized} keeps a whole quantized base on every GPU, which {sharded} cannot shard: use "
-                f"{CONFIGS}/zero2.yaml or multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
-            )
-    if stage == "ppo" and plan.zero_stage == 3:
-        # TRL 1.12's PPO: a full fine-tune builds its reference with create_reference_model, which raises under
-        # ZeRO-3; with LoRA the reference is the policy with its adapter disabled, a second forward through the same
-        # sharded model that ZeRO-3's parameter prefetching is reported to break on (trl#6237, LlamaFactory#2189).
-        raise UserError(
-            f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
-            "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
-        )
 
 
 def check_stage(stage: str, model_args) -> None:
     """At the start of a stage, in every process: the launch this process is part of, plus the recipe's rules.
 
-    Also catches processes that accelerate started but could not connect (several processes on a machine whose
-    config asks for GPUs it lacks): each would otherwise train alone and overwrite the others' output.
+    (`cli.parse` has already checked the launch alone, before parsing: see there.) The device check matters here
+    for `accelerate launch` run by hand: several processes on a machine without the GPUs their config asks for
+    would not connect, and each would train alone and overwrite the others' output.
     """
     from accelerate import PartialState
 
     plan = plan_from_environment()
     # PartialState ignores ACCELERATE_USE_CPU (only TrainingArguments reads it); without cpu=True, CPU processes
     # launched together would each come up alone instead of joining one gloo group.
-    state = PartialState(cpu=plan.use_cpu)
-    if plan.num_processes > 1 and state.num_processes != plan.num_processes:
-        raise UserError(
-            f"{plan.num_processes} processes were started but could not connect (no GPU for them here): use "
-            f"{CONFIGS}/multi_cpu.yaml to run several processes on the CPU, or single_process.yaml"
-        )
+    PartialState(cpu=plan.use_cpu)
     check(plan, stage, model_args)
+
+
+def recipe_quantization(stage_argv: list[str]) -> SimpleNamespace:
+    """load_in_4bit/load_in_8bit from the stage's `--config` recipe and its `--key value` overrides, read without
+    TRL's parser (and the seconds it takes to import), so that `check` can apply the recipe's rules before launch."""
+    import yaml
+
+    values = {"load_in_4bit": False, "load_in_8bit": False}
+    if "--config" in stage_argv[:-1]:
+        try:
+            recipe = yaml.safe_load(Path(stage_argv[stage_argv.index("--config") + 1]).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            recipe = None  # the stage itself reports a missing or broken recipe, with its line
+        if isinstance(recipe, dict):
+            values.update({key: bool(recipe[key]) for key in values if key in recipe})
+    for i, arg in enumerate(stage_argv):
+        key = arg.removeprefix("--").split("=")[0]
+        if key in values:
+            value = arg.split("=", 1)[1] if "=" in arg else (stage_argv[i + 1] if i + 1 < len(stage_argv) else "")
+            values[key] = value.lower() not in ("false", "0", "no")  # a bare `--load_in_4bit` means true
+    return SimpleNamespace(**values)
 
 
 def launch_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -197,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     if not known.config_file:
         raise UserError("--config_file is required: pass ACCELERATE_CONFIG=recipes/accelerate_configs/<name>.yaml")
     plan = plan_from_config(known.config_file, known)
-    check(plan)
+    at = argv.index("-m") + 1 if "-m" in argv[:-1] else len(argv)
+    stage = argv[at].rsplit(".", 1)[-1] if at < len(argv) else None
+    check(plan, stage, recipe_quantization(argv[at + 1 :]))
     env = dict(os.environ)
     if plan.distributed_type == "MULTI_CPU" and plan.num_processes > 1 and "--mpirun_hostfile" not in argv:
         # accelerate starts MULTI_CPU processes only through mpirun; torchrun (its multi-GPU launcher) starts them

@@ -61,4 +61,5 @@ class PPOTrainer(_TrlPPOTrainer):
         if type(self.model) is DistributedDataParallel:
             self.model.__class__ = _ForwardingDDP
 
+
 __all__ = ["PPOConfig", "PPOTrainer"]
