@@ -11,11 +11,13 @@ Under DDP (several GPUs, or several CPU processes) TRL 1.12's trainer fails: it 
 prepared model, for the reference forward (the policy with its LoRA disabled) and in `save_model`, which only
 DeepSpeed's engine allows, since it passes attribute reads on to the model it wraps. `PPOTrainer` below lets
 the DDP wrapper do the same; without it the run stops at the first rollout with "'DistributedDataParallel'
-object has no attribute 'policy'", and its save fails on every process but the main one.
+object has no attribute 'policy'", and its save fails on every process but the main one. It also logs
+`val/num_eos_tokens` from the main process's rollouts only; `PPOTrainer.log` sums it over the processes.
 """
 
 import warnings
 
+import torch
 from torch.nn.parallel import DistributedDataParallel
 
 with warnings.catch_warnings():
@@ -60,6 +62,15 @@ class PPOTrainer(_TrlPPOTrainer):
         # Swapping the class keeps the very object accelerate prepared (and registered for gradient syncing).
         if type(self.model) is DistributedDataParallel:
             self.model.__class__ = _ForwardingDDP
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # TRL gathers every PPO metric across processes but this count, which would be the main process's alone:
+        # summed, it counts the EOS tokens of the whole rollout batch, as a 1-process run does. Every process
+        # logs each rollout, so the sum is a collective they all reach.
+        if "val/num_eos_tokens" in logs and self.accelerator.num_processes > 1:
+            count = torch.tensor(float(logs["val/num_eos_tokens"]), device=self.accelerator.device)
+            logs = {**logs, "val/num_eos_tokens": int(self.accelerator.reduce(count, reduction="sum").item())}
+        super().log(logs, *args, **kwargs)
 
 
 __all__ = ["PPOConfig", "PPOTrainer"]
