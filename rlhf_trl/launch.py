@@ -3,15 +3,16 @@
     python -m rlhf_trl.launch --config_file recipes/accelerate_configs/multi_gpu.yaml -m rlhf_trl.sft --config ...
     make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml    # what the Makefile runs
 
-`make` runs every training stage through this module, which reads the accelerate config, refuses a plan that
-cannot work with one line that says what to change (more processes than GPUs, DeepSpeed without the extra), and
-then hands over to `accelerate launch` with the same arguments. Checking first matters because accelerate
+`make` runs every training stage through this module, which reads the accelerate config (and the two recipe keys
+that matter to it, load_in_4bit/8bit), refuses a plan that cannot work with one line that says what to change
+(more processes than GPUs, DeepSpeed without the extra, a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3),
+and then hands over to `accelerate launch` with the same arguments. Checking first matters because accelerate
 otherwise fails in every process at once with a traceback, or, given more processes than GPUs on a machine
 without CUDA, starts processes that never connect and each train alone on the same output directory.
 
-Each stage calls `check_stage` first, so `accelerate launch` run by hand is checked too; that call also knows
-the recipe, so it refuses the combinations that need it (a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3).
-Both go through `check`, the one place these rules live.
+Each stage calls `check_stage` first (and `cli.parse` the DeepSpeed part, before parsing), so `accelerate launch`
+run by hand is checked too, against the recipe as parsed. All of them go through `check`, the one place these
+rules live.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def recipe_quantization(stage_argv: list[str]) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def launch_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def launch_arguments(argv: list[str]) -> argparse.Namespace:
     """The accelerate flags that change the plan, out of a full `accelerate launch` argument list."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config_file")
@@ -206,13 +207,12 @@ def launch_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cpu", action="store_true")
     # Everything from the training module on belongs to the stage, whose own flags must not be read here.
     cut = next((i for i, arg in enumerate(argv) if arg in ("-m", "--module") or arg.endswith(".py")), len(argv))
-    known, _ = parser.parse_known_args(argv[:cut])
-    return known, argv
+    return parser.parse_known_args(argv[:cut])[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, argv = launch_arguments(argv)
+    known = launch_arguments(argv)
     if not known.config_file:
         raise UserError("--config_file is required: pass ACCELERATE_CONFIG=recipes/accelerate_configs/<name>.yaml")
     plan = plan_from_config(known.config_file, known)
