@@ -3,6 +3,8 @@
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
 #   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
+#   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (README: More than one GPU)
+#   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -24,15 +26,18 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
-LAUNCH := $(BIN)/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
+LAUNCH_ARGS ?=
+# rlhf_trl.launch checks the accelerate config (GPUs, the deepspeed extra) with a one-line error, then runs
+# `accelerate launch` with these same arguments. LAUNCH_ARGS: accelerate flags, e.g. "--num_processes 4".
+LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CONFIG) $(LAUNCH_ARGS)
 # A rerun resumes an unfinished run from its newest checkpoint by itself; RESUME=1 insists, RESUME=0 starts over.
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(if $(filter 1 true yes,$(RESUME)),true,false))
 
-.PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test lint clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test test-distributed lint clean-demo
 
 help:
-	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -105,6 +110,11 @@ all: setup
 test: setup
 	$(BIN)/ruff check rlhf_trl tests
 	$(BIN)/python -m pytest -q -x --durations=10
+
+# SFT, reward and PPO in 2 CPU processes (gloo, recipes/accelerate_configs/multi_cpu.yaml) against 1 process at the
+# same global batch; kept out of `make test` (pytest -m "not distributed" in pyproject.toml) for its run time.
+test-distributed: setup
+	$(BIN)/python -m pytest -q -x -m distributed --durations=10
 
 lint: setup
 	$(BIN)/ruff check rlhf_trl tests

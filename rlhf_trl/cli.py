@@ -131,6 +131,11 @@ def parse(config_class, argv: list[str] | None = None):
     """Parses a stage: (ScriptArguments, the trainer's config, TRL's ModelConfig)."""
     from trl import ModelConfig
 
+    from .launch import check, plan_from_environment
+
+    # Before the config classes are built: asked for DeepSpeed (by `accelerate launch`), transformers' training
+    # arguments import it at once and fail with a traceback when the extra is missing.
+    check(plan_from_environment())
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_dataclasses((ScriptArguments, config_class, ModelConfig), argv)
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.

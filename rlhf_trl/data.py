@@ -96,9 +96,13 @@ def looks_like_hub_id(source: str) -> bool:
 
 def _load_with_datasets(*args, source: str, **kwargs) -> list[dict]:
     import datasets
+    from accelerate import PartialState
 
     try:
-        return list(datasets.load_dataset(*args, **kwargs))
+        # load_dataset writes an Arrow cache: under several processes the main one builds it and the others
+        # then read it, instead of all of them writing the same cache files at once.
+        with PartialState().main_process_first():
+            return list(datasets.load_dataset(*args, **kwargs))
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
         raise UserError(f"could not read dataset {source}: {str(error).splitlines()[0][:300]}") from None
 

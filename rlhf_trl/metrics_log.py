@@ -6,7 +6,9 @@ Why a callback and a file: every TRL trainer (PPO's too, through `self.log`) han
 `on_log`, whatever `report_to` says, so one small callback covers all three stages with no tensorboard or
 other service. The file goes into `args.output_dir`, which is the stage's `.partial/` directory while it
 trains, so the log moves into place with the finished output and `make report` (rlhf_trl.report) reads it
-from there. Only the main process writes; each line also records the global step and epoch.
+from there. Only the main process writes; each line also records the global step and epoch. Under several
+processes the values are already global: transformers averages the loss over processes, and TRL's SFT, reward and
+PPO trainers gather their metrics (tokens seen, accuracy, rewards, KL) across them before logging.
 """
 
 from __future__ import annotations

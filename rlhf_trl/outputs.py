@@ -119,11 +119,28 @@ def publish(trainer, tokenizer, work: Path, output_dir: str | Path, stage: str, 
     trainer.accelerator.wait_for_everyone()  # sharded saves: every rank has written before the rename
     if not trainer.accelerator.is_main_process:
         return False
+    info = {**run_shape(trainer), **info}
     tokenizer.save_pretrained(str(work))
     for checkpoint in work.glob("checkpoint-*"):  # for resuming only; not part of the published model
         shutil.rmtree(checkpoint, ignore_errors=True)
     finish(work, output_dir, stage, **info)
     return True
+
+
+def run_shape(trainer) -> dict:
+    """How the run was spread: processes, the global batch per optimizer step (over all processes) and the steps.
+
+    TRL's PPO computes its rollout batch itself (`args.batch_size`, per device x accumulation x processes) and
+    counts episodes; the other trainers' global batch is per device x accumulation x processes.
+    """
+    args, processes = trainer.args, trainer.accelerator.num_processes
+    global_batch = getattr(args, "batch_size", None) or (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    )
+    shape = {"processes": processes, "global_batch": global_batch, "steps": trainer.state.global_step}
+    if getattr(trainer.state, "episode", None) is not None:
+        shape["episodes"] = trainer.state.episode
+    return shape
 
 
 def require(path: str | Path, stage: str, recipe: str | None = None) -> dict:

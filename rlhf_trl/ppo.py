@@ -23,6 +23,7 @@ from trl import get_peft_config
 from . import outputs
 from .cli import UserError, parse, run
 from .data import load_splits
+from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_model_source, load_model, load_tokenizer, model_config, model_kwargs
 from .ppo_engine import PPOConfig, PPOTrainer
@@ -65,6 +66,7 @@ def start_value_from_reward(reward_model, reward_path: str, classifier_kwargs: d
 
 
 def main(script_args, training_args, model_args):
+    check_stage("ppo", model_args)
     recipe = getattr(script_args, "recipe", None)
     make_hint = f" RECIPE={recipe}" if recipe else ""
     check_model_source(training_args.sft_model_path, "sft_model_path", f"sft{make_hint}")

@@ -14,6 +14,13 @@ RNG states and the trainer state, which is written last so its presence means th
 `train(resume_from_checkpoint=...)` loads them, replays the shuffled prompt order up to the saved step
 (the sampler has its own generator, so the order comes out the same) and runs the remaining updates, so a
 resumed run ends at the same step with the same metrics as one that never stopped.
+
+Under DDP (several GPUs, or several CPU processes) TRL 1.12's trainer fails: it reads `model.policy` off the
+prepared model, for the reference forward (the policy with its LoRA disabled) and in `save_model`, which only
+DeepSpeed's engine allows, since it passes attribute reads on to the model it wraps. `PPOTrainer` below lets
+the DDP wrapper do the same; without it the run stops at the first rollout with "'DistributedDataParallel'
+object has no attribute 'policy'", and its save fails on every process but the main one. It also logs
+`val/num_eos_tokens` from the main process's rollouts only; `PPOTrainer.log` sums it over the processes.
 """
 
 import math
@@ -21,13 +28,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRL warns that experimental APIs may change; the pin makes that moot
     from trl.experimental.ppo import PPOConfig
-    from trl.experimental.ppo import PPOTrainer as TrlPPOTrainer
+    from trl.experimental.ppo import PPOTrainer as _TrlPPOTrainer
     from trl.experimental.ppo import ppo_trainer as _trl_ppo
 
 from .cli import UserError
@@ -92,11 +100,27 @@ class _RestoreProgress(TrainerCallback):
                 setattr(state, name, math.ceil(self.total_updates * fraction))
 
 
-class PPOTrainer(TrlPPOTrainer):
-    """TRL's PPOTrainer with complete checkpoints and `train(resume_from_checkpoint=...)`."""
+class _ForwardingDDP(DistributedDataParallel):
+    """DDP whose unknown attributes are the wrapped model's, as with DeepSpeed's engine: `model.policy` works."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+class PPOTrainer(_TrlPPOTrainer):
+    """TRL's PPOTrainer with complete checkpoints, `train(resume_from_checkpoint=...)`, and DDP support."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Set by transformers' Trainer.__init__, which TRL's PPO does not call; Trainer._save reads it on every rank
+        # but the main one, so without it a multi-process save fails. False: no model here is loaded pre-sharded.
+        self.is_distributed_loading_by_transformers = False
+        # Swapping the class keeps the very object accelerate prepared (and registered for gradient syncing).
+        if type(self.model) is DistributedDataParallel:
+            self.model.__class__ = _ForwardingDDP
         if self.is_deepspeed_enabled and self.args.save_strategy != "no":
             raise UserError(
                 "PPO checkpoints are not supported under DeepSpeed: set save_strategy: no in the PPO recipe "
@@ -157,6 +181,15 @@ class PPOTrainer(TrlPPOTrainer):
             return super().train()
         finally:
             self.args.num_total_batches = total_updates
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # TRL gathers every PPO metric across processes but this count, which would be the main process's alone:
+        # summed, it counts the EOS tokens of the whole rollout batch, as a 1-process run does. Every process
+        # logs each rollout, so the sum is a collective they all reach.
+        if "val/num_eos_tokens" in logs and self.accelerator.num_processes > 1:
+            count = torch.tensor(float(logs["val/num_eos_tokens"]), device=self.accelerator.device)
+            logs = {**logs, "val/num_eos_tokens": int(self.accelerator.reduce(count, reduction="sum").item())}
+        super().log(logs, *args, **kwargs)
 
 
 __all__ = ["PPOConfig", "PPOTrainer"]

@@ -18,6 +18,7 @@ from trl import RewardConfig, RewardTrainer, get_peft_config
 from . import outputs
 from .cli import parse, run
 from .data import load_splits
+from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import load_model, load_tokenizer, model_kwargs
 from .rewards import encode_for_reward
@@ -36,6 +37,7 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None):
 
 
 def main(script_args, training_args, model_args):
+    check_stage("reward", model_args)
     final_dir = training_args.output_dir
     with outputs.training_run("reward", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)

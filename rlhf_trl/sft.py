@@ -14,11 +14,13 @@ from trl import SFTConfig, SFTTrainer, get_peft_config
 from . import outputs
 from .cli import parse, run
 from .data import load_splits
+from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
 
 
 def main(script_args, training_args, model_args):
+    check_stage("sft", model_args)
     final_dir = training_args.output_dir
     with outputs.training_run("sft", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "sft", training_args.seed)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from conftest import ROOT
 
 
@@ -38,3 +39,12 @@ def test_make_stage_chain(tmp_path):
 
     refused = subprocess.run(["make", "sft"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "already holds a finished run" in refused.stderr
+
+    # ACCELERATE_CONFIG and LAUNCH_ARGS reach rlhf_trl.launch, which refuses before accelerate starts a process.
+    if torch.cuda.device_count() < 3:
+        command = ["make", "sft", "ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml"]
+        refused = subprocess.run(
+            [*command, "LAUNCH_ARGS=--num_processes 3"], cwd=project, env=env, capture_output=True, text=True
+        )
+        assert refused.returncode != 0 and "multi_gpu.yaml starts 3 process(es) per machine" in refused.stderr
+        assert "Traceback" not in refused.stderr

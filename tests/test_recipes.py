@@ -45,7 +45,26 @@ def test_every_real_recipe_has_all_four_files():
             assert {p.stem for p in folder.glob("*.yaml")} == {"data", "sft", "reward", "ppo"}, folder.name
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "recipes/accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes/accelerate_configs").glob("*.yaml"))
+
+
+def test_every_accelerate_config_of_the_issue_exists():
+    names = {p.stem for p in ACCELERATE_CONFIGS}
+    assert {"single_process", "single_gpu", "multi_gpu", "zero2", "zero3", "fsdp", "multi_node", "multi_cpu"} <= names
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
 def test_accelerate_config(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from rlhf_trl.launch import plan_from_config
+
     loaded = yaml.safe_load(config.read_text())
     assert loaded["num_processes"] >= 1 and "distributed_type" in loaded
+    header = [line for line in config.read_text().splitlines() if line.startswith("#")]
+    assert any(f"ACCELERATE_CONFIG=recipes/accelerate_configs/{config.name}" in line for line in header), "no usage"
+    accelerate_view = load_config_from_file(str(config))  # accelerate's own reader accepts every key
+    plan = plan_from_config(config)
+    assert plan.distributed_type == str(accelerate_view.distributed_type).split(".")[-1]
+    assert plan.num_processes == accelerate_view.num_processes
+    assert plan.zero_stage == {"zero2": 2, "zero3": 3}.get(config.stem)

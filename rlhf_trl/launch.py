@@ -1,0 +1,234 @@
+"""How a stage is launched: the accelerate config, checked before accelerate starts the processes and again in each.
+
+    python -m rlhf_trl.launch --config_file recipes/accelerate_configs/multi_gpu.yaml -m rlhf_trl.sft --config ...
+    make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml    # what the Makefile runs
+
+`make` runs every training stage through this module, which reads the accelerate config (and the two recipe keys
+that matter to it, load_in_4bit/8bit), refuses a plan that cannot work with one line that says what to change
+(more processes than GPUs, DeepSpeed without the extra, a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3),
+and then hands over to `accelerate launch` with the same arguments. Checking first matters because accelerate
+otherwise fails in every process at once with a traceback, or, given more processes than GPUs on a machine
+without CUDA, starts processes that never connect and each train alone on the same output directory.
+
+Each stage calls `check_stage` first (and `cli.parse` the DeepSpeed part, before parsing), so `accelerate launch`
+run by hand is checked too, against the recipe as parsed. All of them go through `check`, the one place these
+rules live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from .cli import UserError, run
+
+DEEPSPEED_EXTRA = "install the extra: pip install -e '.[deepspeed]'"
+CONFIGS = "recipes/accelerate_configs"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What accelerate was asked for: from a config file before launching, from the environment inside a stage."""
+
+    distributed_type: str = "NO"  # NO, MULTI_GPU, MULTI_CPU, DEEPSPEED or FSDP
+    num_processes: int = 1  # over all machines
+    num_machines: int = 1
+    use_cpu: bool = False
+    zero_stage: int | None = None  # DeepSpeed only
+    gpu_ids: str = "all"
+    source: str = "the accelerate config"
+
+    @property
+    def local_processes(self) -> int:
+        return max(1, self.num_processes // max(1, self.num_machines))
+
+    @property
+    def uses_gpus(self) -> bool:
+        """A config that names GPUs: anything distributed but MULTI_CPU, or one process pinned to gpu_ids."""
+        if self.use_cpu or self.distributed_type == "MULTI_CPU":
+            return False
+        return self.distributed_type != "NO" or self.gpu_ids not in ("all", "", None)
+
+
+def plan_from_config(path: str | Path, overrides: argparse.Namespace | None = None) -> Plan:
+    """The Plan of an accelerate config file, with `accelerate launch` flags (LAUNCH_ARGS) taking precedence."""
+    import yaml
+
+    config_path = Path(path)
+    if not config_path.is_file():
+        names = ", ".join(sorted(p.stem for p in Path(CONFIGS).glob("*.yaml"))) or "none found"
+        raise UserError(
+            f"accelerate config {path} does not exist: set ACCELERATE_CONFIG to {CONFIGS}/<name>.yaml ({names})"
+        )
+    try:
+        loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: must be a YAML mapping, like the files in {CONFIGS}/")
+    overrides = overrides or argparse.Namespace()
+
+    def pick(key, default):
+        value = getattr(overrides, key, None)
+        return value if value is not None else loaded.get(key, default)
+
+    distributed_type = str(loaded.get("distributed_type", "NO")).upper()
+    deepspeed = loaded.get("deepspeed_config") or {}
+    return Plan(
+        distributed_type=distributed_type,
+        num_processes=int(pick("num_processes", 1)),
+        num_machines=int(pick("num_machines", 1)),
+        use_cpu=bool(loaded.get("use_cpu", False)) or bool(getattr(overrides, "cpu", False)),
+        zero_stage=int(deepspeed.get("zero_stage", 2)) if distributed_type == "DEEPSPEED" else None,
+        gpu_ids=str(pick("gpu_ids", "all")),
+        source=str(path),
+    )
+
+
+def plan_from_environment() -> Plan:
+    """The Plan of this process, from the variables `accelerate launch` (or torchrun) set for it."""
+
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        distributed_type = "DEEPSPEED"
+    elif flag("ACCELERATE_USE_FSDP"):
+        distributed_type = "FSDP"
+    elif world > 1:
+        distributed_type = "MULTI_CPU" if flag("ACCELERATE_USE_CPU") else "MULTI_GPU"
+    else:
+        distributed_type = "NO"
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return Plan(
+        distributed_type=distributed_type,
+        num_processes=world,
+        num_machines=max(1, world // max(1, local)),
+        use_cpu=flag("ACCELERATE_USE_CPU"),
+        zero_stage=int(stage) if stage else (2 if distributed_type == "DEEPSPEED" else None),
+        source="this accelerate launch",
+    )
+
+
+def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: int | None = None) -> None:
+    """Refuses a plan that cannot work here, with what to change. `stage`/`model_args` add the recipe's rules,
+    checked first: installing DeepSpeed or finding GPUs would not help a combination that cannot run at all."""
+    if model_args is not None:
+        quantized = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
+        sharded = "ZeRO-3" if plan.zero_stage == 3 else "FSDP" if plan.distributed_type == "FSDP" else None
+        if quantized and sharded:
+            # modeling.model_kwargs places a whole quantized copy on each process's GPU (device_map), which
+            # ZeRO-3 and FSDP would have to shard; bitsandbytes weights cannot be partitioned that way.
+            raise UserError(
+                f"{quantized} keeps a whole quantized base on every GPU, which {sharded} cannot shard: use "
+                f"{CONFIGS}/multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
+            )
+    if stage == "ppo" and plan.zero_stage == 3:
+        # TRL 1.12's PPO: a full fine-tune builds its reference with create_reference_model, which raises under
+        # ZeRO-3; with LoRA the reference is the policy with its adapter disabled, a second forward through the same
+        # sharded model that ZeRO-3's parameter prefetching is reported to break on (trl#6237, LlamaFactory#2189).
+        raise UserError(
+            f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
+            "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
+        )
+    if plan.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"{plan.source} uses DeepSpeed, which is not installed: {DEEPSPEED_EXTRA}")
+    if plan.uses_gpus:
+        if cuda_devices is None:
+            import torch
+
+            cuda_devices = torch.cuda.device_count()
+        wanted = plan.local_processes
+        if plan.gpu_ids not in ("all", "", None):
+            cuda_devices = min(cuda_devices, len(plan.gpu_ids.split(",")))
+        if wanted > cuda_devices:
+            fix = (
+                f'lower num_processes (LAUNCH_ARGS="--num_processes {cuda_devices * plan.num_machines}")'
+                if cuda_devices
+                else f"use {CONFIGS}/single_process.yaml (or multi_cpu.yaml to try several processes on the CPU)"
+            )
+            raise UserError(
+                f"{plan.source} starts {wanted} process(es) per machine, each on its own GPU, but this machine has "
+                f"{cuda_devices} usable CUDA GPU(s): {fix}"
+            )
+
+
+def check_stage(stage: str, model_args) -> None:
+    """At the start of a stage, in every process: the launch this process is part of, plus the recipe's rules.
+
+    (`cli.parse` has already checked the launch alone, before parsing: see there.) The device check matters here
+    for `accelerate launch` run by hand: several processes on a machine without the GPUs their config asks for
+    would not connect, and each would train alone and overwrite the others' output.
+    """
+    from accelerate import PartialState
+
+    plan = plan_from_environment()
+    # PartialState ignores ACCELERATE_USE_CPU (only TrainingArguments reads it); without cpu=True, CPU processes
+    # launched together would each come up alone instead of joining one gloo group.
+    PartialState(cpu=plan.use_cpu)
+    check(plan, stage, model_args)
+
+
+def recipe_quantization(stage_argv: list[str]) -> SimpleNamespace:
+    """load_in_4bit/load_in_8bit from the stage's `--config` recipe and its `--key value` overrides, read without
+    TRL's parser (and the seconds it takes to import), so that `check` can apply the recipe's rules before launch."""
+    import yaml
+
+    values = {"load_in_4bit": False, "load_in_8bit": False}
+    if "--config" in stage_argv[:-1]:
+        try:
+            recipe = yaml.safe_load(Path(stage_argv[stage_argv.index("--config") + 1]).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            recipe = None  # the stage itself reports a missing or broken recipe, with its line
+        if isinstance(recipe, dict):
+            values.update({key: bool(recipe[key]) for key in values if key in recipe})
+    for i, arg in enumerate(stage_argv):
+        key = arg.removeprefix("--").split("=")[0]
+        if key in values:
+            value = arg.split("=", 1)[1] if "=" in arg else (stage_argv[i + 1] if i + 1 < len(stage_argv) else "")
+            values[key] = value.lower() not in ("false", "0", "no")  # a bare `--load_in_4bit` means true
+    return SimpleNamespace(**values)
+
+
+def launch_arguments(argv: list[str]) -> argparse.Namespace:
+    """The accelerate flags that change the plan, out of a full `accelerate launch` argument list."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config_file")
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--num_machines", type=int)
+    parser.add_argument("--gpu_ids")
+    parser.add_argument("--cpu", action="store_true")
+    # Everything from the training module on belongs to the stage, whose own flags must not be read here.
+    cut = next((i for i, arg in enumerate(argv) if arg in ("-m", "--module") or arg.endswith(".py")), len(argv))
+    return parser.parse_known_args(argv[:cut])[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = launch_arguments(argv)
+    if not known.config_file:
+        raise UserError("--config_file is required: pass ACCELERATE_CONFIG=recipes/accelerate_configs/<name>.yaml")
+    plan = plan_from_config(known.config_file, known)
+    at = argv.index("-m") + 1 if "-m" in argv[:-1] else len(argv)
+    stage = argv[at].rsplit(".", 1)[-1] if at < len(argv) else None
+    check(plan, stage, recipe_quantization(argv[at + 1 :]))
+    env = dict(os.environ)
+    if plan.distributed_type == "MULTI_CPU" and plan.num_processes > 1 and "--mpirun_hostfile" not in argv:
+        # accelerate starts MULTI_CPU processes only through mpirun; torchrun (its multi-GPU launcher) starts them
+        # just as well, and ACCELERATE_USE_CPU makes them join one gloo group instead of looking for GPUs.
+        argv = ["--multi_gpu", *argv]
+        env["ACCELERATE_USE_CPU"] = "true"
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *argv]
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)
+
+
+if __name__ == "__main__":
+    run(main)

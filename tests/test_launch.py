@@ -1,0 +1,128 @@
+"""The launch checks (rlhf_trl.launch): plans that cannot work stop with one line that says what to change,
+before accelerate starts any process. Fast: nothing here trains."""
+
+import importlib.util
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import OFFLINE_ENV, ROOT
+
+from rlhf_trl.cli import UserError
+from rlhf_trl.launch import Plan, check, plan_from_config, plan_from_environment, recipe_quantization
+
+CONFIGS = ROOT / "recipes/accelerate_configs"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+NO_QUANT = SimpleNamespace(load_in_4bit=False, load_in_8bit=False)
+FOUR_BIT = SimpleNamespace(load_in_4bit=True, load_in_8bit=False)
+
+
+def launch(config: str, *stage_args: str, module: str = "rlhf_trl.sft") -> subprocess.CompletedProcess:
+    """What `make <stage> ACCELERATE_CONFIG=...` runs."""
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_trl.launch", "--quiet", "--config_file", str(CONFIGS / f"{config}.yaml")]
+        + ["-m", module, *stage_args],
+        cwd=ROOT,
+        env=OFFLINE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def test_more_processes_than_gpus_names_the_fix():
+    plan = plan_from_config(CONFIGS / "multi_gpu.yaml")
+    with pytest.raises(UserError, match=r"2 process\(es\) per machine.*0 usable CUDA GPU.*single_process.yaml"):
+        check(plan, cuda_devices=0)
+    with pytest.raises(UserError, match=r'1 usable CUDA GPU.*LAUNCH_ARGS="--num_processes 1"'):
+        check(plan, cuda_devices=1)
+    check(plan, cuda_devices=2)
+    check(plan_from_config(CONFIGS / "multi_node.yaml"), cuda_devices=8)  # 16 over 2 machines: 8 per machine
+    with pytest.raises(UserError, match="per machine"):
+        check(plan_from_config(CONFIGS / "single_gpu.yaml"), cuda_devices=0)
+    check(plan_from_config(CONFIGS / "single_process.yaml"), cuda_devices=0)  # the default falls back to the CPU
+    check(plan_from_config(CONFIGS / "multi_cpu.yaml"), cuda_devices=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs multi_gpu.yaml asks for")
+def test_make_refuses_more_processes_than_gpus_before_launching():
+    line = one_line_error(launch("multi_gpu", "--config", "recipes/demo/sft.yaml"))
+    assert "--num_processes" in line or "single_process.yaml" in line
+
+
+@pytest.mark.skipif(HAS_DEEPSPEED, reason="deepspeed is installed here")
+def test_deepspeed_without_the_extra():
+    line = one_line_error(launch("zero2", "--config", "recipes/demo/sft.yaml"))
+    assert "pip install -e '.[deepspeed]'" in line
+    with pytest.raises(UserError, match=r"pip install -e '\.\[deepspeed\]'"):
+        check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "sft", NO_QUANT, cuda_devices=2)
+
+
+@pytest.mark.skipif(HAS_DEEPSPEED, reason="deepspeed is installed here")
+def test_a_stage_launched_by_hand_for_deepspeed_stops_before_parsing(tmp_path):
+    """accelerate launch sets these for a DeepSpeed config; transformers would otherwise fail with a traceback."""
+    env = {**OFFLINE_ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf_trl.sft", "--config", "recipes/demo/sft.yaml", "--output_dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "pip install -e '.[deepspeed]'" in one_line_error(result)
+
+
+@pytest.mark.parametrize("config", ["zero3", "fsdp"])
+def test_a_4bit_base_under_sharding_says_what_to_change(config):
+    line = one_line_error(launch(config, "--config", "recipes/llama3.1-8b-qlora/sft.yaml"))
+    assert "load_in_4bit" in line and "multi_gpu.yaml" in line and "load_in_4bit: false" in line
+    eight_bit = SimpleNamespace(load_in_4bit=False, load_in_8bit=True)
+    with pytest.raises(UserError, match="load_in_8bit"):
+        check(plan_from_config(CONFIGS / f"{config}.yaml"), "reward", eight_bit, cuda_devices=2)
+    check(plan_from_config(CONFIGS / "multi_gpu.yaml"), "sft", FOUR_BIT, cuda_devices=2)  # DDP keeps 4-bit copies
+
+
+def test_ppo_under_zero3_is_refused_and_zero2_is_not():
+    line = one_line_error(launch("zero3", "--config", "recipes/demo/ppo.yaml", module="rlhf_trl.ppo"))
+    assert "zero2.yaml or multi_gpu.yaml" in line
+    with pytest.raises(UserError, match="PPO does not run under DeepSpeed ZeRO-3"):
+        check(Plan(distributed_type="DEEPSPEED", zero_stage=3), "ppo", NO_QUANT)
+    if HAS_DEEPSPEED:
+        check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "ppo", FOUR_BIT, cuda_devices=2)
+
+
+def test_recipe_quantization_reads_the_recipe_and_its_overrides():
+    qlora = "recipes/llama3.1-8b-qlora/sft.yaml"
+    assert recipe_quantization(["--config", qlora]).load_in_4bit
+    assert not recipe_quantization(["--config", qlora, "--load_in_4bit", "false"]).load_in_4bit
+    assert recipe_quantization(["--config", "recipes/demo/sft.yaml", "--load_in_8bit"]).load_in_8bit
+    assert recipe_quantization(["--config", "recipes/demo/sft.yaml", "--load_in_4bit=true"]).load_in_4bit
+    assert not recipe_quantization(["--config", "no/such.yaml"]).load_in_4bit
+
+
+def test_a_missing_accelerate_config_lists_the_choices():
+    line = one_line_error(launch("nope", "--config", "recipes/demo/sft.yaml"))
+    assert "multi_gpu" in line and "zero3" in line
+
+
+def test_plan_from_the_environment_accelerate_sets(monkeypatch):
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert plan_from_environment().distributed_type == "NO"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert plan_from_environment() == Plan("MULTI_CPU", 2, 1, True, None, source="this accelerate launch")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert plan_from_environment().zero_stage == 3
