@@ -195,8 +195,19 @@ _DISK_FULL_TEXT = ("No space left", "File too large", "FileTooLarge", "StorageFu
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def storage_failure(error: BaseException) -> str | None:
-    """A one-line reason and fix when `error` is a full disk or an unwritable folder, else None."""
+def storage_failure(error: BaseException | None) -> str | None:
+    """A one-line reason and fix when `error`, or what caused it, is a full disk or an unwritable folder."""
+    seen = set()
+    while error is not None and id(error) not in seen:  # datasets and others wrap the OSError in their own
+        seen.add(id(error))
+        reason = _storage_reason(error)
+        if reason:
+            return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _storage_reason(error: BaseException) -> str | None:
     where = f" ({error.filename})" if getattr(error, "filename", None) else ""
     text = str(error)
     if (isinstance(error, OSError) and error.errno in _DISK_FULL) or any(t in text for t in _DISK_FULL_TEXT):

@@ -1,10 +1,19 @@
 """Bad input: one line on stderr saying what to fix, exit status 2, and no output that looks finished."""
 
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, ppo_args, run_module, run_stage, sft_args, stage_paths
+from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, run_here, run_stage, sft_args, stage_paths
+
+from rlhf_trl.outputs import read_marker
 
 
 def assert_one_line_error(result, *needles: str) -> str:
@@ -22,38 +31,43 @@ def assert_nothing_finished(output_dir: str | Path) -> None:
     assert not output_dir.with_name(output_dir.name + ".partial").exists(), "a partial dir was left behind"
 
 
+def stage_here(stage: str, *overrides: str):
+    """A stage's command run in this process (see conftest.run_here): these all stop before training."""
+    return run_here(stage, "--config", str(ROOT / "recipes" / "demo" / f"{stage}.yaml"), *overrides)
+
+
 @pytest.fixture
 def paths(world, tmp_path):
     return stage_paths(world) | {"sft": str(tmp_path / "sft"), "ppo": str(tmp_path / "ppo")}
 
 
 def test_missing_recipe_file():
-    result = run_module("sft", "--config", "recipes/no-such-recipe/sft.yaml")
+    result = run_here("sft", "--config", "recipes/no-such-recipe/sft.yaml")
     assert_one_line_error(result, "recipes/no-such-recipe/sft.yaml", "does not exist")
 
 
 def test_unknown_yaml_key(tmp_path, paths):
     recipe = tmp_path / "sft.yaml"
     recipe.write_text((ROOT / "recipes/demo/sft.yaml").read_text() + "lerning_rate: 0.1\n")
-    result = run_module("sft", "--config", str(recipe), *sft_args(paths))
+    result = run_here("sft", "--config", str(recipe), *sft_args(paths))
     assert_one_line_error(result, "lerning_rate")
     assert_nothing_finished(paths["sft"])
 
 
 def test_unknown_command_line_key(paths):
-    assert_one_line_error(run_stage("sft", *sft_args(paths), "--no_such_key", "1"), "no_such_key")
+    assert_one_line_error(stage_here("sft", *sft_args(paths), "--no_such_key", "1"), "no_such_key")
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
     recipe = tmp_path / "sft.yaml"
     recipe.write_text("model_name_or_path: x\nlearning_rate: [1\n")
-    assert_one_line_error(run_module("sft", "--config", str(recipe)), str(recipe), "line")
+    assert_one_line_error(run_here("sft", "--config", str(recipe)), str(recipe), "line")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, paths):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
-    result = run_stage("sft", *sft_args(paths, "--dataset_name", str(data)))
+    result = stage_here("sft", *sft_args(paths, "--dataset_name", str(data)))
     assert_one_line_error(result, str(data), "line 3", "invalid JSON")
     assert_nothing_finished(paths["sft"])
 
@@ -61,7 +75,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, paths):
 def test_record_missing_a_required_field(tmp_path, paths):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d"}\n')
-    result = run_stage("sft", *sft_args(paths, "--dataset_name", str(data)))
+    result = stage_here("sft", *sft_args(paths, "--dataset_name", str(data)))
     assert_one_line_error(result, str(data), "line 2", "'output'", "missing")
     assert_nothing_finished(paths["sft"])
 
@@ -69,31 +83,31 @@ def test_record_missing_a_required_field(tmp_path, paths):
 def test_empty_dataset(tmp_path, paths):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
-    assert_one_line_error(run_stage("sft", *sft_args(paths, "--dataset_name", str(data))), "holds no records")
+    assert_one_line_error(stage_here("sft", *sft_args(paths, "--dataset_name", str(data))), "holds no records")
     assert_nothing_finished(paths["sft"])
 
 
 def test_missing_data_file(paths):
-    result = run_stage("sft", *sft_args(paths, "--dataset_name", "data/processed/nothing-here.jsonl"))
+    result = stage_here("sft", *sft_args(paths, "--dataset_name", "data/processed/nothing-here.jsonl"))
     assert_one_line_error(result, "nothing-here.jsonl", "does not exist")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can run bitsandbytes")
 @pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
 def test_quantized_loading_without_cuda(paths, flag):
-    result = run_stage("sft", *sft_args(paths, flag, "true", "--use_peft", "true"))
+    result = stage_here("sft", *sft_args(paths, flag, "true", "--use_peft", "true"))
     assert_one_line_error(result, flag.lstrip("-"), "CUDA")
     assert_nothing_finished(paths["sft"])
 
 
 def test_ppo_before_sft_says_which_target_to_run(paths, tmp_path):
-    result = run_stage("ppo", *ppo_args(paths, "--sft_model_path", str(tmp_path / "no-sft")))
+    result = stage_here("ppo", *ppo_args(paths, "--sft_model_path", str(tmp_path / "no-sft")))
     assert_one_line_error(result, "make sft RECIPE=demo")
     assert_nothing_finished(paths["ppo"])
 
 
 def test_ppo_before_reward_says_which_target_to_run(trained, paths, tmp_path):
-    result = run_stage(
+    result = stage_here(
         "ppo", *ppo_args(paths, "--sft_model_path", trained["sft"], "--reward_model_path", str(tmp_path / "no-reward"))
     )
     assert_one_line_error(result, "make reward RECIPE=demo")
@@ -102,18 +116,18 @@ def test_ppo_before_reward_says_which_target_to_run(trained, paths, tmp_path):
 def test_finished_run_is_not_overwritten(trained):
     weights = Path(trained["sft"]) / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    result = run_stage("sft", *sft_args(stage_paths(Path(trained["data"]).parent)))
+    result = stage_here("sft", *sft_args(stage_paths(Path(trained["data"]).parent)))
     assert_one_line_error(result, "already holds a finished run", "--overwrite")
     assert weights.stat().st_mtime_ns == before
 
 
 def test_hub_id_while_offline(paths):
-    result = run_stage("sft", *sft_args(paths, "--model_name_or_path", "someone/some-model"))
+    result = stage_here("sft", *sft_args(paths, "--model_name_or_path", "someone/some-model"))
     assert_one_line_error(result, "offline", "local folder")
 
 
 def test_ppo_rollouts_longer_than_the_context(trained, paths):
-    result = run_stage("ppo", *ppo_args(paths, "--sft_model_path", trained["sft"], "--response_length", "500"))
+    result = stage_here("ppo", *ppo_args(paths, "--sft_model_path", trained["sft"], "--response_length", "500"))
     assert_one_line_error(result, "response_length 500", "context of 128 tokens")
     assert_nothing_finished(paths["ppo"])
 
@@ -137,3 +151,139 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(UserError, match="is not a finished rlhf-trl run: move it away"):
         begin(tmp_path / "models", overwrite=True)
     assert (tmp_path / "models/notes.txt").read_text() == "keep me"
+
+
+# --- The rest of the matrix (issue 7): types, damaged files, storage, interrupts, and chat/merge/label. ---
+
+
+def test_wrong_type_on_the_command_line(paths):
+    result = stage_here("sft", *sft_args(paths, "--learning_rate", "fast"))
+    assert_one_line_error(result, "--learning_rate", "invalid float value: 'fast'", "recipe or ARGS")
+
+
+def test_wrong_type_in_the_recipe(tmp_path, paths):
+    recipe = tmp_path / "sft.yaml"
+    text = (ROOT / "recipes/demo/sft.yaml").read_text()
+    recipe.write_text(text.replace("per_device_train_batch_size: 32", "per_device_train_batch_size: many"))
+    result = run_here("sft", "--config", str(recipe), *sft_args(paths))
+    assert_one_line_error(result, "per_device_train_batch_size", "invalid int value")
+
+
+def test_resume_must_be_auto_true_or_false(paths):
+    assert_one_line_error(stage_here("sft", *sft_args(paths, "--resume", "maybe")), "--resume", "invalid choice")
+
+
+def test_resume_true_with_nothing_to_resume(paths):
+    result = stage_here("sft", *sft_args(paths, "--resume", "true"))
+    assert_one_line_error(result, "--resume true", "no unfinished run", "drop RESUME=1")
+    assert_nothing_finished(paths["sft"])
+
+
+def damaged_copy(source: str, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    weights = next(destination.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # what an interrupted copy leaves
+    return destination
+
+
+def test_damaged_adapter(trained, tmp_path):
+    broken = damaged_copy(trained["ppo"], tmp_path / "ppo")
+    result = run_here("chat", "--model", str(broken), "--prompt", "hi")
+    assert_one_line_error(result, f"adapter {broken} has damaged weights", "rerun the stage")
+
+
+def test_damaged_model_as_the_next_stage_input(trained, paths, tmp_path):
+    broken = damaged_copy(trained["sft"], tmp_path / "sft-copy")
+    result = stage_here("reward", *reward_args(paths | {"sft": str(broken), "reward": str(tmp_path / "reward")}))
+    assert_one_line_error(result, f"{broken} has damaged weights")
+    assert_nothing_finished(tmp_path / "reward")
+
+
+def test_adapter_on_a_base_of_another_shape(trained, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(trained["sft"])
+    config.hidden_size, config.intermediate_size = 2 * config.hidden_size, 2 * config.intermediate_size
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "other-base")
+    adapter = tmp_path / "ppo"
+    shutil.copytree(trained["ppo"], adapter)
+    marker = json.loads((adapter / "rlhf_trl_run.json").read_text())
+    (adapter / "rlhf_trl_run.json").write_text(json.dumps({**marker, "base": str(tmp_path / "other-base")}))
+    result = run_here("chat", "--model", str(adapter), "--prompt", "hi")
+    assert_one_line_error(result, f"adapter {adapter} does not fit its base", "the base it was trained on")
+
+
+def test_disk_full_loses_nothing_and_the_rerun_finishes(paths):
+    def small_disk():  # writes past 300 kB fail with EFBIG, as they would with ENOSPC on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    args = sft_args(paths, "--max_steps", "6", "--save_steps", "3")
+    result = run_stage("sft", *args, preexec_fn=small_disk)
+    assert_one_line_error(result, "the disk filled up", "rerun the same command")
+    assert read_marker(paths["sft"]) is None
+    result = run_stage("sft", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_marker(paths["sft"])["stage"] == "sft"
+
+
+def test_read_only_models_folder(paths, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    remount = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+    prefix = ("unshare", "--mount", "sh", "-c", remount, "sh", str(models))
+    if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("mounting a folder read-only needs `unshare --mount` with root rights")
+    result = run_stage("sft", *sft_args(paths | {"sft": str(models / "sft")}), prefix=prefix)
+    assert_one_line_error(result, str(models), "Read-only file system", "set output_dir elsewhere")
+
+
+def start(stage: str, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / f"recipes/demo/{stage}.yaml")]
+    return subprocess.Popen(
+        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_ctrl_c_in_a_stage_leaves_nothing_that_looks_finished(stage, trained, tmp_path):
+    paths = stage_paths(Path(trained["data"]).parent) | {stage: str(tmp_path / stage)}
+    args = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}[stage](paths, "--save_steps", "1000")
+    process = start(stage, *args, "--max_steps" if stage != "ppo" else "--total_episodes", "100000")
+    wait_for(Path(paths[stage] + ".partial") / "manifest.json", process)
+    if stage == "sft":  # while it runs, a second run into the same output is refused
+        second = run_stage("sft", *args)
+        assert_one_line_error(second, "another run is writing", paths["sft"])
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing was marked finished; rerun the same")
+    assert read_marker(paths[stage]) is None and not Path(paths[stage]).exists()
+
+
+def test_chat_merge_and_label_before_their_stage_say_what_to_run(tmp_path):
+    chat = run_here("chat", "--recipe", "demo", "--stage", "sft", "--prompt", "hi", cwd=tmp_path)
+    assert_one_line_error(chat, "models/demo/sft", "make sft RECIPE=demo")
+    merge = run_here("merge", "--recipe", "demo", cwd=tmp_path)
+    assert_one_line_error(merge, "models/demo/ppo", "make ppo RECIPE=demo")
+    label = run_here("label", "--recipe", "demo", cwd=tmp_path)
+    assert_one_line_error(label, "make")
+
+
+def test_chat_prompt_longer_than_the_context(trained):
+    result = run_here("chat", "--model", trained["sft"], "--prompt", "river " * 400)
+    assert_one_line_error(result, "context is 128", "shorten the prompt")
+
+
+def test_merge_of_a_folder_that_does_not_exist(tmp_path):
+    result = run_here("merge", "--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "export"))
+    assert_one_line_error(result, "nothing does not exist")
+    assert_nothing_finished(tmp_path / "export")
