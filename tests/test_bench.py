@@ -26,7 +26,9 @@ def bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 def test_toy_benchmark_runs_both_sides(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ("--batch", "4", "--prompt-length", "8", "--response-length", "8", "--ppo-epochs", "2", "--steps", "2")
-    result = bench("--shape", "toy", *tiny, "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    # With gradient checkpointing asked for: TRL's PPOTrainer ignores the key, the pipeline turns it on.
+    checkpointed = ("--gradient-checkpointing",)
+    result = bench("--shape", "toy", *tiny, *checkpointed, "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(row["task"], row["impl"]): row for row in report["rows"]}
@@ -42,6 +44,9 @@ def test_toy_benchmark_runs_both_sides(tmp_path):
             parts = row["generation_s"] + row["scoring_s"] + row["training_s"]
             assert parts == pytest.approx(row["step_time_s"], rel=0.05, abs=1e-3)
             assert any("objective/kl" in log for log in row["logs"])
+    assert not rows["ppo", "trl"]["gradient_checkpointing_active"]
+    assert rows["ppo", "pipeline"]["gradient_checkpointing_active"]
+    assert rows["sft", "trl"]["gradient_checkpointing_active"]
     assert report["ratios"]["ppo step time"] > 0 and report["settings"]["batch"] == 4
     assert "ppo  pipeline" in result.stdout and "tokens/s" in result.stdout and f"wrote {out}" in result.stdout
 
