@@ -70,7 +70,10 @@ def enable_gradient_checkpointing(training_args, *models) -> bool:
 
     TRL 1.12's PPOTrainer reads the key but never acts on it: transformers' Trainer turns checkpointing on in its
     own train(), which TRL's PPO replaces, so without this the recipe key changed nothing (benchmarks/NOTES.md).
-    Non-reentrant by default, which needs no gradient on the inputs of a frozen base under LoRA.
+    Non-reentrant by default, which needs no gradient on the inputs of a frozen base under LoRA. Rollouts stay
+    right: a checkpointed layer in train mode drops its KV cache (generation then goes wrong), but TRL's
+    `unwrap_model_for_generation` turns checkpointing off around each rollout; a toy run gives the same scores and
+    KL with and without it (benchmarks/NOTES.md).
     """
     if not training_args.gradient_checkpointing:
         return False
