@@ -369,12 +369,17 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         policy = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         ref_model = None if peft_config else AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         value_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
+        # The reward's score head is drawn right after the seed, as the pipeline's is (and as this value head is,
+        # loading the policy draws nothing): with the same prompts and sampling seed, the two sides' reward and KL
+        # curves can then be compared step by step (tests/test_bench.py).
+        set_seed(args.seed)
         reward_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
         trainer_class = TrlPPOTrainer
     else:  # as rlhf_trl.ppo.main loads them; with a full reward checkpoint, no adapter to keep live or copy
         quantized = "quantization_config" in kwargs
         policy = load_model(str(path), kwargs=kwargs)
         classifier = AutoModelForSequenceClassification
+        set_seed(args.seed)
         reward_model = load_model(str(path), classifier, classifier_kwargs, live_adapter=quantized)
         if same_backbone(reward_model, policy):
             value_model = start_value_from_reward(reward_model, str(path), classifier_kwargs)

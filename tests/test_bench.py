@@ -44,6 +44,11 @@ def test_toy_benchmark_runs_both_sides(tmp_path):
             parts = row["generation_s"] + row["scoring_s"] + row["training_s"]
             assert parts == pytest.approx(row["step_time_s"], rel=0.05, abs=1e-3)
             assert any("objective/kl" in log for log in row["logs"])
+    # Same seed, prompts and reward model: the pipeline's PPO follows TRL's reward and KL curves step by step
+    # (here with checkpointing on one side only, which must not change what is computed).
+    for trl_log, pipeline_log in zip(rows["ppo", "trl"]["logs"], rows["ppo", "pipeline"]["logs"], strict=True):
+        for key in ("objective/scores", "objective/kl"):
+            assert pipeline_log[key] == pytest.approx(trl_log[key], rel=1e-3, abs=1e-5), key
     assert not rows["ppo", "trl"]["gradient_checkpointing_active"]
     assert rows["ppo", "pipeline"]["gradient_checkpointing_active"]
     assert rows["sft", "trl"]["gradient_checkpointing_active"]
