@@ -107,6 +107,8 @@ def check(args) -> None:
         raise UserError(
             f"--mode {args.mode} needs a CUDA GPU for bitsandbytes and this machine has none: use --mode bf16"
         )
+    if args.mode != "bf16" and not args.lora:
+        raise UserError(f"--full trains every weight, which {args.mode} weights cannot: use --lora (the default)")
     if args.shape != "toy" and not args.cuda:
         raise UserError(
             f"--shape {args.shape} ({SHAPES[args.shape].billions:g}B parameters) needs a CUDA GPU: "
@@ -147,6 +149,8 @@ def checkpoint(args) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
     model.save_pretrained(partial)
     del model
+    if args.cuda:  # give the memory back: the rows run in child processes that need the whole GPU
+        torch.cuda.empty_cache()
     partial.rename(path)
     return path
 
