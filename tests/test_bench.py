@@ -81,3 +81,24 @@ def test_timed_phases_restores_trl_functions():
         assert module.get_reward is not before[1]
         raise RuntimeError("a failing row")
     assert (module.batch_generation, module.get_reward) == before
+
+
+def test_a_failing_side_is_a_row_not_a_crash(monkeypatch, tmp_path):
+    import benchmarks.bench_ppo as bench_ppo
+
+    def fails(*args):
+        raise RuntimeError("expected scalar type Float but found BFloat16\n(the rest of a long message)")
+
+    monkeypatch.setattr(bench_ppo, "ppo_row", fails)
+    args = bench_ppo.parse_args(["--shape", "toy"])
+    row = bench_ppo.run_row("ppo", "trl", args, tmp_path)
+    assert row["status"] == "failed: RuntimeError: expected scalar type Float but found BFloat16"
+    result = {
+        "shape": {"name": "toy", "parameters": 1},
+        "settings": vars(args),
+        "device": "cpu",
+        "date": "today",
+        "rows": [row],
+        "ratios": {"ppo step time": None},
+    }
+    assert "ppo  trl       failed: RuntimeError" in bench_ppo.table(result)
