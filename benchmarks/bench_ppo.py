@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import resource
@@ -136,9 +137,11 @@ def checkpoint(args) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from benchmarks.shapes import build_config
+    from benchmarks.shapes import SHAPES, build_config
 
-    path = Path(args.cache_dir) / f"{args.shape}-{args.dtype}-seed{args.seed}"
+    # The dims' hash in the name: an edited shape gets a new checkpoint instead of a stale one.
+    dims = hashlib.sha1(json.dumps(SHAPES[args.shape].dims, sort_keys=True).encode()).hexdigest()[:8]
+    path = Path(args.cache_dir) / f"{args.shape}-{dims}-{args.dtype}-seed{args.seed}"
     if (path / "config.json").is_file():
         return path
     partial = path.with_name(path.name + ".partial")
