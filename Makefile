@@ -5,6 +5,7 @@
 #   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
 #   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (README: More than one GPU)
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
+#   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -17,6 +18,9 @@ PROMPT ?=
 STAGE ?= ppo
 K ?= 2
 LABELER ?=
+SHAPE ?= toy
+MODE ?= bf16
+BENCH_ARGS ?=
 FILE ?=
 PYTHON ?= python3
 VENV := .venv
@@ -34,10 +38,10 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(if $(filter 1 true yes,$(RESUME)),true,false))
 
-.PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test test-distributed lint clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test test-distributed lint bench clean-demo
 
 help:
-	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -108,7 +112,7 @@ all: setup
 	$(MAKE) report RECIPE=$(RECIPE) ARGS=
 
 test: setup
-	$(BIN)/ruff check rlhf_trl tests
+	$(BIN)/ruff check rlhf_trl tests benchmarks
 	$(BIN)/python -m pytest -q -x --durations=10
 
 # SFT, reward and PPO in 2 CPU processes (gloo, recipes/accelerate_configs/multi_cpu.yaml) against 1 process at the
@@ -116,5 +120,10 @@ test: setup
 test-distributed: setup
 	$(BIN)/python -m pytest -q -x -m distributed --durations=10
 
+# benchmarks/bench_ppo.py: pipeline against plain TRL 1.12 (PPO and SFT rows) on random weights of a real shape
+# (benchmarks/shapes.py). Without CUDA only SHAPE=toy runs, to check the harness. Writes benchmarks/results/*.json.
+bench: setup
+	$(BIN)/python -m benchmarks.bench_ppo --shape $(SHAPE) --mode $(MODE) $(BENCH_ARGS)
+
 lint: setup
-	$(BIN)/ruff check rlhf_trl tests
+	$(BIN)/ruff check rlhf_trl tests benchmarks

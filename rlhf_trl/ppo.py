@@ -65,6 +65,24 @@ def start_value_from_reward(reward_model, reward_path: str, classifier_kwargs: d
     return value_model
 
 
+def enable_gradient_checkpointing(training_args, *models) -> bool:
+    """Honours `gradient_checkpointing` for the policy and value model; True when it was asked for.
+
+    TRL 1.12's PPOTrainer reads the key but never acts on it: transformers' Trainer turns checkpointing on in its
+    own train(), which TRL's PPO replaces, so without this the recipe key changed nothing (benchmarks/NOTES.md).
+    Non-reentrant by default, which needs no gradient on the inputs of a frozen base under LoRA. Rollouts stay
+    right: a checkpointed layer in train mode drops its KV cache (generation then goes wrong), but TRL's
+    `unwrap_model_for_generation` turns checkpointing off around each rollout; a toy run gives the same scores and
+    KL with and without it (benchmarks/NOTES.md).
+    """
+    if not training_args.gradient_checkpointing:
+        return False
+    kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    for model in models:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
 def main(script_args, training_args, model_args):
     check_stage("ppo", model_args)
     recipe = getattr(script_args, "recipe", None)
@@ -117,6 +135,7 @@ def main(script_args, training_args, model_args):
             )
         value_model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
+        enable_gradient_checkpointing(training_args, policy, value_model)
         training_args.output_dir = str(run.work)
         trainer = PPOTrainer(
             args=training_args,

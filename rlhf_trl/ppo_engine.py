@@ -46,6 +46,8 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 _trl_get_reward = _trl_ppo.get_reward
+# TRL's trainer as TRL ships it, for `benchmarks/bench_ppo.py`'s baseline row (it also shares the patched get_reward).
+TrlPPOTrainer = _TrlPPOTrainer
 
 
 def _get_reward(model, query_responses, pad_token_id, context_length):
@@ -192,4 +194,4 @@ class PPOTrainer(_TrlPPOTrainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["PPOConfig", "PPOTrainer"]
+__all__ = ["PPOConfig", "PPOTrainer", "TrlPPOTrainer"]

@@ -1,0 +1,682 @@
+"""PPO and SFT speed and memory: the pipeline against plain TRL 1.12, in the same run, with the same settings.
+
+    make bench                                        # toy shape: checks the harness works (CPU, under a minute)
+    make bench SHAPE=qwen2.5-0.5b MODE=bf16           # a real shape, on a GPU
+    make bench SHAPE=llama3.1-8b MODE=4bit BENCH_ARGS="--batch 4"
+    python -m benchmarks.bench_ppo --shape toy --steps 2 --batch 4 --out /tmp/bench.json
+
+Rows: `ppo trl` is TRL's own PPOTrainer (`rlhf_trl.ppo_engine.TrlPPOTrainer`) fed the way TRL's example script
+feeds it (separate policy, value and reward loads, plus a reference copy when training in full);
+`ppo pipeline` is `rlhf_trl.ppo_engine.PPOTrainer` with the choices `rlhf_trl.ppo` makes (its loading helpers,
+the value model started from the reward model, the reference being the LoRA policy with its adapters off).
+`sft trl` and `sft pipeline` do the same for SFTTrainer (plain load against `rlhf_trl.sft`'s). Each reports the
+median step time over the steps after `--warmup` warm-up steps, its split, peak memory and tokens per second.
+The JSON goes to `benchmarks/results/<date>-<shape>-<mode>.json` (`-full` added for --full) unless --out says.
+
+Why it is built this way:
+- Random weights of a real shape (`benchmarks/shapes.py`) measure what real weights would, offline. They are
+  saved once to `--cache-dir` and every row loads that same checkpoint with `from_pretrained`, because 4/8-bit
+  loading (bitsandbytes) happens there, and so both sides start from identical weights. Prompts are random
+  token ids and the tokenizer a three-token stub (pad, eos, unk): nothing decodes text here.
+- The split is taken by wrapping, for the run only, the two functions TRL's `train()` looks up in its own
+  module: `batch_generation` (generation) and `get_reward` (scoring: value and reward forwards). The rest of a
+  step is reported as training: the PPO epochs, plus the reference forward and the log-prob bookkeeping.
+  On CUDA each mark synchronises first, so the times are the GPU's, not the launch queue's.
+- On a GPU every row runs in its own process (`--isolate`, the default there): the peak memory of one row is
+  then never the leftovers of another, and a row that dies (out of memory, the known 4-bit failure of plain
+  TRL) is recorded as `failed: <reason>` while the others still run. On CPU the rows run in this process by
+  default, to save the ~7 s each new process spends importing torch and TRL; the memory column is then the
+  process's resident size sampled during the row, which includes whatever earlier rows left behind.
+- Without CUDA torch runs on one thread unless --threads says otherwise: the toy's matrices gain nothing from
+  more, and next to another busy process (a test suite) two spinning threads made a toy PPO step 30 times
+  slower (24 s against 0.7 s, measured on the 2-core CI machine).
+- 4/8-bit needs bitsandbytes on CUDA and real shapes need a GPU: both are refused up front with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # the stub tokenizer's only tokens; prompts are drawn above them
+ROWS = [("ppo", "trl"), ("ppo", "pipeline"), ("sft", "trl"), ("sft", "pipeline")]
+CPU_DEFAULTS = {"batch": 8, "prompt_length": 32, "response_length": 32, "steps": 3}
+GPU_DEFAULTS = {"batch": 16, "prompt_length": 128, "response_length": 128, "steps": 5}
+
+
+def parse_args(argv: list[str] | None):
+    from benchmarks.shapes import SHAPES
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ppo", description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="toy", choices=sorted(SHAPES))
+    parser.add_argument("--mode", default="bf16", choices=["bf16", "8bit", "4bit"])
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--lora", dest="lora", action="store_true", default=True, help="LoRA r=16, all linear (default)")
+    lora.add_argument("--full", dest="lora", action="store_false", help="train every weight")
+    parser.add_argument("--batch", type=int, help="rollout and training batch (default: 16 on a GPU, 8 on CPU)")
+    parser.add_argument("--prompt-length", type=int, help="prompt tokens (default: 128 on a GPU, 32 on CPU)")
+    parser.add_argument("--response-length", type=int, help="generated tokens (default: 128 on a GPU, 32 on CPU)")
+    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--steps", type=int, help="timed steps after the warm-up (default: 5 on a GPU, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation, allocator)")
+    parser.add_argument("--tasks", default="ppo,sft", help="comma-separated: ppo, sft")
+    parser.add_argument("--impls", default="trl,pipeline", help="comma-separated: trl, pipeline")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each row in its own process (default: on with CUDA, off on CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 without CUDA, see above)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=str(ROOT / "benchmarks" / ".cache"), help="random checkpoints")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/<date>-<shape>-<mode>.json)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, e.g. ppo:trl, in this process
+    parser.add_argument("--row-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import torch
+
+    args.cuda = torch.cuda.is_available()
+    for key, value in (GPU_DEFAULTS if args.cuda else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.isolate is None:
+        args.isolate = args.cuda
+    if args.threads is None and not args.cuda:
+        args.threads = 1
+    # bf16 mode computes in bfloat16 on a GPU; on CPU (toy only) in float32, which is what CPU kernels are fast at.
+    args.dtype = "bfloat16" if args.cuda else "float32"
+    return args
+
+
+def check(args) -> None:
+    from benchmarks.shapes import SHAPES, build_config
+    from rlhf_trl.cli import UserError
+
+    if args.mode != "bf16" and not args.cuda:
+        raise UserError(
+            f"--mode {args.mode} needs a CUDA GPU for bitsandbytes and this machine has none: use --mode bf16"
+        )
+    if args.mode != "bf16" and not args.lora:
+        raise UserError(f"--full trains every weight, which {args.mode} weights cannot: use --lora (the default)")
+    if args.shape != "toy" and not args.cuda:
+        raise UserError(
+            f"--shape {args.shape} ({SHAPES[args.shape].billions:g}B parameters) needs a CUDA GPU: "
+            "without one only --shape toy runs (make bench)"
+        )
+    for name in ("batch", "prompt_length", "response_length", "ppo_epochs", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, not {args.warmup}")
+    unknown = set(split(args.tasks)) - {"ppo", "sft"} | set(split(args.impls)) - {"trl", "pipeline"}
+    if unknown:
+        raise UserError(f"unknown task or impl {', '.join(sorted(unknown))}: --tasks ppo,sft --impls trl,pipeline")
+    context = build_config(args.shape, PAD_ID, EOS_ID).max_position_embeddings
+    if args.prompt_length + args.response_length > context:
+        raise UserError(f"--prompt-length plus --response-length exceed the shape's context of {context} tokens")
+
+
+def split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def checkpoint(args) -> Path:
+    """The shape's random weights in `--cache-dir`, written once (through a .partial folder, so a crash leaves none)."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from benchmarks.shapes import SHAPES, build_config
+
+    # The dims' hash in the name: an edited shape gets a new checkpoint instead of a stale one.
+    dims = hashlib.sha1(json.dumps(SHAPES[args.shape].dims, sort_keys=True).encode()).hexdigest()[:8]
+    path = Path(args.cache_dir) / f"{args.shape}-{dims}-{args.dtype}-seed{args.seed}"
+    if (path / "config.json").is_file():
+        return path
+    partial = path.with_name(path.name + ".partial")
+    set_seed(args.seed)
+    config = build_config(args.shape, PAD_ID, EOS_ID)
+    # Initialising billions of weights is minutes on a CPU and seconds on the GPU, where the bf16 copy fits.
+    with torch.device("cuda" if args.cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model.save_pretrained(partial)
+    del model
+    if args.cuda:  # give the memory back: the rows run in child processes that need the whole GPU
+        torch.cuda.empty_cache()
+    partial.rename(path)
+    return path
+
+
+def stub_tokenizer():
+    """A tokenizer that knows pad, eos and unk only: enough for TRL's collators, which pad and never decode."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<eos>": EOS_ID, "<unk>": UNK_ID}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    tokenizer.padding_side = "left"  # PPO generates from the right edge
+    return tokenizer
+
+
+def random_ids(args, rows: int, length: int) -> list[list[int]]:
+    import torch
+
+    from benchmarks.shapes import build_config
+
+    vocab = build_config(args.shape, PAD_ID, EOS_ID).vocab_size
+    generator = torch.Generator().manual_seed(args.seed)
+    return torch.randint(UNK_ID + 1, vocab, (rows, length), generator=generator).tolist()
+
+
+def model_config(args, path: Path):
+    """TRL's ModelConfig as the recipes set it (recipes/llama3.1-8b-qlora for 4-bit); both sides load through it."""
+    from trl import ModelConfig
+
+    return ModelConfig(
+        model_name_or_path=str(path),
+        dtype=args.dtype,
+        load_in_4bit=args.mode == "4bit",
+        load_in_8bit=args.mode == "8bit",
+        bnb_4bit_quant_type="nf4",
+        use_bnb_nested_quant=True,
+        use_peft=args.lora,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+    )
+
+
+class Clock:
+    """Wall time in seconds; on CUDA it waits for the GPU first, so a mark falls after the work it ends."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.generation = 0.0
+        self.scoring = 0.0
+
+    def now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+@contextlib.contextmanager
+def timed_phases(clock: Clock):
+    """Wraps TRL's module-level `batch_generation` and `get_reward` while the block runs; restores them after."""
+    from rlhf_trl.ppo_engine import TrlPPOTrainer
+
+    module = sys.modules[TrlPPOTrainer.__module__]  # where TRL's train() looks both up
+    originals = {"batch_generation": module.batch_generation, "get_reward": module.get_reward}
+
+    def timed(name: str, phase: str):
+        original = originals[name]
+
+        def wrapper(*args, **kwargs):
+            start = clock.now()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                setattr(clock, phase, getattr(clock, phase) + clock.now() - start)
+
+        return wrapper
+
+    module.batch_generation = timed("batch_generation", "generation")
+    module.get_reward = timed("get_reward", "scoring")
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+
+
+def step_timer(clock: Clock):
+    """A callback that records each optimizer step's wall time and its generation/scoring share, and the logs."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+            self.logs: list[dict] = []
+
+        def _mark(self):
+            self.last = (clock.now(), clock.generation, clock.scoring)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            start, generation, scoring = self.last
+            self._mark()
+            now, generation_now, scoring_now = self.last
+            self.steps.append(
+                {"step": now - start, "generation": generation_now - generation, "scoring": scoring_now - scoring}
+            )
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            keep = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss")
+            self.logs.append({key: float(logs[key]) for key in keep if key in (logs or {})})
+
+    return StepTimer()
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's max_memory_allocated, or on CPU the process's resident size sampled."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.peak_rss = 0
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self.stop.is_set():
+            try:
+                with open("/proc/self/statm") as statm:
+                    self.peak_rss = max(self.peak_rss, int(statm.read().split()[1]) * page)
+            except OSError:  # no /proc (macOS): ru_maxrss below still answers
+                return
+            self.stop.wait(0.02)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if not self.cuda:
+            self.thread.join()
+
+    def result(self) -> dict:
+        if self.cuda:
+            import torch
+
+            return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "memory": "cuda max_memory_allocated"}
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
+        return {
+            "peak_memory_gb": self.peak_rss / 2**30 if self.peak_rss else maxrss,
+            "memory": "CPU: peak RSS of the process, sampled during the row" if self.peak_rss else "CPU: ru_maxrss",
+            "ru_maxrss_gb": maxrss,
+        }
+
+
+def summarise(timer, args, warmup: int, tokens_per_step: int) -> dict:
+    timed = timer.steps[warmup:] or timer.steps  # fewer steps than the warm-up: time what there is
+    step = statistics.median(s["step"] for s in timed)
+    generation = statistics.median(s["generation"] for s in timed)
+    scoring = statistics.median(s["scoring"] for s in timed)
+    return {
+        "step_time_s": step,
+        "generation_s": generation,
+        "scoring_s": scoring,
+        "training_s": statistics.median(s["step"] - s["generation"] - s["scoring"] for s in timed),
+        "tokens_per_s": tokens_per_step / step,
+        "steps_timed": len(timed),
+        "step_times_s": [s["step"] for s in timer.steps],
+        "logs": timer.logs,
+    }
+
+
+def checkpointing(model) -> bool:
+    """Whether any layer of `model` actually checkpoints (what the config asked for is not always what ran)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def silence(trainer) -> None:
+    """Drops the progress bar, or without a terminal the printer, that writes every step's metrics: the table
+    says what matters and the JSON keeps the logs."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+
+
+def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+    from trl import get_peft_config
+
+    from rlhf_trl.metrics_log import MetricsLog
+    from rlhf_trl.modeling import load_model, model_kwargs
+    from rlhf_trl.ppo import enable_gradient_checkpointing, same_backbone, start_value_from_reward
+    from rlhf_trl.ppo_engine import PPOConfig, PPOTrainer, TrlPPOTrainer
+
+    set_seed(args.seed)
+    model_args = model_config(args, path)
+    kwargs = model_kwargs(model_args)
+    classifier_kwargs = {**kwargs, "num_labels": 1}
+    peft_config = get_peft_config(model_args)
+    callbacks = []
+    if impl == "trl":  # as TRL's examples/scripts/ppo/ppo.py loads them
+        policy = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        ref_model = None if peft_config else AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        value_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
+        # The reward's score head is drawn right after the seed, as the pipeline's is (and as this value head is,
+        # loading the policy draws nothing): with the same prompts and sampling seed, the two sides' reward and KL
+        # curves can then be compared step by step (tests/test_bench.py).
+        set_seed(args.seed)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
+        trainer_class = TrlPPOTrainer
+    else:  # as rlhf_trl.ppo.main loads them; with a full reward checkpoint, no adapter to keep live or copy
+        quantized = "quantization_config" in kwargs
+        policy = load_model(str(path), kwargs=kwargs)
+        classifier = AutoModelForSequenceClassification
+        set_seed(args.seed)
+        reward_model = load_model(str(path), classifier, classifier_kwargs, live_adapter=quantized)
+        if same_backbone(reward_model, policy):
+            value_model = start_value_from_reward(reward_model, str(path), classifier_kwargs)
+        else:
+            value_model = load_model(str(path), AutoModelForSequenceClassification, classifier_kwargs)
+        ref_model = None
+        trainer_class = PPOTrainer
+        callbacks.append(MetricsLog())
+    updates = args.warmup + args.steps
+    prompts = Dataset.from_dict({"input_ids": random_ids(args, args.batch * updates, args.prompt_length)})
+    config = PPOConfig(
+        output_dir=workdir,
+        seed=args.seed,
+        bf16=args.cuda,
+        gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=1e-5,
+        total_episodes=args.batch * updates,
+        per_device_train_batch_size=args.batch,
+        local_rollout_forward_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=args.ppo_epochs,
+        response_length=args.response_length,
+        stop_token="eos",
+        temperature=0.7,
+        kl_coef=0.05,
+        missing_eos_penalty=1.0,
+        num_sample_generations=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+    )
+    if impl == "pipeline":  # TRL's own trainer leaves the key unused: that is the baseline
+        enable_gradient_checkpointing(config, policy, value_model)
+    clock = Clock(args.cuda)
+    timer = step_timer(clock)
+    trainer = trainer_class(
+        args=config,
+        processing_class=stub_tokenizer(),
+        model=policy,
+        ref_model=ref_model,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=prompts,
+        eval_dataset=prompts.select(range(args.batch)),
+        peft_config=peft_config,
+        callbacks=[*callbacks, timer],
+    )
+    silence(trainer)
+    with timed_phases(clock):
+        trainer.train()
+    row = summarise(timer, args, args.warmup, args.batch * (args.prompt_length + args.response_length))
+    row["gradient_checkpointing_active"] = checkpointing(trainer.accelerator.unwrap_model(trainer.model))
+    row["trainer"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
+    return row
+
+
+def sft_row(impl: str, args, path: Path, workdir: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTConfig, SFTTrainer, get_peft_config
+
+    from rlhf_trl.metrics_log import MetricsLog
+    from rlhf_trl.modeling import load_model, model_kwargs
+
+    set_seed(args.seed)
+    model_args = model_config(args, path)
+    kwargs = model_kwargs(model_args)
+    if impl == "trl":
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        callbacks = []
+    else:  # rlhf_trl.sft's load and callbacks
+        model = load_model(str(path), kwargs=kwargs)
+        callbacks = [MetricsLog()]
+    steps = args.warmup + args.steps
+    length = args.prompt_length + args.response_length
+    # Pre-tokenized prompt + completion: SFTTrainer takes input_ids as they are, and completion_mask gives the
+    # completion-only loss the recipes use.
+    data = Dataset.from_dict(
+        {
+            "input_ids": random_ids(args, args.batch * steps, length),
+            "completion_mask": [[0] * args.prompt_length + [1] * args.response_length] * (args.batch * steps),
+        }
+    )
+    config = SFTConfig(
+        output_dir=workdir,
+        seed=args.seed,
+        bf16=args.cuda,
+        gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=1e-5,
+        max_steps=steps,
+        per_device_train_batch_size=args.batch,
+        max_length=length,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=args.cuda,
+    )
+    clock = Clock(args.cuda)
+    timer = step_timer(clock)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=stub_tokenizer(),
+        peft_config=get_peft_config(model_args),
+        callbacks=[*callbacks, timer],
+    )
+    silence(trainer)
+    trainer.train()
+    row = summarise(timer, args, args.warmup, args.batch * length)
+    for key in ("generation_s", "scoring_s"):  # SFT has neither
+        row.pop(key)
+    row["training_s"] = row["step_time_s"]
+    row["gradient_checkpointing_active"] = checkpointing(trainer.model)
+    row["trainer"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
+    return row
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:240] if text else ''}".rstrip(": ")
+
+
+def run_row(task: str, impl: str, args, path: Path) -> dict:
+    """One row in this process; an exception becomes `failed: <reason>` so the other rows still run."""
+    import gc
+
+    row = {"task": task, "impl": impl}
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{task}-{impl}-") as workdir, PeakMemory(args.cuda) as memory:
+            row.update((ppo_row if task == "ppo" else sft_row)(impl, args, path, workdir))
+        row.update(memory.result())
+        row["status"] = "ok"
+    except Exception as error:  # recorded, not raised: a side that fails is itself a result
+        row["status"] = f"failed: {one_line(error)}"
+    row["wall_s"] = time.perf_counter() - start
+    gc.collect()
+    if args.cuda:
+        import torch
+
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_isolated(task: str, impl: str, args, argv: list[str], path: Path) -> dict:
+    """One row in a fresh process with the same arguments; a crash (killed for memory, say) becomes `failed`."""
+    with tempfile.TemporaryDirectory(prefix="bench-row-") as tmp:
+        out = Path(tmp) / "row.json"
+        row_args = ["--row", f"{task}:{impl}", "--row-out", str(out)]
+        command = [sys.executable, "-m", "benchmarks.bench_ppo", *argv, *row_args]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if out.is_file():
+            return json.loads(out.read_text())
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        reason = lines[-1][:240] if lines else f"exit status {result.returncode}"
+        return {"task": task, "impl": impl, "status": f"failed: process exited {result.returncode}: {reason}"}
+
+
+def ratio(rows: dict, task: str, key: str) -> float | None:
+    trl, pipeline = rows.get((task, "trl"), {}), rows.get((task, "pipeline"), {})
+    if trl.get("status") == "ok" and pipeline.get("status") == "ok" and trl.get(key):
+        return pipeline[key] / trl[key]
+    return None
+
+
+def table(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"{result['shape']['name']} ({result['shape']['parameters'] / 1e9:.2f}B) {s['mode']} "
+        f"({s['dtype']}) {'LoRA' if s['lora'] else 'full'}, batch {s['batch']}, {s['prompt_length']}+"
+        f"{s['response_length']} tokens, {s['ppo_epochs']} PPO epochs, median of {s['steps']} steps after "
+        f"{s['warmup']} warm-up; {result['device']}, {result['date']}",
+        f"{'task':<5}{'impl':<10}{'step s':>9}{'gen s':>9}{'score s':>9}{'train s':>9}{'tokens/s':>11}{'peak GB':>9}",
+    ]
+
+    def cell(row, key, width, digits=3):
+        return f"{row[key]:>{width}.{digits}f}" if key in row else f"{'-':>{width}}"
+
+    for row in result["rows"]:
+        head = f"{row['task']:<5}{row['impl']:<10}"
+        if row["status"] != "ok":
+            lines.append(head + row["status"])
+            continue
+        lines.append(
+            head + cell(row, "step_time_s", 9) + cell(row, "generation_s", 9) + cell(row, "scoring_s", 9)
+            + cell(row, "training_s", 9) + cell(row, "tokens_per_s", 11, 1) + cell(row, "peak_memory_gb", 9, 2)
+        )
+    memory = sorted({row["memory"] for row in result["rows"] if "memory" in row})
+    if memory:
+        lines.append(f"peak GB: {'; '.join(memory)}")
+    ratios = [f"{name} {value:.2f}" for name, value in result["ratios"].items() if value is not None]
+    if ratios:
+        lines.append("pipeline / trl: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def device_name(cuda: bool) -> str:
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def default_out(args, date: str) -> Path:
+    suffix = "" if args.lora else "-full"
+    return ROOT / "benchmarks" / "results" / f"{date}-{args.shape}-{args.mode}{suffix}.json"
+
+
+def quiet() -> None:
+    """No weight-loading reports (the score head is new by design) and no dataset progress bars."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    quiet()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.row:  # a child of run_isolated: the settings are already checked and the checkpoint written
+        task, impl = args.row.split(":")
+        row = run_row(task, impl, args, checkpoint(args))
+        Path(args.row_out).write_text(json.dumps(row))
+        return
+    check(args)
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from benchmarks.shapes import SHAPES, parameter_count
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"bench: random {args.shape} weights in {args.cache_dir} (written on first use)", flush=True)
+    path = checkpoint(args)
+    rows = {}
+    for task, impl in ROWS:
+        if task not in split(args.tasks) or impl not in split(args.impls):
+            continue
+        print(f"bench: {task} {impl} ...", flush=True)
+        if args.isolate:
+            rows[task, impl] = run_isolated(task, impl, args, argv, path)
+        else:
+            rows[task, impl] = run_row(task, impl, args, path)
+        print(f"bench: {task} {impl}: {rows[task, impl]['status']}", flush=True)
+    result = {
+        "date": now.strftime("%Y-%m-%d"),
+        "time_utc": now.strftime("%H:%M:%S"),
+        "command": "python -m benchmarks.bench_ppo " + shlex.join(argv),
+        "device": device_name(args.cuda),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+        },
+        "shape": {"name": args.shape, "mirrors": SHAPES[args.shape].mirrors, "parameters": parameter_count(args.shape)},
+        "settings": {
+            key: getattr(args, key)
+            for key in ("mode", "dtype", "lora", "batch", "prompt_length", "response_length", "ppo_epochs", "steps",
+                        "warmup", "gradient_checkpointing", "isolate", "threads", "seed")
+        },
+        "rows": list(rows.values()),
+        "ratios": {
+            "ppo step time": ratio(rows, "ppo", "step_time_s"),
+            "ppo peak memory": ratio(rows, "ppo", "peak_memory_gb"),
+            "sft tokens/s": ratio(rows, "sft", "tokens_per_s"),
+        },
+    }
+    out = Path(args.out) if args.out else default_out(args, result["date"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"bench: wrote {out}")
+
+
+if __name__ == "__main__":
+    from rlhf_trl.cli import run
+
+    run(main)
