@@ -36,7 +36,7 @@ LAUNCH_ARGS ?=
 LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CONFIG) $(LAUNCH_ARGS)
 # A rerun resumes an unfinished run from its newest checkpoint by itself; RESUME=1 insists, RESUME=0 starts over.
 RESUME ?=
-RESUME_FLAG := $(if $(RESUME),--resume $(if $(filter 1 true yes,$(RESUME)),true,false))
+RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
 .PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test test-distributed lint bench clean-demo
 

@@ -9,7 +9,7 @@ When `bf16` is on and the policy is loaded in 4-bit, TRL 1.12's PPOTrainer.__ini
 does not see it (its forward goes through the accelerate-prepared wrapper, under autocast when mixed precision is
 on), but `generate` and the reference forward call the policy directly: the run stops in the first generate.
 bitsandbytes does not run on CPU, so this shows the mechanism on a bf16 toy model with the same cast; either fix
-below makes generation work again. Neither is in `rlhf_trl.ppo_engine` yet (benchmarks/NOTES.md).
+below makes generation work again; the second is what `rlhf_trl.ppo_engine` does (benchmarks/NOTES.md).
 """
 
 import torch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -53,7 +54,7 @@ class ScriptArguments:
     human_labels: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "reward: human preference labels (`make label` writes data/processed/<recipe>/human/pairs.jsonl): "
+            "help": "reward: human preference labels (`make label` writes data/labels/<recipe>/pairs.jsonl): "
             "pair files or accepted/rejected folders, joined to the training data as label_mix says."
         },
     )
@@ -140,6 +141,8 @@ def parse(config_class, argv: list[str] | None = None):
     script_args, training_args, model_args = parse_dataclasses((ScriptArguments, config_class, ModelConfig), argv)
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
     script_args.recipe = Path(argv[argv.index("--config") + 1]).parent.name if "--config" in argv else None
+    if isinstance(script_args.human_labels, str):  # `human_labels: one/file.jsonl` in YAML reaches us unsplit
+        script_args.human_labels = [script_args.human_labels]
     # Seeded before any model is loaded: a new score head or LoRA is drawn at load time, before the trainer
     # seeds anything, and an unseeded draw made identical runs differ (issue 7).
     from transformers import set_seed
@@ -161,13 +164,18 @@ def run(main: Callable[[], None]) -> None:
     except UserError as error:
         fail(str(error))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message or the exit short
         _close_progress_bars()
         print(
             "interrupted: nothing was marked finished; rerun the same command (a training stage resumes from its "
             "last checkpoint; RESUME=0 starts over)",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Straight out with the shell's status for Ctrl-C: outputs are crash-safe, so no cleanup is owed, and
+        # interpreter shutdown after an interrupt mid-training was seen to end in SIGINT (-2) instead of 130.
+        os._exit(130)
     except Exception as error:
         reason = storage_failure(error)
         if reason is None:

@@ -322,7 +322,7 @@ def mix_training_pairs(script_args, generated: list[dict], seed: int) -> list[di
     if mode == "generated":
         return generated
     if mode == "human" and not script_args.human_labels:
-        raise UserError("label_mix: human needs human_labels (e.g. [data/processed/<recipe>/human/pairs.jsonl])")
+        raise UserError("label_mix: human needs human_labels (e.g. [data/labels/<recipe>/pairs.jsonl])")
     if fraction is not None and not 0 < fraction <= 1:
         raise UserError(f"human_fraction {fraction} must be in (0, 1]: the share of training pairs that are human")
     human = human_label_pairs(script_args)
@@ -361,6 +361,8 @@ def load_splits(script_args, purpose: str, seed: int):
     train = []
     if label_mix != "human":
         train = load_dataset_for(script_args.dataset_name, purpose, script_args.dataset_train_split, **options)
+        if script_args.max_train_samples and script_args.eval_dataset_name:  # before mixing: human pairs all stay
+            train = train[: script_args.max_train_samples]
     if purpose == "reward":
         train = mix_training_pairs(script_args, train, seed)
     if script_args.eval_dataset_name:
@@ -368,6 +370,6 @@ def load_splits(script_args, purpose: str, seed: int):
     else:
         split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
         train, evaluation = split["train"].to_list(), split["test"].to_list()
-    if script_args.max_train_samples:
+    if script_args.max_train_samples and not script_args.eval_dataset_name:
         train = train[: script_args.max_train_samples]
     return Dataset.from_list(train), Dataset.from_list(evaluation)

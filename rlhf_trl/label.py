@@ -268,7 +268,8 @@ class Sampler:
         return {
             **item,
             "responses": responses,
-            "sample_id": short_hash([item["prompt"], responses]),
+            # A letter first: spreadsheets read an all-digit (or digits-e-digits) id as a number and mangle it.
+            "sample_id": "s" + short_hash([item["prompt"], responses]),
             "model": self.model_path,
             "generation": {**self.settings, "seed": seed},
         }
@@ -532,7 +533,7 @@ def read_table(path: Path) -> list[dict]:
     if path.suffix != ".csv":
         raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(handle)
             rows = []
             for row in reader:

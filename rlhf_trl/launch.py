@@ -55,6 +55,22 @@ class Plan:
         return self.distributed_type != "NO" or self.gpu_ids not in ("all", "", None)
 
 
+def _zero_stage(deepspeed: dict) -> int:
+    """The ZeRO stage of an accelerate `deepspeed_config`: inline, or in the DeepSpeed JSON file it points to."""
+    import json
+
+    if deepspeed.get("deepspeed_config_file"):
+        try:
+            loaded = json.loads(Path(deepspeed["deepspeed_config_file"]).read_text(encoding="utf-8"))
+            return int(loaded.get("zero_optimization", {}).get("stage", 2))
+        except (OSError, ValueError, AttributeError):
+            raise UserError(
+                f"deepspeed_config_file {deepspeed['deepspeed_config_file']} is missing or not JSON: fix the path "
+                "in the accelerate config"
+            ) from None
+    return int(deepspeed.get("zero_stage", 2))
+
+
 def plan_from_config(path: str | Path, overrides: argparse.Namespace | None = None) -> Plan:
     """The Plan of an accelerate config file, with `accelerate launch` flags (LAUNCH_ARGS) taking precedence."""
     import yaml
@@ -84,7 +100,7 @@ def plan_from_config(path: str | Path, overrides: argparse.Namespace | None = No
         num_processes=int(pick("num_processes", 1)),
         num_machines=int(pick("num_machines", 1)),
         use_cpu=bool(loaded.get("use_cpu", False)) or bool(getattr(overrides, "cpu", False)),
-        zero_stage=int(deepspeed.get("zero_stage", 2)) if distributed_type == "DEEPSPEED" else None,
+        zero_stage=_zero_stage(deepspeed) if distributed_type == "DEEPSPEED" else None,
         gpu_ids=str(pick("gpu_ids", "all")),
         source=str(path),
     )
@@ -138,6 +154,13 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
             f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
             "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
         )
+    saves = getattr(model_args, "save_strategy", "no") != "no"  # known before launch only (read from the recipe)
+    if stage == "ppo" and saves and plan.distributed_type in ("DEEPSPEED", "FSDP"):
+        # ppo_engine's resumable checkpoints hold whole tensors from rank 0; sharded optimizers (and weights) are not.
+        raise UserError(
+            f'PPO checkpoints are not supported under {plan.distributed_type.title()}: add ARGS="--save_strategy no" '
+            f"(the run then cannot resume) or use {CONFIGS}/multi_gpu.yaml for `make ppo`"
+        )
     if plan.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"{plan.source} uses DeepSpeed, which is not installed: {DEEPSPEED_EXTRA}")
     if plan.uses_gpus:
@@ -177,11 +200,13 @@ def check_stage(stage: str, model_args) -> None:
 
 
 def recipe_quantization(stage_argv: list[str]) -> SimpleNamespace:
-    """load_in_4bit/load_in_8bit from the stage's `--config` recipe and its `--key value` overrides, read without
-    TRL's parser (and the seconds it takes to import), so that `check` can apply the recipe's rules before launch."""
+    """load_in_4bit/load_in_8bit and save_strategy from the stage's `--config` recipe and its `--key value` overrides,
+    read without TRL's parser (and the seconds it takes to import), so `check` applies the recipe's rules before launch.
+    """
     import yaml
 
     values = {"load_in_4bit": False, "load_in_8bit": False}
+    save_strategy = "no"
     if "--config" in stage_argv[:-1]:
         try:
             recipe = yaml.safe_load(Path(stage_argv[stage_argv.index("--config") + 1]).read_text(encoding="utf-8"))
@@ -189,12 +214,15 @@ def recipe_quantization(stage_argv: list[str]) -> SimpleNamespace:
             recipe = None  # the stage itself reports a missing or broken recipe, with its line
         if isinstance(recipe, dict):
             values.update({key: bool(recipe[key]) for key in values if key in recipe})
+            save_strategy = str(recipe.get("save_strategy", "no"))
     for i, arg in enumerate(stage_argv):
         key = arg.removeprefix("--").split("=")[0]
         if key in values:
             value = arg.split("=", 1)[1] if "=" in arg else (stage_argv[i + 1] if i + 1 < len(stage_argv) else "")
             values[key] = value.lower() not in ("false", "0", "no")  # a bare `--load_in_4bit` means true
-    return SimpleNamespace(**values)
+        if key == "save_strategy" and i + 1 < len(stage_argv):
+            save_strategy = arg.split("=", 1)[1] if "=" in arg else stage_argv[i + 1]
+    return SimpleNamespace(**values, save_strategy=save_strategy)
 
 
 def launch_arguments(argv: list[str]) -> argparse.Namespace:

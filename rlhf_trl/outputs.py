@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, storage_failure
 
 MARKER = "rlhf_trl_run.json"
 MANIFEST = "manifest.json"
@@ -36,8 +36,11 @@ MANIFEST = "manifest.json"
 CHECKPOINT_STATE = "trainer_state.json"
 # Settings that may change between a crash and the resume without changing what is trained.
 RESUME_IGNORES = {
-    "output_dir", "logging_dir", "overwrite", "resume", "save_steps", "save_total_limit", "logging_steps",
-    "report_to", "run_name", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory",
+    "output_dir", "logging_dir", "overwrite", "resume", "save_strategy", "save_steps", "save_total_limit",
+    "logging_steps", "logging_strategy", "logging_first_step", "log_level", "log_level_replica", "report_to",
+    "run_name", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "eval_strategy", "eval_steps",
+    "per_device_eval_batch_size", "eval_on_start", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "ddp_timeout", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
 }  # fmt: skip
 # The make target that produces each stage's output, for "run X first" messages.
 MAKE_TARGET = {"base": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "export": "merge"}
@@ -92,6 +95,10 @@ def fresh_partial_dir(output_dir: str | Path) -> Path:
 def finish(work: Path, output_dir: str | Path, stage: str, **info) -> Path:
     """Writes the marker into `work`, then renames it over output_dir in one step."""
     final = Path(output_dir)
+    for file in work.rglob("*"):  # on disk before the rename makes them count: a power cut must not publish holes
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
     finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest = _read_json(work / MANIFEST) or new_manifest(stage)
     manifest["finished_at"] = finished_at
@@ -232,7 +239,9 @@ def new_manifest(stage: str, config: dict | None = None, inputs: dict | None = N
             for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
         },
         "hardware": _hardware(),
-        "attempts": [{"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time()}],
+        "attempts": [
+            {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "git": _git_commit()}
+        ],
     }
 
 
@@ -267,11 +276,15 @@ def input_fingerprints(config: dict) -> dict:
     """Fingerprints of the local files and folders (data, models) that the config names."""
     inputs = {}
     for key, value in sorted(config.items()):
-        if key in RESUME_IGNORES or not isinstance(value, str) or not value or len(value) > 4096:
+        if key in RESUME_IGNORES:
             continue
-        path = Path(value)
-        if path.exists() and (path.is_file() or path.is_dir()) and path.resolve() != Path.cwd().resolve():
-            inputs[key] = {"path": value, "sha256": fingerprint(path)}
+        named = {f"{key}[{i}]": item for i, item in enumerate(value)} if isinstance(value, list) else {key: value}
+        for name, item in named.items():
+            if not isinstance(item, str) or not item or len(item) > 4096:
+                continue
+            path = Path(item)
+            if path.exists() and (path.is_file() or path.is_dir()) and path.resolve() != Path.cwd().resolve():
+                inputs[name] = {"path": item, "sha256": fingerprint(path)}
     return inputs
 
 
@@ -331,11 +344,12 @@ def resume_point(work: Path, resume: str, config: dict, inputs: dict) -> Path | 
     if manifest is None:
         raise UserError(f"{work} holds checkpoints but no {MANIFEST}, so its settings are unknown: {resume_hint}")
     changed = _differences(manifest.get("config", {}), config)
-    changed += [
-        f"{key} changed ({value['path']})"
-        for key, value in inputs.items()
-        if manifest.get("inputs", {}).get(key) != value
-    ]
+    before = manifest.get("inputs", {})
+    for key in sorted(set(before) | set(inputs)):
+        if before.get(key) != inputs.get(key):
+            path = (inputs.get(key) or before.get(key))["path"]
+            state = "appeared" if key not in before else "is gone" if key not in inputs else "changed"
+            changed.append(f"{key} {state} ({path})")
     if changed:
         raise UserError(
             f"{work} holds an unfinished run with other settings ({'; '.join(changed[:3])}): restore them to "
@@ -393,18 +407,30 @@ def _decided_by_main(decide):
     from accelerate.utils import broadcast_object_list
 
     state = PartialState()
-    outcome = [None]
+    outcome, failure = [None], None
     if state.is_main_process:
         try:
             outcome = [("ok", decide())]
-        except UserError as error:
-            outcome = [("error", str(error))]
+        except Exception as error:  # any failure must reach every rank, or they wait at the broadcast forever
+            failure = error
+            outcome = [("error", str(error) if isinstance(error, UserError) else storage_failure(error) or repr(error))]
     if state.num_processes > 1:
         broadcast_object_list(outcome)
     kind, value = outcome[0]
+    if failure is not None:
+        raise failure
     if kind == "error":
         raise UserError(value)
     return value
+
+
+def recover_publish(output_dir: str | Path) -> None:
+    """Completes a publish cut short between its two renames: a marked `.partial` and no output is a finished run."""
+    final, work = Path(output_dir), partial_dir(output_dir)
+    if read_marker(work) is not None and not final.exists():
+        work.rename(final)
+        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+        print(f"{final}: completed the publishing of a finished run that a crash had interrupted")
 
 
 @contextmanager
@@ -414,6 +440,7 @@ def training_run(stage: str, script_args, training_args, model_args):
     The main process takes the output's lock, checks it, picks the checkpoint and prepares `.partial/`;
     every rank gets the same decision (or the same one-line error) from it.
     """
+    from accelerate import PartialState
 
     output_dir = training_args.output_dir
     work = partial_dir(output_dir)
@@ -421,10 +448,16 @@ def training_run(stage: str, script_args, training_args, model_args):
 
     def decide() -> str | None:
         locks.append(lock_output(output_dir))
+        recover_publish(output_dir)
         check_writable(output_dir, script_args.overwrite)
-        config = resolved_config(script_args, training_args, model_args)
+        # The process count shapes every batch and shard: a resume must keep it.
+        config = {**resolved_config(script_args, training_args, model_args), "processes": PartialState().num_processes}
         inputs = input_fingerprints(config)
         checkpoint = resume_point(work, script_args.resume, config, inputs)
+        if checkpoint is not None:
+            for newer in work.glob("checkpoint-*"):  # damaged ones passed over; the resumed run rewrites those steps
+                if checkpoint_step(newer) > checkpoint_step(checkpoint):
+                    shutil.rmtree(newer)
         if checkpoint is None:
             fresh_partial_dir(output_dir)
             _write_json(work / MANIFEST, new_manifest(stage, config, inputs))

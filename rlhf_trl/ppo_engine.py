@@ -112,6 +112,25 @@ class _ForwardingDDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def restore_bf16_norms(model) -> int:
+    """Puts the norm layers that TRL cast to float32 back in bfloat16; returns how many it moved.
+
+    With `bf16` and a 4-bit policy, TRL's PPOTrainer casts every norm to float32 (`peft_module_casting_to_bf16`).
+    An RMSNorm returns `weight * hidden.to(input_dtype)`, so its output turns float32 and meets the bf16 `lm_head`
+    outside autocast in `generate` and the reference forward: plain TRL stops in its first rollout with
+    "expected scalar type Float but found BFloat16" (benchmarks/repro_4bit_dtype.py shows it on CPU). The norms are
+    frozen under LoRA and compute their statistics in float32 anyway, so bf16 weights cost nothing.
+    """
+    moved = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) or "norm" in name.rsplit(".", 1)[-1]:
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dtype == torch.float32:
+                module.to(torch.bfloat16)
+                moved += 1
+    return moved
+
+
 class PPOTrainer(_TrlPPOTrainer):
     """TRL's PPOTrainer with complete checkpoints, `train(resume_from_checkpoint=...)`, and DDP support."""
 
@@ -123,9 +142,13 @@ class PPOTrainer(_TrlPPOTrainer):
         # Swapping the class keeps the very object accelerate prepared (and registered for gradient syncing).
         if type(self.model) is DistributedDataParallel:
             self.model.__class__ = _ForwardingDDP
-        if self.is_deepspeed_enabled and self.args.save_strategy != "no":
+        if self.args.bf16 and getattr(self.policy_model, "is_loaded_in_4bit", False):
+            restore_bf16_norms(self.policy_model)
+        if (self.is_deepspeed_enabled or self.is_fsdp_enabled) and self.args.save_strategy != "no":
+            # Each rank holds only shards of the optimizer (and under ZeRO-3/FSDP of the weights): a checkpoint
+            # from rank 0 alone would resume wrong, so none is written rather than a silently bad one.
             raise UserError(
-                "PPO checkpoints are not supported under DeepSpeed: set save_strategy: no in the PPO recipe "
+                "PPO checkpoints are not supported under DeepSpeed or FSDP: set save_strategy: no in the PPO recipe "
                 "(the run then cannot resume) or use the multi_gpu accelerate config"
             )
 
@@ -137,6 +160,9 @@ class PPOTrainer(_TrlPPOTrainer):
         from safetensors.torch import save_file
 
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:  # a leftover of a run that died here must not vouch for what is written now
+            (checkpoint / TRAINER_STATE).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
         checkpoint.mkdir(parents=True, exist_ok=True)
         if self.args.should_save:
             tensors = {
@@ -176,7 +202,13 @@ class PPOTrainer(_TrlPPOTrainer):
         self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER))
         total_updates = self.args.num_total_batches
         self.dataloader = _SkipFirstBatches(self.dataloader, saved.global_step)
-        self.add_callback(_RestoreProgress(saved, total_updates))
+        # First in line, so the progress bar and the others already see the restored step in on_train_begin.
+        self.callback_handler.callbacks.insert(0, _RestoreProgress(saved, total_updates))
+        if self.args.num_sample_generations > 0:
+            self.accelerator.print(
+                "ppo: num_sample_generations > 0: after a resume the sample tables fall on other steps and draw other "
+                "random numbers, so later metrics differ slightly from a run that never stopped"
+            )
         self._load_rng_state(str(checkpoint))  # after the replay, which must not shift the sampling RNG
         self.args.num_total_batches = total_updates - saved.global_step  # TRL's loop counts from 1 to this
         try:

@@ -101,6 +101,15 @@ def test_ppo_under_zero3_is_refused_and_zero2_is_not():
         check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "ppo", FOUR_BIT, cuda_devices=2)
 
 
+def test_ppo_checkpoints_under_sharding_are_refused_before_launch():
+    saving = SimpleNamespace(load_in_4bit=False, load_in_8bit=False, save_strategy="steps")
+    for plan in (Plan(distributed_type="DEEPSPEED", zero_stage=2), Plan(distributed_type="FSDP")):
+        with pytest.raises(UserError, match=r"PPO checkpoints are not supported .*--save_strategy no"):
+            check(plan, "ppo", saving, cuda_devices=2)
+    assert recipe_quantization(["--config", "recipes/demo/ppo.yaml"]).save_strategy == "steps"
+    assert recipe_quantization(["--config", "recipes/demo/ppo.yaml", "--save_strategy", "no"]).save_strategy == "no"
+
+
 def test_recipe_quantization_reads_the_recipe_and_its_overrides():
     qlora = "recipes/llama3.1-8b-qlora/sft.yaml"
     assert recipe_quantization(["--config", qlora]).load_in_4bit
