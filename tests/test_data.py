@@ -177,3 +177,14 @@ def test_forced_format_must_match_the_fields(tmp_path):
     ]
     with pytest.raises(UserError, match=r"dataset_format alpaca needs fields \['instruction', 'output'\]"):
         convert(load_records(source), "sft", source, "alpaca")
+
+
+def test_one_human_labels_file_written_as_a_plain_string_is_one_file(tmp_path):
+    from trl import RewardConfig
+
+    from rlhf_trl.cli import parse
+
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text("output_dir: x\nbf16: false\nhuman_labels: data/labels/demo/pairs.jsonl\nlabel_mix: mix\n")
+    script_args, _, _ = parse(RewardConfig, ["--config", str(recipe)])
+    assert script_args.human_labels == ["data/labels/demo/pairs.jsonl"]

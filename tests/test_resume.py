@@ -19,8 +19,10 @@ from rlhf_trl.metrics_log import read_metrics
 from rlhf_trl.modeling import check_model_source
 from rlhf_trl.outputs import (
     MANIFEST,
+    input_fingerprints,
     partial_dir,
     read_marker,
+    recover_publish,
     require,
     resume_point,
     trim_metrics,
@@ -138,3 +140,26 @@ def test_manifest_records_what_produced_the_output(trained):
     assert manifest["packages"]["trl"] == "1.12.0" and manifest["hardware"]["cpus"] == os.cpu_count()
     assert manifest["git"] is None or len(manifest["git"]["commit"]) == 40
     assert manifest["wall_time_s"] > 0 and manifest["finished_at"]
+
+
+def test_label_files_in_lists_count_as_inputs_and_a_new_one_blocks_a_resume(tmp_path):
+    labels = tmp_path / "pairs.jsonl"
+    labels.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    inputs = input_fingerprints({"human_labels": [str(labels)], "seed": 0})
+    assert list(inputs) == ["human_labels[0]"] and len(inputs["human_labels[0]"]["sha256"]) == 64
+    make_checkpoint(tmp_path / "run", 2)
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps({"config": {"seed": 0}, "inputs": {}}))
+    with pytest.raises(UserError, match=r"human_labels\[0\] appeared"):
+        resume_point(tmp_path / "run", "auto", {"seed": 0}, inputs)
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps({"config": {"seed": 0, "processes": 1}, "inputs": {}}))
+    with pytest.raises(UserError, match=r"processes: 1 -> 2"):
+        resume_point(tmp_path / "run", "auto", {"seed": 0, "processes": 2}, {})
+
+
+def test_a_publish_cut_between_its_renames_is_completed(tmp_path):
+    final = tmp_path / "sft"
+    work = partial_dir(final)
+    work.mkdir()
+    (work / "rlhf_trl_run.json").write_text(json.dumps({"stage": "sft"}))
+    recover_publish(final)
+    assert read_marker(final)["stage"] == "sft" and not work.exists()
