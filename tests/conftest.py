@@ -48,6 +48,7 @@ def run_here(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
     `run_module`, without paying 5 s of imports per call. For commands that fail before they train."""
     stdout, stderr, argv, cwd_before = io.StringIO(), io.StringIO(), sys.argv, Path.cwd()
     sys.argv = [f"rlhf_trl.{module}", *args]
+    sys.modules.pop(f"rlhf_trl.{module}", None)  # runpy runs it afresh as __main__; a stale import only confuses it
     os.chdir(cwd)
     returncode = 0
     try:
