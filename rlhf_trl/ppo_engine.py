@@ -198,7 +198,8 @@ class PPOTrainer(_TrlPPOTrainer):
         checkpoint = Path(resume_from_checkpoint)
         saved = type(self.state).load_from_json(str(checkpoint / TRAINER_STATE))
         self._load_trainable(checkpoint)
-        self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, map_location=self.accelerator.device))
+        # To the CPU: load_state_dict moves each tensor to its parameter's device ("cpu:0" here would fail).
+        self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, map_location="cpu"))
         self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER))
         total_updates = self.args.num_total_batches
         self.dataloader = _SkipFirstBatches(self.dataloader, saved.global_step)

@@ -124,3 +124,52 @@ def test_processes_without_their_gpus_stop_instead_of_training_alone(world, tmp_
     assert result.returncode != 0
     assert "0 usable CUDA GPU(s): use recipes/accelerate_configs/single_process.yaml" in result.stderr
     assert not (tmp_path / "sft").exists() and not (tmp_path / "sft.partial").exists()
+
+
+def test_two_process_ppo_killed_after_a_checkpoint_resumes_to_the_same_result(runs, tmp_path):
+    """Every rank's RNG, its shard's place in the prompt order and the shared optimizer come back: the resumed
+    2-process run ends with the uninterrupted one's metrics and adapter."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    from safetensors.torch import load_file
+
+    reference = runs[2]
+    paths = {**reference, "ppo": str(tmp_path / "ppo")}
+    args = [*ppo_args(paths), *STAGES["ppo"][1], "--per_device_train_batch_size", "8"]
+    args += ["--local_rollout_forward_batch_size", "8", "--save_steps", "1"]
+    command = [sys.executable, "-m", "rlhf_trl.launch", "--quiet", "--config_file"]
+    command += [str(ROOT / "recipes/accelerate_configs/multi_cpu.yaml"), "-m", "rlhf_trl.ppo"]
+    command += ["--config", str(ROOT / "recipes/demo/ppo.yaml"), *args]
+    first = subprocess.Popen(command, cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)  # fmt: skip
+    checkpoint = tmp_path / "ppo.partial/checkpoint-2/trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file():
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # Every process of the launch, as a crash or a reboot would: torchrun starts its workers in their own sessions.
+    os.killpg(first.pid, signal.SIGKILL)
+    for process in psutil.process_iter(["cmdline"]):
+        if paths["ppo"] in " ".join(process.info["cmdline"] or []):
+            process.kill()
+    first.wait()
+    assert read_marker(paths["ppo"]) is None
+
+    result = subprocess.run(command, cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ppo: resuming from" in result.stdout
+
+    def curve(run):
+        keys = ("step", "episode", "objective/scores", "objective/kl", "loss/value_avg")
+        return [{k: r[k] for k in keys if k in r} for r in read_metrics(run)]
+
+    assert curve(paths["ppo"]) == curve(reference["ppo"])
+    resumed, uninterrupted = (
+        load_file(str(Path(run) / "adapter_model.safetensors")) for run in (paths["ppo"], reference["ppo"])
+    )
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
