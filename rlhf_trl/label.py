@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import getpass
 import hashlib
 import itertools
@@ -91,12 +90,7 @@ def append_lines(path: Path, records: list[dict]) -> None:
 
 
 def rewrite_atomically(path: Path, lines: list[bytes]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.writelines(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    outputs.write_atomically(path, b"".join(lines))
 
 
 def mend_torn_tail(path: Path) -> None:
@@ -149,14 +143,11 @@ class LabelStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.folder / ".lock", "w")  # held (and locked) for the whole session
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{self.folder} is in use by another labeling session: finish that one first, "
-                "or label into another folder with --out"
-            ) from None
+        busy = (
+            f"{self.folder} is in use by another labeling session: finish that one first, "
+            "or label into another folder with --out"
+        )
+        self._lock = outputs.hold_lock(self.folder / ".lock", busy)  # held for the whole session
         for name in (LOG, *DERIVED, SAMPLES):
             mend_torn_tail(self.folder / name)
         self.decisions: dict[str, dict] = {}  # live decisions by id, in the order they were made

@@ -199,7 +199,7 @@ def check_stage(stage: str, model_args) -> None:
     check(plan, stage, model_args)
 
 
-def recipe_quantization(stage_argv: list[str]) -> SimpleNamespace:
+def recipe_settings(stage_argv: list[str]) -> SimpleNamespace:
     """load_in_4bit/load_in_8bit and save_strategy from the stage's `--config` recipe and its `--key value` overrides,
     read without TRL's parser (and the seconds it takes to import), so `check` applies the recipe's rules before launch.
     """
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = plan_from_config(known.config_file, known)
     at = argv.index("-m") + 1 if "-m" in argv[:-1] else len(argv)
     stage = argv[at].rsplit(".", 1)[-1] if at < len(argv) else None
-    check(plan, stage, recipe_quantization(argv[at + 1 :]))
+    check(plan, stage, recipe_settings(argv[at + 1 :]))
     env = dict(os.environ)
     if plan.distributed_type == "MULTI_CPU" and plan.num_processes > 1 and "--mpirun_hostfile" not in argv:
         # accelerate starts MULTI_CPU processes only through mpirun; torchrun (its multi-GPU launcher) starts them

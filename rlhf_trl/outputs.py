@@ -52,13 +52,7 @@ def partial_dir(output_dir: str | Path) -> Path:
 
 
 def read_marker(path: str | Path) -> dict | None:
-    marker = Path(path) / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    return _read_json(Path(path) / MARKER)
 
 
 def check_writable(output_dir: str | Path, overwrite: bool) -> None:
@@ -175,10 +169,18 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, record: dict) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` in one step: a crash mid-write leaves the previous version, never half a file."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)  # a crash mid-write leaves the previous version, never half a file
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _write_json(path: Path, record: dict) -> None:
+    write_atomically(path, (json.dumps(record, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def _git_commit() -> dict | None:
@@ -223,15 +225,26 @@ def _command() -> list[str]:
     return [program.name, *sys.argv[1:]]
 
 
+def _attempt(**extra) -> dict:
+    """One start of a run: when, and on which code (a resume may run on newer code than the first attempt)."""
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_unix": time.time(),
+        "git": _git_commit(),
+        **extra,
+    }
+
+
 def new_manifest(stage: str, config: dict | None = None, inputs: dict | None = None) -> dict:
     """What produced an output: config, inputs, code, packages, machine; `finish` adds the wall time."""
+    attempt = _attempt()
     return {
         "stage": stage,
         "command": _command(),
         "config": config or {},
         "seed": (config or {}).get("seed"),
         "inputs": inputs or {},
-        "git": _git_commit(),
+        "git": attempt["git"],  # the code of the first attempt; each later one records its own
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {
@@ -239,9 +252,7 @@ def new_manifest(stage: str, config: dict | None = None, inputs: dict | None = N
             for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
         },
         "hardware": _hardware(),
-        "attempts": [
-            {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_unix": time.time(), "git": _git_commit()}
-        ],
+        "attempts": [attempt],
     }
 
 
@@ -372,9 +383,7 @@ def trim_metrics(work: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by the crash
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 @dataclasses.dataclass
@@ -383,22 +392,28 @@ class TrainingRun:
     checkpoint: str | None  # resume_from_checkpoint for the trainer, or None for a fresh start
 
 
-def lock_output(output_dir: str | Path):
-    """An open, locked `.<name>.lock` file next to output_dir; close it to release (the OS does on any exit).
+def hold_lock(lock_file: Path, busy: str):
+    """`lock_file`, open and exclusively locked, or UserError(busy) when another process holds it.
 
-    Refuses a second run writing the same output: two runs sharing one `.partial` destroy each other's work.
+    Close the handle to release it; the OS releases it however the process ends, so a crash never leaves it stuck.
     """
     import fcntl
 
-    final = Path(output_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(final.with_name(f".{final.name}.lock"), "a+")  # noqa: SIM115 (held for the whole run)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "a+")  # noqa: SIM115 (held for the whole run)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(f"another run is writing {final} right now: wait for it to end or stop it") from None
+        raise UserError(busy) from None
     return handle
+
+
+def lock_output(output_dir: str | Path):
+    """Refuses a second run writing the same output: two runs sharing one `.partial` destroy each other's work."""
+    final = Path(output_dir)
+    busy = f"another run is writing {final} right now: wait for it to end or stop it"
+    return hold_lock(final.with_name(f".{final.name}.lock"), busy)
 
 
 def _decided_by_main(decide):
@@ -464,7 +479,7 @@ def training_run(stage: str, script_args, training_args, model_args):
             return None
         trim_metrics(work, checkpoint_step(checkpoint))
         manifest = _read_json(work / MANIFEST)
-        manifest["attempts"].append({**new_manifest(stage)["attempts"][0], "resumed_from": checkpoint.name})
+        manifest["attempts"].append(_attempt(resumed_from=checkpoint.name))
         _write_json(work / MANIFEST, manifest)
         print(f"{stage}: resuming from {checkpoint} (RESUME=0 starts over instead)")
         return str(checkpoint)

@@ -39,10 +39,10 @@ with warnings.catch_warnings():
     from trl.experimental.ppo import ppo_trainer as _trl_ppo
 
 from .cli import UserError
+from .outputs import CHECKPOINT_STATE as TRAINER_STATE
 from .rewards import CrossTokenizerReward
 
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
-TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 _trl_get_reward = _trl_ppo.get_reward

@@ -6,6 +6,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,23 @@ def run_here(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
         sys.argv = argv
         os.chdir(cwd_before)
     return subprocess.CompletedProcess(sys.argv, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def start_stage(stage: str, *args: str) -> subprocess.Popen:
+    """A demo stage started in the background (stderr piped, for the reason it failed), to kill or interrupt."""
+    command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / "recipes/demo" / f"{stage}.yaml")]
+    return subprocess.Popen(
+        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_until(ready, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Polls `ready()` while `process` runs; fails with its stderr if it ends first, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended first:\n{process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(0.01)
 
 
 def run_stage(stage: str, *overrides: str, recipe: str = "demo", **options) -> subprocess.CompletedProcess:

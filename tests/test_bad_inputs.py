@@ -5,13 +5,11 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, run_here, run_stage, sft_args, stage_paths
+from conftest import ROOT, ppo_args, reward_args, run_here, run_stage, sft_args, stage_paths, start_stage, wait_until
 
 from rlhf_trl.outputs import read_marker
 
@@ -238,27 +236,12 @@ def test_read_only_models_folder(paths, tmp_path):
     assert_one_line_error(result, str(models), "Read-only file system", "set output_dir elsewhere")
 
 
-def start(stage: str, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / f"recipes/demo/{stage}.yaml")]
-    return subprocess.Popen(
-        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_ctrl_c_in_a_stage_leaves_nothing_that_looks_finished(stage, trained, tmp_path):
     paths = stage_paths(Path(trained["data"]).parent) | {stage: str(tmp_path / stage)}
     args = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}[stage](paths, "--save_steps", "1000")
-    process = start(stage, *args, "--max_steps" if stage != "ppo" else "--total_episodes", "100000")
-    wait_for(Path(paths[stage] + ".partial") / "manifest.json", process)
+    process = start_stage(stage, *args, "--max_steps" if stage != "ppo" else "--total_episodes", "100000")
+    wait_until((Path(paths[stage] + ".partial") / "manifest.json").is_file, process)
     if stage == "sft":  # while it runs, a second run into the same output is refused
         second = run_stage("sft", *args)
         assert_one_line_error(second, "another run is writing", paths["sft"])

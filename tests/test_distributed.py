@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, sft_args, stage_paths
+from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, sft_args, stage_paths, wait_until
 from test_stages import lora_b_weights
 
 from rlhf_trl.metrics_log import read_metrics
@@ -131,7 +131,6 @@ def test_two_process_ppo_killed_after_a_checkpoint_resumes_to_the_same_result(ru
     2-process run ends with the uninterrupted one's metrics and adapter."""
     import os
     import signal
-    import time
 
     import psutil
     from safetensors.torch import load_file
@@ -145,12 +144,7 @@ def test_two_process_ppo_killed_after_a_checkpoint_resumes_to_the_same_result(ru
     command += ["--config", str(ROOT / "recipes/demo/ppo.yaml"), *args]
     first = subprocess.Popen(command, cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)  # fmt: skip
-    checkpoint = tmp_path / "ppo.partial/checkpoint-2/trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not checkpoint.is_file():
-        assert first.poll() is None, first.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until((tmp_path / "ppo.partial/checkpoint-2/trainer_state.json").is_file, first, timeout=300)
     # Every process of the launch, as a crash or a reboot would: torchrun starts its workers in their own sessions.
     os.killpg(first.pid, signal.SIGKILL)
     for process in psutil.process_iter(["cmdline"]):

@@ -11,7 +11,7 @@ import torch
 from conftest import OFFLINE_ENV, ROOT
 
 from rlhf_trl.cli import UserError
-from rlhf_trl.launch import Plan, check, plan_from_config, plan_from_environment, recipe_quantization
+from rlhf_trl.launch import Plan, check, plan_from_config, plan_from_environment, recipe_settings
 
 CONFIGS = ROOT / "recipes/accelerate_configs"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -106,17 +106,17 @@ def test_ppo_checkpoints_under_sharding_are_refused_before_launch():
     for plan in (Plan(distributed_type="DEEPSPEED", zero_stage=2), Plan(distributed_type="FSDP")):
         with pytest.raises(UserError, match=r"PPO checkpoints are not supported .*--save_strategy no"):
             check(plan, "ppo", saving, cuda_devices=2)
-    assert recipe_quantization(["--config", "recipes/demo/ppo.yaml"]).save_strategy == "steps"
-    assert recipe_quantization(["--config", "recipes/demo/ppo.yaml", "--save_strategy", "no"]).save_strategy == "no"
+    assert recipe_settings(["--config", "recipes/demo/ppo.yaml"]).save_strategy == "steps"
+    assert recipe_settings(["--config", "recipes/demo/ppo.yaml", "--save_strategy", "no"]).save_strategy == "no"
 
 
-def test_recipe_quantization_reads_the_recipe_and_its_overrides():
+def test_recipe_settings_reads_the_recipe_and_its_overrides():
     qlora = "recipes/llama3.1-8b-qlora/sft.yaml"
-    assert recipe_quantization(["--config", qlora]).load_in_4bit
-    assert not recipe_quantization(["--config", qlora, "--load_in_4bit", "false"]).load_in_4bit
-    assert recipe_quantization(["--config", "recipes/demo/sft.yaml", "--load_in_8bit"]).load_in_8bit
-    assert recipe_quantization(["--config", "recipes/demo/sft.yaml", "--load_in_4bit=true"]).load_in_4bit
-    assert not recipe_quantization(["--config", "no/such.yaml"]).load_in_4bit
+    assert recipe_settings(["--config", qlora]).load_in_4bit
+    assert not recipe_settings(["--config", qlora, "--load_in_4bit", "false"]).load_in_4bit
+    assert recipe_settings(["--config", "recipes/demo/sft.yaml", "--load_in_8bit"]).load_in_8bit
+    assert recipe_settings(["--config", "recipes/demo/sft.yaml", "--load_in_4bit=true"]).load_in_4bit
+    assert not recipe_settings(["--config", "no/such.yaml"]).load_in_4bit
 
 
 def test_a_missing_accelerate_config_lists_the_choices():

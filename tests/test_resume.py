@@ -5,13 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, run_stage, sft_args, stage_paths
+from conftest import ppo_args, reward_args, run_stage, sft_args, stage_paths, start_stage, wait_until
 from safetensors.torch import load_file
 
 from rlhf_trl.cli import UserError
@@ -33,20 +31,9 @@ WEIGHTS = {"sft": "model.safetensors", "reward": "adapter_model.safetensors", "p
 ARGS = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}
 
 
-def start_stage(stage: str, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / "recipes/demo" / f"{stage}.yaml")]
-    return subprocess.Popen(
-        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+def kill_when(process: subprocess.Popen, ready) -> None:
     """SIGKILLs the process as soon as `ready()` holds; fails if it ended first."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, f"the run ended before it could be killed:\n{process.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint appeared in time"
-        time.sleep(0.01)
+    wait_until(ready, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
 
