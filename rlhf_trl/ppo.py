@@ -16,6 +16,7 @@ TRL's PPOTrainer (through `ppo_engine`, the only module that imports it) does th
 """
 
 import copy
+from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification
 from trl import get_peft_config
@@ -25,8 +26,9 @@ from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog
-from .modeling import check_model_source, load_model, load_tokenizer, model_config, model_kwargs
+from .modeling import base_of, check_model_source, is_adapter, load_model, load_tokenizer, model_config, model_kwargs
 from .ppo_engine import PPOConfig, PPOTrainer
+from .ppo_fast import FastPPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
 
 
@@ -83,6 +85,40 @@ def enable_gradient_checkpointing(training_args, *models) -> bool:
     return True
 
 
+def reward_is_adapter_on(reward_path: str, sft_path: str) -> bool:
+    """Whether the reward model is a LoRA adapter trained on the SFT model itself (what `make reward` writes)."""
+    if not is_adapter(reward_path):
+        return False
+    base = base_of(reward_path)
+    return base == sft_path or (Path(base).exists() and Path(base).resolve() == Path(sft_path).resolve())
+
+
+def load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conversations):
+    """Stage 2's output as a plain model (TRL reads `.score` off it), wrapped when it has its own tokenizer."""
+    reward_model = load_model(
+        training_args.reward_model_path,
+        AutoModelForSequenceClassification,
+        {**kwargs, "num_labels": 1},
+        "reward_model_path",
+        live_adapter="quantization_config" in kwargs,
+    )
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
+        limit = min(reward_tokenizer.model_max_length, getattr(reward_model.config, "max_position_embeddings", 512))
+        print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
+        return CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
+    return reward_model
+
+
+def load_value_model(training_args, kwargs, reward_model, policy):
+    """A separate value model: a copy of the reward model when it shares the policy's architecture, else the
+    SFT model with a fresh head."""
+    classifier_kwargs = {**kwargs, "num_labels": 1}
+    if not isinstance(reward_model, CrossTokenizerReward) and same_backbone(reward_model, policy):
+        return start_value_from_reward(reward_model, training_args.reward_model_path, classifier_kwargs)
+    return load_model(training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs)
+
+
 def main(script_args, training_args, model_args):
     check_stage("ppo", model_args)
     recipe = getattr(script_args, "recipe", None)
@@ -113,31 +149,28 @@ def main(script_args, training_args, model_args):
 
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
-        classifier_kwargs = {**kwargs, "num_labels": 1}
-        quantized = "quantization_config" in kwargs
-        reward_model = load_model(
-            training_args.reward_model_path,
-            AutoModelForSequenceClassification,
-            classifier_kwargs,
-            "reward_model_path",
-            live_adapter=quantized,
-        )
-        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-        if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
-            limit = min(reward_tokenizer.model_max_length, getattr(reward_model.config, "max_position_embeddings", 512))
-            reward_model = CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
-            print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
-        if not isinstance(reward_model, CrossTokenizerReward) and same_backbone(reward_model, policy):
-            value_model = start_value_from_reward(reward_model, training_args.reward_model_path, classifier_kwargs)
-        else:
-            value_model = load_model(
-                training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs
-            )
-        value_model.config.pad_token_id = tokenizer.pad_token_id
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
-        enable_gradient_checkpointing(training_args, policy, value_model)
+        fast = training_args.ppo_engine == "fast"
+        shared = fast and training_args.shared_base and model_args.use_peft
+        reward_adapter = None
+        if shared and reward_is_adapter_on(training_args.reward_model_path, training_args.sft_model_path):
+            reward_adapter = training_args.reward_model_path
+            print("ppo: policy, reference, value and reward share one base (the reward model is a LoRA on it)")
+        reward_model = value_model = None
+        if reward_adapter is None:
+            reward_model = load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conversations)
+        if not shared:
+            value_model = load_value_model(training_args, kwargs, reward_model, policy)
+            value_model.config.pad_token_id = tokenizer.pad_token_id
+        elif reward_adapter is None:
+            print(
+                "ppo: value model: a fresh adapter and head on the policy's base (the reward model is not a LoRA "
+                "on the SFT model, so it cannot share that base)"
+            )
+        enable_gradient_checkpointing(training_args, *[m for m in (policy, value_model) if m is not None])
         training_args.output_dir = str(run.work)
-        trainer = PPOTrainer(
+        trainer_class, extra = (FastPPOTrainer, {"reward_adapter": reward_adapter}) if fast else (PPOTrainer, {})
+        trainer = trainer_class(
             args=training_args,
             processing_class=tokenizer,
             model=policy,
@@ -148,6 +181,7 @@ def main(script_args, training_args, model_args):
             eval_dataset=evaluation,
             peft_config=get_peft_config(model_args),
             callbacks=[MetricsLog()],
+            **extra,
         )
         trainer.train(resume_from_checkpoint=run.checkpoint)
         tokenizer.padding_side = "right"  # for whoever loads the policy next; PPO needed left for generation

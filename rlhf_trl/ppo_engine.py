@@ -25,6 +25,7 @@ object has no attribute 'policy'", and its save fails on every process but the m
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,9 +35,20 @@ from transformers.trainer_utils import rotate_checkpoints
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRL warns that experimental APIs may change; the pin makes that moot
-    from trl.experimental.ppo import PPOConfig
+    from trl.experimental.ppo import PPOConfig as _TrlPPOConfig
     from trl.experimental.ppo import PPOTrainer as _TrlPPOTrainer
     from trl.experimental.ppo import ppo_trainer as _trl_ppo
+
+    # The pieces of TRL's PPO update that `ppo_fast` reuses as they are.
+    from trl.experimental.ppo.ppo_trainer import (
+        INVALID_LOGPROB,
+        first_true_indices,
+        masked_mean,
+        masked_whiten,
+        truncate_response,
+    )
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 from .cli import UserError
 from .outputs import CHECKPOINT_STATE as TRAINER_STATE
@@ -58,6 +70,44 @@ def _get_reward(model, query_responses, pad_token_id, context_length):
 
 
 _trl_ppo.get_reward = _get_reward
+get_reward = _get_reward
+
+
+@dataclass
+class PPOConfig(_TrlPPOConfig):
+    """TRL's PPOConfig plus the choice of engine and the fast engine's settings (`rlhf_trl.ppo_fast`)."""
+
+    ppo_engine: str = field(
+        default="fast",
+        metadata={
+            "help": "fast (rlhf_trl.ppo_fast: one shared base, chunked log-probs; one process) or trl "
+            "(TRL 1.12's own PPOTrainer loop, the reference; several processes)."
+        },
+    )
+    shared_base: bool = field(
+        default=True,
+        metadata={
+            "help": "fast engine with LoRA: policy, reference, value (own adapter and head) and a LoRA reward "
+            "model on the same SFT base share one copy of the base."
+        },
+    )
+    logprob_chunk_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "fast engine: tokens per pass through the output layer; smaller saves memory on large vocabularies."
+        },
+    )
+    rollout_static_cache: bool = field(
+        default=False,
+        metadata={"help": "fast engine: generate rollouts with a static KV cache (compiled by transformers on a GPU)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ppo_engine not in ("fast", "trl"):
+            raise ValueError(f"ppo_engine must be fast or trl, not {self.ppo_engine!r}")
+        if self.logprob_chunk_tokens < 1:
+            raise ValueError(f"logprob_chunk_tokens must be at least 1, not {self.logprob_chunk_tokens}")
 
 
 class _SkipFirstBatches:
@@ -194,7 +244,7 @@ class PPOTrainer(_TrlPPOTrainer):
 
     def train(self, resume_from_checkpoint: str | None = None):
         if resume_from_checkpoint is None:
-            return super().train()
+            return self._training_loop()
         checkpoint = Path(resume_from_checkpoint)
         saved = type(self.state).load_from_json(str(checkpoint / TRAINER_STATE))
         self._load_trainable(checkpoint)
@@ -213,9 +263,13 @@ class PPOTrainer(_TrlPPOTrainer):
         self._load_rng_state(str(checkpoint))  # after the replay, which must not shift the sampling RNG
         self.args.num_total_batches = total_updates - saved.global_step  # TRL's loop counts from 1 to this
         try:
-            return super().train()
+            return self._training_loop()
         finally:
             self.args.num_total_batches = total_updates
+
+    def _training_loop(self):
+        """TRL's loop; `ppo_fast.FastPPOTrainer` puts its own here, under the same resume bookkeeping."""
+        return _TrlPPOTrainer.train(self)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         # TRL gathers every PPO metric across processes but this count, which would be the main process's alone:
@@ -227,4 +281,16 @@ class PPOTrainer(_TrlPPOTrainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["PPOConfig", "PPOTrainer", "TrlPPOTrainer"]
+__all__ = [
+    "INVALID_LOGPROB",
+    "PPOConfig",
+    "PPOTrainer",
+    "TrlPPOTrainer",
+    "first_true_indices",
+    "get_reward",
+    "masked_mean",
+    "masked_whiten",
+    "pad",
+    "truncate_response",
+    "unwrap_model_for_generation",
+]
