@@ -154,6 +154,12 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
             f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
             "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
         )
+    if stage == "ppo" and getattr(model_args, "ppo_engine", None) == "fast" and plan.num_processes > 1:
+        # rlhf_trl.ppo_fast runs two backward passes per micro-batch (one per adapter), which DDP cannot sync.
+        raise UserError(
+            f"the fast PPO engine runs in one process and this launch starts {plan.num_processes}: add "
+            f'ARGS="--ppo_engine trl" (TRL\'s own loop) or use {CONFIGS}/single_gpu.yaml for `make ppo`'
+        )
     saves = getattr(model_args, "save_strategy", "no") != "no"  # known before launch only (read from the recipe)
     if stage == "ppo" and saves and plan.distributed_type in ("DEEPSPEED", "FSDP"):
         # ppo_engine's resumable checkpoints hold whole tensors from rank 0; sharded optimizers (and weights) are not.
@@ -200,13 +206,14 @@ def check_stage(stage: str, model_args) -> None:
 
 
 def recipe_settings(stage_argv: list[str]) -> SimpleNamespace:
-    """load_in_4bit/load_in_8bit and save_strategy from the stage's `--config` recipe and its `--key value` overrides,
-    read without TRL's parser (and the seconds it takes to import), so `check` applies the recipe's rules before launch.
+    """load_in_4bit/load_in_8bit, save_strategy and ppo_engine from the stage's `--config` recipe and its
+    `--key value` overrides, read without TRL's parser (and the seconds it takes to import), so `check` applies the
+    recipe's rules before launch.
     """
     import yaml
 
     values = {"load_in_4bit": False, "load_in_8bit": False}
-    save_strategy = "no"
+    strings = {"save_strategy": "no", "ppo_engine": "fast"}  # the config classes' defaults
     if "--config" in stage_argv[:-1]:
         try:
             recipe = yaml.safe_load(Path(stage_argv[stage_argv.index("--config") + 1]).read_text(encoding="utf-8"))
@@ -214,15 +221,15 @@ def recipe_settings(stage_argv: list[str]) -> SimpleNamespace:
             recipe = None  # the stage itself reports a missing or broken recipe, with its line
         if isinstance(recipe, dict):
             values.update({key: bool(recipe[key]) for key in values if key in recipe})
-            save_strategy = str(recipe.get("save_strategy", "no"))
+            strings.update({key: str(recipe[key]) for key in strings if key in recipe})
     for i, arg in enumerate(stage_argv):
         key = arg.removeprefix("--").split("=")[0]
         if key in values:
             value = arg.split("=", 1)[1] if "=" in arg else (stage_argv[i + 1] if i + 1 < len(stage_argv) else "")
             values[key] = value.lower() not in ("false", "0", "no")  # a bare `--load_in_4bit` means true
-        if key == "save_strategy" and i + 1 < len(stage_argv):
-            save_strategy = arg.split("=", 1)[1] if "=" in arg else stage_argv[i + 1]
-    return SimpleNamespace(**values, save_strategy=save_strategy)
+        if key in strings and ("=" in arg or i + 1 < len(stage_argv)):
+            strings[key] = arg.split("=", 1)[1] if "=" in arg else stage_argv[i + 1]
+    return SimpleNamespace(**values, **strings)
 
 
 def launch_arguments(argv: list[str]) -> argparse.Namespace:

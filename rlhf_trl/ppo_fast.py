@@ -169,8 +169,18 @@ def check_fast_engine(config) -> None:
             )
 
 
-def new_score_head(hidden_size: int, initializer_range: float, like: torch.Tensor) -> nn.Linear:
-    head = nn.Linear(hidden_size, 1, bias=False).to(device=like.device, dtype=torch.float32)
+class ScoreHead(nn.Linear):
+    """A one-output float32 head that takes hidden states of any dtype (bf16 and 4-bit bases give bf16)."""
+
+    def __init__(self, hidden_size: int, device):
+        super().__init__(hidden_size, 1, bias=False, device=device, dtype=torch.float32)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype))
+
+
+def new_score_head(hidden_size: int, initializer_range: float, device) -> ScoreHead:
+    head = ScoreHead(hidden_size, device)
     nn.init.normal_(head.weight, std=initializer_range)
     return head
 
@@ -197,11 +207,40 @@ def attach_reward_adapter(peft_model, reward_path: str) -> nn.Linear:
             f"reward adapter {reward_path} does not fit the policy's base ({len(missing)} LoRA tensors missing, "
             f"e.g. {missing[0]}): set shared_base: false in the PPO recipe"
         )
-    reference = next(p for p in peft_model.parameters())
-    head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False).to(reference.device, torch.float32)
+    head = ScoreHead(head_weight.shape[1], next(peft_model.parameters()).device)
     with torch.no_grad():
-        head.weight.copy_(head_weight)
+        head.weight.copy_(head_weight.reshape(head.weight.shape))
     return head
+
+
+def share_base(model, peft_config, reward_adapter: str | None):
+    """The policy as a PeftModel whose base also serves the value model and, given its LoRA, the reward model.
+
+    Returns (policy, value model, reward model or None). Trainable: the policy adapter ("default"), the value
+    adapter and the value head; the reward adapter and head are frozen.
+    """
+    from peft import get_peft_model
+
+    policy = get_peft_model(model, peft_config)
+    hidden = policy.config.hidden_size
+    reward_model = None
+    if reward_adapter is None:
+        policy.add_adapter("value", peft_config)
+        value_head = new_score_head(hidden, getattr(policy.config, "initializer_range", 0.02), policy.device)
+    else:
+        reward_head = attach_reward_adapter(policy, reward_adapter).requires_grad_(False)
+        reward_model = HeadOnSharedBase(policy, "reward", reward_head)
+        policy.add_adapter("value", policy.peft_config["reward"])
+        value_head = ScoreHead(hidden, reward_head.weight.device)
+        with torch.no_grad():  # the value model starts as the reward model
+            value_head.weight.copy_(reward_head.weight)
+            parameters = dict(policy.named_parameters())
+            for name, parameter in parameters.items():
+                if ".reward." in name:
+                    parameters[name.replace(".reward.", ".value.")].copy_(parameter)
+    for name, parameter in policy.named_parameters():
+        parameter.requires_grad_(".default." in name or ".value." in name)
+    return policy, HeadOnSharedBase(policy, "value", value_head), reward_model
 
 
 class FastPPOTrainer(PPOTrainer):
@@ -212,31 +251,10 @@ class FastPPOTrainer(PPOTrainer):
         check_fast_engine(model.config)
         self.shares_base = value_model is None
         if self.shares_base:
-            from peft import get_peft_model
-
             if peft_config is None:
                 raise UserError("shared_base: true needs LoRA (use_peft: true): set one or shared_base: false")
-            model = get_peft_model(model, peft_config)
-            hidden = model.config.hidden_size
-            if reward_adapter is not None:
-                reward_head = attach_reward_adapter(model, reward_adapter)
-                reward_model = HeadOnSharedBase(model, "reward", reward_head)
-                model.add_adapter("value", model.peft_config["reward"])
-                value_head = nn.Linear(hidden, 1, bias=False).to(reward_head.weight.device, torch.float32)
-                with torch.no_grad():  # the value model starts as the reward model
-                    value_head.weight.copy_(reward_head.weight)
-                    values = dict(model.named_parameters())
-                    for name, parameter in values.items():
-                        if ".reward." in name:
-                            values[name.replace(".reward.", ".value.")].copy_(parameter)
-            else:
-                model.add_adapter("value", peft_config)
-                value_head = new_score_head(hidden, getattr(model.config, "initializer_range", 0.02), model.device)
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(".default." in name or ".value." in name)
-            if reward_adapter is not None:
-                reward_head.requires_grad_(False)
-            value_model = HeadOnSharedBase(model, "value", value_head)
+            model, value_model, shared_reward = share_base(model, peft_config, reward_adapter)
+            reward_model = shared_reward or reward_model
             peft_config = None  # TRL's trainer takes the PeftModel as it is
         super().__init__(
             model=model, value_model=value_model, reward_model=reward_model, peft_config=peft_config, **kwargs
@@ -256,16 +274,32 @@ class FastPPOTrainer(PPOTrainer):
 
     # -- the passes -------------------------------------------------------------------------------------------------
 
+    # Under accelerate's autocast, as TRL's prepared model runs its training forwards (bf16 mixed precision).
+
     def _logprobs(self, query_responses, responses, context_length):
-        hidden = backbone_of(self.policy_model)(**sequence_inputs(query_responses, self.processing_class.pad_token_id))
-        hidden = hidden.last_hidden_state[:, context_length - 1 : -1]
-        return chunked_logprobs(hidden, responses, self.lm_head, self.args.temperature + 1e-7, self.chunk_tokens)
+        inputs = sequence_inputs(query_responses, self.processing_class.pad_token_id)
+        with self.accelerator.autocast():
+            hidden = backbone_of(self.policy_model)(**inputs).last_hidden_state[:, context_length - 1 : -1]
+            return chunked_logprobs(hidden, responses, self.lm_head, self.args.temperature + 1e-7, self.chunk_tokens)
 
     def _values(self, query_responses, context_length):
         value_model = self.value_model
         backbone = getattr(value_model, value_model.base_model_prefix)
-        hidden = backbone(**sequence_inputs(query_responses, self.processing_class.pad_token_id)).last_hidden_state
-        return value_model.score(hidden[:, context_length - 1 : -1]).squeeze(-1)
+        inputs = sequence_inputs(query_responses, self.processing_class.pad_token_id)
+        with self.accelerator.autocast():
+            hidden = backbone(**inputs).last_hidden_state
+            return value_model.score(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+
+    def _scores(self, query_responses, context_length):
+        """The reward model's score at each sequence's last token, as TRL's `get_reward` takes it; on the shared
+        base from the last hidden state alone (TRL's call keeps every layer's)."""
+        pad_id = self.processing_class.pad_token_id
+        if not isinstance(self.reward_model, HeadOnSharedBase):
+            return get_reward(self.reward_model, query_responses, pad_id, context_length)[1]
+        with self.accelerator.autocast():
+            hidden = self.reward_model.backbone(**sequence_inputs(query_responses, pad_id)).last_hidden_state
+        last = first_true_indices(query_responses[:, context_length:] == pad_id) - 1 + context_length
+        return self.reward_model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
 
     def _value_adapter(self):
         return active_adapter(self.policy_model, "value") if self.shares_base else nullcontext()
@@ -292,9 +326,12 @@ class FastPPOTrainer(PPOTrainer):
         context_length = queries.shape[1]
         chunk = args.local_rollout_forward_batch_size
         generation_config = self._generation_config()
-        with unwrap_model_for_generation(
-            self.model, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
-        ) as unwrapped:
+        with (
+            unwrap_model_for_generation(
+                self.model, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+            ) as unwrapped,
+            self.accelerator.autocast(),  # generate and the reference forward meet no float32/bf16 mismatch
+        ):
             sequences = []
             for start in range(0, queries.shape[0], chunk):
                 query = queries[start : start + chunk]
@@ -320,7 +357,7 @@ class FastPPOTrainer(PPOTrainer):
             postprocessed = response
             if self.stop_token_id is not None:
                 postprocessed = truncate_response(self.stop_token_id, pad_id, response)
-            _, score, _ = get_reward(self.reward_model, torch.cat((query, postprocessed), 1), pad_id, context_length)
+            score = self._scores(torch.cat((query, postprocessed), 1), context_length)
             parts["scores"].append(score)
             parts["postprocessed"].append(postprocessed)
         rollout = {key: torch.cat(value, 0) for key, value in parts.items()}
