@@ -59,6 +59,18 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 @contextmanager
+def trainable_flags_kept(model):
+    """Puts every parameter's requires_grad back on exit: peft's adapter switches (`set_adapter`, and
+    `disable_adapter` on its way out) freeze every adapter but the active one."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+@contextmanager
 def active_adapter(peft_model, name: str):
     """Runs the block with adapter `name` active. peft's `set_adapter` also freezes every other adapter; the
     trainable flags are put back, since the optimizer trains the policy and value adapters together."""
@@ -69,7 +81,7 @@ def active_adapter(peft_model, name: str):
     flags = [(p, p.requires_grad) for p in peft_model.parameters()]
 
     def switch(to: str):
-        peft_model.base_model.set_adapter(to)
+        peft_model.set_adapter(to)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
 
@@ -265,6 +277,12 @@ class FastPPOTrainer(PPOTrainer):
             )
         self.lm_head = causal_lm_of(self.policy_model).get_output_embeddings()
         self.chunk_tokens = args.logprob_chunk_tokens
+
+    @contextmanager
+    def null_ref_context(self):
+        # Without this the first reference pass would leave the value adapter frozen for the rest of the run.
+        with trainable_flags_kept(self.policy_model), super().null_ref_context():
+            yield
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         if not self.shares_base:

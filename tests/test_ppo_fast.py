@@ -1,0 +1,116 @@
+"""The fast PPO engine (rlhf_trl.ppo_fast) against TRL's PPOTrainer, the reference it must agree with.
+
+With separate models (shared_base: false) the fast engine runs TRL's update on different code paths (chunked
+log-probs from hidden states, rollouts without generation scores, two backward passes): its metrics must equal
+TRL's step for step. With the shared base the value model is parameterised differently (an adapter and a head
+instead of a full copy), so only the first rollout is identical; the later curves are compared in
+benchmarks/NOTES.md across seeds.
+"""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import ppo_args, run_stage
+from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+from rlhf_trl.cli import UserError
+from rlhf_trl.metrics_log import read_metrics
+from rlhf_trl.modeling import load_model
+from rlhf_trl.ppo_engine import get_reward
+from rlhf_trl.ppo_fast import FastPPOTrainer, active_adapter, check_fast_engine, chunked_logprobs, share_base
+
+COMPARED = ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg", "loss/policy_avg", "val/ratio")
+
+
+def test_chunked_logprobs_equal_the_full_log_softmax_and_its_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 50, bias=False)
+    targets = torch.randint(0, 50, (3, 5))
+    logits = head(hidden) / 0.7
+    full = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    full.sum().backward()
+    expected_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+
+    chunked, chunked_entropy = chunked_logprobs(hidden, targets, head, 0.7, chunk_tokens=4)  # 15 tokens: 4 chunks
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(chunked_entropy, entropy)
+    assert not chunked_entropy.requires_grad, "entropy is a statistic; no graph is kept for it"
+    chunked.sum().backward()
+    torch.testing.assert_close(hidden.grad, expected_grads[0])
+    torch.testing.assert_close(head.weight.grad, expected_grads[1])
+
+
+def test_models_with_post_processed_logits_are_sent_to_the_trl_engine():
+    check_fast_engine(LlamaConfig())
+    config = LlamaConfig()
+    config.final_logit_softcapping = 30.0
+    with pytest.raises(UserError, match="final_logit_softcapping: set ppo_engine: trl"):
+        check_fast_engine(config)
+
+
+def test_the_shared_base_scores_like_the_reward_model_and_the_value_starts_there(trained):
+    from peft import LoraConfig
+
+    reward = load_model(trained["reward"], AutoModelForSequenceClassification, {"num_labels": 1}).eval()
+    policy, sft = load_model(trained["sft"]), load_model(trained["sft"]).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_policy, value_model, reward_model = share_base(policy, lora, trained["reward"])
+    trainable = {name for name, p in peft_policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in name or ".value." in name for name in trainable)
+    assert any(".value." in name for name in trainable) and any(".default." in name for name in trainable)
+    assert value_model.score.weight.requires_grad and not reward_model.score.weight.requires_grad
+
+    # The trainer's reference pass: peft's disable_adapter() freezes "value" on its way out; the trainer's must not.
+    trainer = object.__new__(FastPPOTrainer)
+    trainer.policy_model, trainer.model = peft_policy, SimpleNamespace(policy=peft_policy)
+    trainer.accelerator, trainer.is_peft_model, trainer.ref_adapter_name = Accelerator(), True, None
+    peft_policy.eval()
+    probe = torch.tensor([[5, 17, 42, 99, 7, 0, 0], [8, 9, 10, 11, 12, 13, 14]])  # 0 pads the first row
+    with torch.no_grad():
+        with trainer.null_ref_context():  # the reference: the SFT policy itself
+            torch.testing.assert_close(peft_policy(probe).logits, sft(probe).logits)
+        expected = get_reward(reward, probe, 0, 3)[1]
+        torch.testing.assert_close(get_reward(reward_model, probe, 0, 3)[1], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(get_reward(value_model, probe, 0, 3)[1], expected, atol=1e-5, rtol=1e-4)
+    assert {name for name, p in peft_policy.named_parameters() if p.requires_grad} == trainable
+    with active_adapter(peft_policy, "value"):
+        with torch.no_grad():
+            value_model.backbone(input_ids=probe)  # nested: the value pass inside the value loss's own switch
+        assert peft_policy.active_adapter == "value", "the value backward (and its recomputation) runs under it"
+        assert {name for name, p in peft_policy.named_parameters() if p.requires_grad} == trainable
+    assert peft_policy.active_adapter == "default"
+    with peft_policy.disable_adapter():
+        pass
+    assert not any(p.requires_grad for name, p in peft_policy.named_parameters() if ".value." in name), (
+        "peft itself freezes the inactive adapters; if this changes, trainable_flags_kept is no longer needed"
+    )
+
+
+def test_a_shared_base_run_publishes_the_policy_adapter_alone(trained):
+    assert "share one base" in trained["ppo_stdout"], "the demo reward model is a LoRA on the SFT model"
+    published = {path.name for path in Path(trained["ppo"]).iterdir()}
+    assert "adapter_model.safetensors" in published and not {"value", "reward"} & published
+    config = json.loads((Path(trained["ppo"]) / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+
+
+def test_the_fast_engine_takes_trls_steps_with_separate_models(trained, tmp_path):
+    """Same seed, prompts and models: the fast engine's metrics are TRL's, step for step."""
+    runs = {}
+    for engine in ("trl", "fast"):
+        paths = {**trained, "ppo": str(tmp_path / engine)}
+        extra = ["--ppo_engine", engine, "--shared_base", "false", "--logging_steps", "1", "--save_strategy", "no"]
+        result = run_stage("ppo", *ppo_args(paths, *extra, "--logprob_chunk_tokens", "100"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[engine] = read_metrics(paths["ppo"])
+    assert len(runs["trl"]) == len(runs["fast"]) == 4
+    for step, (trl, fast) in enumerate(zip(runs["trl"], runs["fast"], strict=True), start=1):
+        for key in COMPARED:
+            assert fast[key] == pytest.approx(trl[key], rel=2e-3, abs=2e-4), f"step {step}: {key}"
