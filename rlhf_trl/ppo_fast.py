@@ -338,17 +338,16 @@ class FastPPOTrainer(PPOTrainer):
         return config
 
     @torch.no_grad()
-    def _rollout(self, queries):
-        """Samples responses and returns everything the update needs, computed in rollout-sized chunks."""
+    def _generate(self, queries):
+        """query + response ids for each query, sampled in chunks of local_rollout_forward_batch_size."""
         args, pad_id = self.args, self.processing_class.pad_token_id
-        context_length = queries.shape[1]
-        chunk = args.local_rollout_forward_batch_size
+        context_length, chunk = queries.shape[1], args.local_rollout_forward_batch_size
         generation_config = self._generation_config()
         with (
             unwrap_model_for_generation(
                 self.model, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
             ) as unwrapped,
-            self.accelerator.autocast(),  # generate and the reference forward meet no float32/bf16 mismatch
+            self.accelerator.autocast(),  # generate meets no float32/bf16 mismatch
         ):
             sequences = []
             for start in range(0, queries.shape[0], chunk):
@@ -361,7 +360,14 @@ class FastPPOTrainer(PPOTrainer):
                 )
                 sequences.append(torch.cat((query, output[:, context_length:]), 1))
         query_responses = pad(sequences, padding_value=pad_id, padding_side="right")
-        query_responses = query_responses.view(-1, query_responses.shape[-1])[: queries.shape[0]]
+        return query_responses.view(-1, query_responses.shape[-1])[: queries.shape[0]]
+
+    @torch.no_grad()
+    def _rollout(self, queries):
+        """Samples responses and returns everything the update needs, computed in rollout-sized chunks."""
+        args, pad_id = self.args, self.processing_class.pad_token_id
+        context_length, chunk = queries.shape[1], args.local_rollout_forward_batch_size
+        query_responses = self._generate(queries)
         parts = {key: [] for key in ("logprobs", "ref_logprobs", "values", "scores", "postprocessed")}
         for start in range(0, queries.shape[0], chunk):
             query = queries[start : start + chunk]

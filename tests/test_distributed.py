@@ -26,7 +26,7 @@ GLOBAL_BATCH = 16
 STAGES = {  # the conftest arguments, shortened further: enough steps to compare, few enough to stay quick
     "sft": (sft_args, ["--max_steps", "10", "--logging_steps", "2"]),
     "reward": (reward_args, ["--max_steps", "6", "--logging_steps", "2"]),
-    "ppo": (ppo_args, ["--total_episodes", "64", "--logging_steps", "1"]),
+    "ppo": (ppo_args, ["--total_episodes", "64", "--logging_steps", "1", "--ppo_engine", "trl"]),  # fast: 1 process
 }
 SUMMARY = {"sft": "sft: held-out loss", "reward": "reward: held-out pairwise accuracy", "ppo": "ppo: saved to"}
 
