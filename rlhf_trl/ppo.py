@@ -3,15 +3,20 @@
     accelerate launch -m rlhf_trl.ppo --config recipes/demo/ppo.yaml [--key value ...]
     make ppo RECIPE=demo
 
-TRL's PPOTrainer (through `ppo_engine`, the only module that imports it) does the optimisation. Here:
+Two engines run the same PPO update (`ppo_engine`): `fast` (`rlhf_trl.ppo_fast`, the recipes' choice, one
+process) and `trl`, TRL 1.12's own PPOTrainer loop (through `ppo_engine`, the only module that imports TRL's PPO),
+kept as the reference and for several processes. Here:
 - the policy is the SFT output (an SFT adapter is merged into its base first) with a fresh LoRA on top,
   so the reference model is simply the policy with its adapters disabled: no second copy in memory;
-- the reward model is stage 2's output as a plain model, since TRL reads `.score` off one: its LoRA merged,
-  or on a 4-bit base left unmerged inside it (merging would round it into quantized weights);
+- with the fast engine and LoRA (`shared_base`), a reward model that is a LoRA adapter on the SFT model (what
+  `make reward` writes) is loaded onto the policy's own base as a frozen second adapter, and the value model is a
+  third adapter on it, started as a copy of the reward adapter: one copy of the base serves all four roles;
+- otherwise the reward model is stage 2's output as a plain model, since TRL reads `.score` off one: its LoRA
+  merged, or on a 4-bit base left unmerged inside it (merging would round it into quantized weights);
   one with its own tokenizer (DistilBERT next to GPT-2, as in the seed project) is wrapped in
-  `rewards.CrossTokenizerReward`, which re-encodes each rollout as text;
-- the value model starts from the reward model when both share the policy's architecture (it already
-  knows what a good answer looks like), and from the policy with a fresh head otherwise;
+  `rewards.CrossTokenizerReward`, which re-encodes each rollout as text; and the value model is a separate copy
+  of the reward model when both share the policy's architecture (it already knows what a good answer looks
+  like), or the policy with a fresh head;
 - prompts are rendered with the policy's chat template and tokenized, as TRL's trainer expects.
 """
 
