@@ -139,19 +139,27 @@ def sequence_inputs(query_responses: torch.Tensor, pad_token_id: int) -> dict:
     }
 
 
-def _chunk_logprobs(hidden, targets, weight, bias, temperature):
+def _chunk_logprobs(hidden, targets, weight, bias, temperature, with_entropy):
     logits = nn.functional.linear(hidden, weight, bias).float() / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
     logprobs = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
+    if not with_entropy:
+        return logprobs, torch.zeros_like(logprobs)
     with torch.no_grad():  # TRL reports entropy as a statistic only
         entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logprobs, entropy
 
 
 def chunked_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, temperature: float, chunk_tokens: int
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    lm_head: nn.Module,
+    temperature: float,
+    chunk_tokens: int,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy at each position, from hidden states [batch, length, hidden].
+    """log p(target) and the entropy at each position (zeros without `with_entropy`), from hidden states
+    [batch, length, hidden].
 
     At most `chunk_tokens` positions go through the output layer at once, in float32; with gradients each chunk
     is checkpointed, so its logits are recomputed in backward rather than kept (batch x length x vocab x 4 bytes
@@ -163,9 +171,11 @@ def chunked_logprobs(
     for start in range(0, flat_hidden.shape[0], chunk_tokens):
         piece = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens])
         if torch.is_grad_enabled() and hidden.requires_grad:
-            logprobs, entropy = checkpoint(_chunk_logprobs, *piece, weight, bias, temperature, use_reentrant=False)
+            logprobs, entropy = checkpoint(
+                _chunk_logprobs, *piece, weight, bias, temperature, with_entropy, use_reentrant=False
+            )
         else:
-            logprobs, entropy = _chunk_logprobs(*piece, weight, bias, temperature)
+            logprobs, entropy = _chunk_logprobs(*piece, weight, bias, temperature, with_entropy)
         rows_logprobs.append(logprobs)
         rows_entropy.append(entropy)
     return torch.cat(rows_logprobs).view(batch, length), torch.cat(rows_entropy).view(batch, length)
@@ -298,7 +308,11 @@ class FastPPOTrainer(PPOTrainer):
         inputs = sequence_inputs(query_responses, self.processing_class.pad_token_id)
         with self.accelerator.autocast():
             hidden = backbone_of(self.policy_model)(**inputs).last_hidden_state[:, context_length - 1 : -1]
-            return chunked_logprobs(hidden, responses, self.lm_head, self.args.temperature + 1e-7, self.chunk_tokens)
+            temperature = self.args.temperature + 1e-7
+            # Entropy is a training statistic (as in TRL): the rollout passes skip its extra vocabulary-wide buffer.
+            return chunked_logprobs(
+                hidden, responses, self.lm_head, temperature, self.chunk_tokens, with_entropy=torch.is_grad_enabled()
+            )
 
     def _values(self, query_responses, context_length):
         value_model = self.value_model

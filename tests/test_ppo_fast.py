@@ -42,6 +42,10 @@ def test_chunked_logprobs_equal_the_full_log_softmax_and_its_gradients():
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(chunked_entropy, entropy)
     assert not chunked_entropy.requires_grad, "entropy is a statistic; no graph is kept for it"
+    with torch.no_grad():  # rollouts: log-probs alone
+        alone, no_entropy = chunked_logprobs(hidden, targets, head, 0.7, chunk_tokens=4, with_entropy=False)
+    torch.testing.assert_close(alone, full.detach())
+    assert not no_entropy.any()
     chunked.sum().backward()
     torch.testing.assert_close(hidden.grad, expected_grads[0])
     torch.testing.assert_close(head.weight.grad, expected_grads[1])
