@@ -7,20 +7,36 @@
 
 Rows: `ppo trl` is TRL's own PPOTrainer (`rlhf_trl.ppo_engine.TrlPPOTrainer`) fed the way TRL's example script
 feeds it (separate policy, value and reward loads, plus a reference copy when training in full);
-`ppo pipeline` is `rlhf_trl.ppo_engine.PPOTrainer` with the choices `rlhf_trl.ppo` makes (its loading helpers,
-the value model started from the reward model, the reference being the LoRA policy with its adapters off).
+`ppo pipeline` is the fast engine, `rlhf_trl.ppo_fast.FastPPOTrainer` (`ppo_engine: fast`), built as
+`rlhf_trl.ppo.main` builds it:
+- with LoRA and `--shared-base` (the default) one base serves the policy (PPO adapter), the reference (adapters
+  off), the value model (its own adapter and a float32 head) and the reward model: a random LoRA reward adapter
+  (task SEQ_CLS, the row's r/alpha/targets, small seeded random lora_B so it is not a no-op, and a random score
+  head), written once to `--cache-dir` next to the checkpoint and loaded as a frozen "reward" adapter; the value
+  adapter starts as its copy, as with a reward model from `make reward`. Under 4/8-bit the base is stored once,
+  quantized, with the adapters on top;
+- with `--no-shared-base` or `--full`, separate reward and value models loaded as `rlhf_trl.ppo` loads them (the
+  value model a copy of the reward model, the same random full classifier the trl row gets), `shared_base: false`;
+- either way log-probs come from hidden states through the output layer `--logprob-chunk-tokens` at a time, and
+  rollouts are generated without `output_scores` (`--static-cache`: with a static KV cache).
 `sft trl` and `sft pipeline` do the same for SFTTrainer (plain load against `rlhf_trl.sft`'s). Each reports the
 median step time over the steps after `--warmup` warm-up steps, its split, peak memory and tokens per second.
-The JSON goes to `benchmarks/results/<date>-<shape>-<mode>.json` (`-full` added for --full) unless --out says.
+Each PPO pipeline row records what actually ran: the trainer class, whether the base was shared (and by the
+reward model), the log-prob chunk size and the static cache; the table prints them under the rows.
+The JSON goes to `benchmarks/results/<date>-<shape>-<mode>.json` (`-full` added for --full, `-separate` for
+--no-shared-base) unless --out says.
 
 Why it is built this way:
 - Random weights of a real shape (`benchmarks/shapes.py`) measure what real weights would, offline. They are
   saved once to `--cache-dir` and every row loads that same checkpoint with `from_pretrained`, because 4/8-bit
   loading (bitsandbytes) happens there, and so both sides start from identical weights. Prompts are random
   token ids and the tokenizer a three-token stub (pad, eos, unk): nothing decodes text here.
-- The split is taken by wrapping, for the run only, the two functions TRL's `train()` looks up in its own
-  module: `batch_generation` (generation) and `get_reward` (scoring: value and reward forwards). The rest of a
-  step is reported as training: the PPO epochs, plus the reference forward and the log-prob bookkeeping.
+- The split is taken by wrapping functions for the run only. For the trl row, the two TRL's `train()` looks up
+  in its own module: `batch_generation` (generation) and `get_reward` (scoring: value and reward forwards). For
+  the pipeline row, FastPPOTrainer's `_generate` (generation) and its `_scores` and `_values` when called without
+  gradients, i.e. in the rollout (scoring). The rest of a step is reported as training: the PPO epochs, plus the
+  reference forward and the log-prob bookkeeping, and on the pipeline side the rollout's policy log-prob forward
+  too (TRL takes those from generate's scores, inside its generation time).
   On CUDA each mark synchronises first, so the times are the GPU's, not the launch queue's.
 - On a GPU every row runs in its own process (`--isolate`, the default there): the peak memory of one row is
   then never the leftovers of another, and a row that dies (out of memory, the known 4-bit failure of plain
@@ -31,6 +47,17 @@ Why it is built this way:
   more, and next to another busy process (a test suite) two spinning threads made a toy PPO step 30 times
   slower (24 s against 0.7 s, measured on the 2-core CI machine).
 - 4/8-bit needs bitsandbytes on CUDA and real shapes need a GPU: both are refused up front with one line.
+
+Known limits:
+- With the shared base the two PPO rows run the same update on different reward models (the pipeline's the
+  random LoRA adapter, TRL's the random full classifier its example script loads, with the same score head), so
+  their score curves differ. `--no-shared-base` gives both the same reward model; their scores and KL then agree
+  step by step (tests/test_bench.py).
+- This row's shared base under 4/8-bit (quantized once, the adapters on top) has not yet run on a GPU.
+- The CPU memory column is the whole process; only the GPU column measures the models.
+With the shared base the pipeline row no longer has the harness's old limit, a full random reward model where a
+real QLoRA run has a LoRA adapter on the base (and under 4/8-bit a value model that trains its score head only):
+its value model is now an adapter of its own and a head. `--no-shared-base` under 4/8-bit still has it.
 """
 
 from __future__ import annotations
@@ -76,8 +103,26 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--tasks", default="ppo,sft", help="comma-separated: ppo, sft")
     parser.add_argument("--impls", default="trl,pipeline", help="comma-separated: trl, pipeline")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides")
-    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                        help="each row in its own process (default: on with CUDA, off on CPU)")
+    parser.add_argument(
+        "--shared-base",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pipeline PPO with LoRA: one base for policy, reference, value and a random LoRA reward "
+        "adapter (default: on); off: separate reward and value models",
+    )
+    parser.add_argument(
+        "--logprob-chunk-tokens",
+        type=int,
+        default=1024,
+        help="pipeline PPO: tokens per pass through the output layer (default: 1024)",
+    )
+    parser.add_argument("--static-cache", action="store_true", help="pipeline PPO: rollouts with a static KV cache")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each row in its own process (default: on with CUDA, off on CPU)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 without CUDA, see above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=str(ROOT / "benchmarks" / ".cache"), help="random checkpoints")
@@ -115,7 +160,7 @@ def check(args) -> None:
             f"--shape {args.shape} ({SHAPES[args.shape].billions:g}B parameters) needs a CUDA GPU: "
             "without one only --shape toy runs (make bench)"
         )
-    for name in ("batch", "prompt_length", "response_length", "ppo_epochs", "steps"):
+    for name in ("batch", "prompt_length", "response_length", "ppo_epochs", "steps", "logprob_chunk_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.warmup < 0:
@@ -156,6 +201,71 @@ def checkpoint(args) -> Path:
         torch.cuda.empty_cache()
     partial.rename(path)
     return path
+
+
+def shares_base(args) -> bool:
+    """Whether the pipeline's PPO row runs on one shared base (as `rlhf_trl.ppo.main`: fast engine, LoRA, asked)."""
+    return args.lora and args.shared_base
+
+
+def reward_lora_config(peft_config):
+    """The reward adapter's LoRA: a sequence classifier's, with the PPO adapter's rank, alpha, dropout and targets."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="SEQ_CLS",
+        r=peft_config.r,
+        lora_alpha=peft_config.lora_alpha,
+        lora_dropout=peft_config.lora_dropout,
+        target_modules=peft_config.target_modules,
+    )
+
+
+def reward_adapter(args, path: Path, peft_config) -> Path:
+    """A random LoRA reward adapter on the checkpoint, what `make reward` writes: written once to `--cache-dir` next
+    to the checkpoint (keyed by its name and the LoRA settings), through a .partial folder like the checkpoint.
+
+    Its lora_B weights get small seeded random values (peft starts them at zero, which would make the adapter a
+    no-op and the reward model the plain random classifier); its score head is the classifier's random one, saved
+    with the adapter (peft's SEQ_CLS task keeps `score` in modules_to_save)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    config = reward_lora_config(peft_config)
+    targets = config.target_modules
+    settings = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+    }
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    adapter = path.with_name(f"{path.name}-reward-lora-r{config.r}-{digest}")
+    if (adapter / "adapter_config.json").is_file():
+        return adapter
+    partial = adapter.with_name(adapter.name + ".partial")
+    set_seed(args.seed)
+    device = "cuda" if args.cuda else "cpu"
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=getattr(torch, args.dtype), device_map=device
+    )
+    model = get_peft_model(classifier, config)
+    generator = torch.Generator().manual_seed(args.seed)
+    std = getattr(classifier.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                values = torch.randn(parameter.shape, generator=generator) * std
+                parameter.copy_(values.to(parameter.device, parameter.dtype))
+    # The checkpoint it was trained on, as `rlhf_trl.ppo.reward_is_adapter_on` reads it (not the .partial folder).
+    model.peft_config["default"].base_model_name_or_path = str(path.resolve())
+    model.save_pretrained(partial)
+    del model, classifier
+    if args.cuda:
+        torch.cuda.empty_cache()
+    partial.rename(adapter)
+    return adapter
 
 
 def stub_tokenizer():
@@ -246,6 +356,41 @@ def timed_phases(clock: Clock):
     finally:
         for name, function in originals.items():
             setattr(module, name, function)
+
+
+@contextlib.contextmanager
+def timed_fast_phases(clock: Clock):
+    """The same split for `rlhf_trl.ppo_fast.FastPPOTrainer`, which calls neither of TRL's functions: wraps its
+    `_generate` (generation), and its `_scores` and `_values` (scoring) when they run without gradients, as in the
+    rollout (the value forward of the PPO epochs is training). Patches the class; restores it after."""
+    import torch
+
+    from rlhf_trl.ppo_fast import FastPPOTrainer
+
+    originals = {name: vars(FastPPOTrainer)[name] for name in ("_generate", "_scores", "_values")}
+
+    def timed(name: str, phase: str, rollout_only: bool):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            if rollout_only and torch.is_grad_enabled():
+                return original(self, *args, **kwargs)
+            start = clock.now()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                setattr(clock, phase, getattr(clock, phase) + clock.now() - start)
+
+        return wrapper
+
+    FastPPOTrainer._generate = timed("_generate", "generation", rollout_only=False)
+    FastPPOTrainer._scores = timed("_scores", "scoring", rollout_only=True)
+    FastPPOTrainer._values = timed("_values", "scoring", rollout_only=True)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(FastPPOTrainer, name, function)
 
 
 def step_timer(clock: Clock):
@@ -364,36 +509,47 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
     from rlhf_trl.metrics_log import MetricsLog
     from rlhf_trl.modeling import load_model, model_kwargs
     from rlhf_trl.ppo import enable_gradient_checkpointing, same_backbone, start_value_from_reward
-    from rlhf_trl.ppo_engine import PPOConfig, PPOTrainer, TrlPPOTrainer
+    from rlhf_trl.ppo_engine import PPOConfig, TrlPPOTrainer
+    from rlhf_trl.ppo_fast import FastPPOTrainer, HeadOnSharedBase
 
     set_seed(args.seed)
     model_args = model_config(args, path)
     kwargs = model_kwargs(model_args)
     classifier_kwargs = {**kwargs, "num_labels": 1}
     peft_config = get_peft_config(model_args)
-    callbacks = []
+    callbacks, extra, engine = [], {}, {}
+    ref_model = reward_model = value_model = None
     if impl == "trl":  # as TRL's examples/scripts/ppo/ppo.py loads them
         policy = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         ref_model = None if peft_config else AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         value_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
         # The reward's score head is drawn right after the seed, as the pipeline's is (and as this value head is,
         # loading the policy draws nothing): with the same prompts and sampling seed, the two sides' reward and KL
-        # curves can then be compared step by step (tests/test_bench.py).
+        # curves can then be compared step by step (tests/test_bench.py, with --no-shared-base).
         set_seed(args.seed)
         reward_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
         trainer_class = TrlPPOTrainer
-    else:  # as rlhf_trl.ppo.main loads them; with a full reward checkpoint, no adapter to keep live or copy
-        quantized = "quantization_config" in kwargs
-        policy = load_model(str(path), kwargs=kwargs)
-        classifier = AutoModelForSequenceClassification
-        set_seed(args.seed)
-        reward_model = load_model(str(path), classifier, classifier_kwargs, live_adapter=quantized)
-        if same_backbone(reward_model, policy):
-            value_model = start_value_from_reward(reward_model, str(path), classifier_kwargs)
-        else:
-            value_model = load_model(str(path), AutoModelForSequenceClassification, classifier_kwargs)
-        ref_model = None
-        trainer_class = PPOTrainer
+    else:  # as rlhf_trl.ppo.main builds the fast engine
+        shared = shares_base(args)
+        policy = load_model(str(path), kwargs=kwargs)  # quantized under 4/8-bit; the adapters go on top
+        if shared:  # policy, reference, value and reward on one base: the reward a LoRA adapter on the checkpoint
+            extra["reward_adapter"] = str(reward_adapter(args, path, peft_config))
+        else:  # separate models; with a full reward checkpoint, no adapter to keep live or copy
+            quantized = "quantization_config" in kwargs
+            classifier = AutoModelForSequenceClassification
+            set_seed(args.seed)
+            reward_model = load_model(str(path), classifier, classifier_kwargs, live_adapter=quantized)
+            if same_backbone(reward_model, policy):
+                value_model = start_value_from_reward(reward_model, str(path), classifier_kwargs)
+            else:
+                value_model = load_model(str(path), AutoModelForSequenceClassification, classifier_kwargs)
+        engine = {
+            "ppo_engine": "fast",
+            "shared_base": shared,
+            "logprob_chunk_tokens": args.logprob_chunk_tokens,
+            "rollout_static_cache": args.static_cache,
+        }
+        trainer_class = FastPPOTrainer
         callbacks.append(MetricsLog())
     updates = args.warmup + args.steps
     prompts = Dataset.from_dict({"input_ids": random_ids(args, args.batch * updates, args.prompt_length)})
@@ -418,9 +574,10 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
+        **engine,
     )
     if impl == "pipeline":  # TRL's own trainer leaves the key unused: that is the baseline
-        enable_gradient_checkpointing(config, policy, value_model)
+        enable_gradient_checkpointing(config, *[m for m in (policy, value_model) if m is not None])
     clock = Clock(args.cuda)
     timer = step_timer(clock)
     trainer = trainer_class(
@@ -434,13 +591,21 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         eval_dataset=prompts.select(range(args.batch)),
         peft_config=peft_config,
         callbacks=[*callbacks, timer],
+        **extra,
     )
     silence(trainer)
-    with timed_phases(clock):
+    with (timed_phases if impl == "trl" else timed_fast_phases)(clock):
         trainer.train()
     row = summarise(timer, args, args.warmup, args.batch * (args.prompt_length + args.response_length))
     row["gradient_checkpointing_active"] = checkpointing(trainer.accelerator.unwrap_model(trainer.model))
     row["trainer"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
+    if impl == "pipeline":  # what actually ran, not what was asked for
+        row["shared_base"] = trainer.shares_base
+        row["reward_shared"] = isinstance(trainer.reward_model, HeadOnSharedBase)
+        row["reward_model"] = "random LoRA adapter" if "reward_adapter" in extra else "random full classifier"
+        row["reward_adapter"] = extra.get("reward_adapter")
+        row["logprob_chunk_tokens"] = trainer.chunk_tokens
+        row["static_cache"] = trainer.args.rollout_static_cache
     return row
 
 
@@ -557,6 +722,19 @@ def ratio(rows: dict, task: str, key: str) -> float | None:
     return None
 
 
+def engine_line(row: dict) -> str:
+    """What the pipeline's PPO row ran, in one line under the table."""
+    if row["shared_base"]:
+        sharing = "policy, reference, value" + (" and reward" if row["reward_shared"] else "") + " on one base"
+    else:
+        sharing = "separate value and reward models"
+    static = "on" if row["static_cache"] else "off"
+    return (
+        f"{row['trainer']}; {sharing}; reward: {row['reward_model']}; "
+        f"log-probs in chunks of {row['logprob_chunk_tokens']} tokens; static KV cache {static}"
+    )
+
+
 def table(result: dict) -> str:
     s = result["settings"]
     lines = [
@@ -576,9 +754,17 @@ def table(result: dict) -> str:
             lines.append(head + row["status"])
             continue
         lines.append(
-            head + cell(row, "step_time_s", 9) + cell(row, "generation_s", 9) + cell(row, "scoring_s", 9)
-            + cell(row, "training_s", 9) + cell(row, "tokens_per_s", 11, 1) + cell(row, "peak_memory_gb", 9, 2)
+            head
+            + cell(row, "step_time_s", 9)
+            + cell(row, "generation_s", 9)
+            + cell(row, "scoring_s", 9)
+            + cell(row, "training_s", 9)
+            + cell(row, "tokens_per_s", 11, 1)
+            + cell(row, "peak_memory_gb", 9, 2)
         )
+    for row in result["rows"]:
+        if row["task"] == "ppo" and row["impl"] == "pipeline" and row["status"] == "ok" and "shared_base" in row:
+            lines.append(f"ppo pipeline: {engine_line(row)}")
     memory = sorted({row["memory"] for row in result["rows"] if "memory" in row})
     if memory:
         lines.append(f"peak GB: {'; '.join(memory)}")
@@ -598,6 +784,8 @@ def device_name(cuda: bool) -> str:
 
 def default_out(args, date: str) -> Path:
     suffix = "" if args.lora else "-full"
+    if args.lora and not args.shared_base:
+        suffix = "-separate"
     return ROOT / "benchmarks" / "results" / f"{date}-{args.shape}-{args.mode}{suffix}.json"
 
 
@@ -635,6 +823,11 @@ def main(argv: list[str] | None = None) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"bench: random {args.shape} weights in {args.cache_dir} (written on first use)", flush=True)
     path = checkpoint(args)
+    if "ppo" in split(args.tasks) and "pipeline" in split(args.impls) and shares_base(args):
+        from trl import get_peft_config
+
+        # Here, not in the row: under --isolate every row is a child process, and writing it is not the row's cost.
+        reward_adapter(args, path, get_peft_config(model_config(args, path)))
     rows = {}
     for task, impl in ROWS:
         if task not in split(args.tasks) or impl not in split(args.impls):
@@ -659,8 +852,24 @@ def main(argv: list[str] | None = None) -> None:
         "shape": {"name": args.shape, "mirrors": SHAPES[args.shape].mirrors, "parameters": parameter_count(args.shape)},
         "settings": {
             key: getattr(args, key)
-            for key in ("mode", "dtype", "lora", "batch", "prompt_length", "response_length", "ppo_epochs", "steps",
-                        "warmup", "gradient_checkpointing", "isolate", "threads", "seed")
+            for key in (
+                "mode",
+                "dtype",
+                "lora",
+                "batch",
+                "prompt_length",
+                "response_length",
+                "ppo_epochs",
+                "steps",
+                "warmup",
+                "gradient_checkpointing",
+                "shared_base",
+                "logprob_chunk_tokens",
+                "static_cache",
+                "isolate",
+                "threads",
+                "seed",
+            )
         },
         "rows": list(rows.values()),
         "ratios": {

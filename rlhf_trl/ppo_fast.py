@@ -304,14 +304,17 @@ class FastPPOTrainer(PPOTrainer):
 
     # Under accelerate's autocast, as TRL's prepared model runs its training forwards (bf16 mixed precision).
 
-    def _logprobs(self, query_responses, responses, context_length):
+    def _logprobs(self, query_responses, responses, context_length, model=None):
+        """The policy's (or `model`'s: the reference copy of a full fine-tune) log-probs of `responses`."""
+        model = self.policy_model if model is None else model
+        lm_head = self.lm_head if model is self.policy_model else causal_lm_of(model).get_output_embeddings()
         inputs = sequence_inputs(query_responses, self.processing_class.pad_token_id)
         with self.accelerator.autocast():
-            hidden = backbone_of(self.policy_model)(**inputs).last_hidden_state[:, context_length - 1 : -1]
+            hidden = backbone_of(model)(**inputs).last_hidden_state[:, context_length - 1 : -1]
             temperature = self.args.temperature + 1e-7
             # Entropy is a training statistic (as in TRL): the rollout passes skip its extra vocabulary-wide buffer.
             return chunked_logprobs(
-                hidden, responses, self.lm_head, temperature, self.chunk_tokens, with_entropy=torch.is_grad_enabled()
+                hidden, responses, lm_head, temperature, self.chunk_tokens, with_entropy=torch.is_grad_enabled()
             )
 
     def _values(self, query_responses, context_length):
@@ -388,8 +391,12 @@ class FastPPOTrainer(PPOTrainer):
             query_response = query_responses[start : start + chunk]
             response = query_response[:, context_length:]
             parts["logprobs"].append(self._logprobs(query_response, response, context_length)[0])
-            with self.null_ref_context():
-                parts["ref_logprobs"].append(self._logprobs(query_response, response, context_length)[0])
+            if self.ref_model is None:  # LoRA: the policy with its adapters disabled
+                with self.null_ref_context():
+                    parts["ref_logprobs"].append(self._logprobs(query_response, response, context_length)[0])
+            else:  # a full fine-tune: TRL's frozen copy of the starting policy
+                ref_logprobs = self._logprobs(query_response, response, context_length, model=self.ref_model)[0]
+                parts["ref_logprobs"].append(ref_logprobs)
             with self._value_adapter():
                 parts["values"].append(self._values(query_response, context_length))
             postprocessed = response

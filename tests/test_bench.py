@@ -7,6 +7,8 @@ that every row runs, the JSON holds what the table prints, and the timing split 
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,19 +24,18 @@ def bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the toy run is not what make bench measures")
-def test_toy_benchmark_runs_both_sides(tmp_path):
-    out = tmp_path / "bench.json"
-    tiny = ("--batch", "4", "--prompt-length", "8", "--response-length", "8", "--ppo-epochs", "2", "--steps", "2")
-    # With gradient checkpointing asked for: TRL's PPOTrainer ignores the key, the pipeline turns it on.
-    checkpointed = ("--gradient-checkpointing",)
-    result = bench("--shape", "toy", *tiny, *checkpointed, "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    rows = {(row["task"], row["impl"]): row for row in report["rows"]}
-    assert set(rows) == {("ppo", "trl"), ("ppo", "pipeline"), ("sft", "trl"), ("sft", "pipeline")}
-    assert rows["ppo", "trl"]["trainer"].endswith("experimental.ppo.ppo_trainer.PPOTrainer")  # TRL's own class
-    assert rows["ppo", "pipeline"]["trainer"] == "rlhf_trl.ppo_engine.PPOTrainer"
+TINY = ("--batch", "4", "--prompt-length", "8", "--response-length", "8", "--ppo-epochs", "2", "--steps", "2")
+ON_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the toy run is not what make bench runs")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One random toy checkpoint (and reward adapter) for the toy runs of this module."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def check_rows(rows: dict) -> None:
+    """Every row ran its steps; each PPO row's timing split adds up to its step time."""
     for (task, _), row in rows.items():
         assert row["status"] == "ok", row
         assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_memory_gb"] > 0
@@ -44,16 +45,70 @@ def test_toy_benchmark_runs_both_sides(tmp_path):
             parts = row["generation_s"] + row["scoring_s"] + row["training_s"]
             assert parts == pytest.approx(row["step_time_s"], rel=0.05, abs=1e-3)
             assert any("objective/kl" in log for log in row["logs"])
-    # Same seed, prompts and reward model: the pipeline's PPO follows TRL's reward and KL curves step by step
-    # (here with checkpointing on one side only, which must not change what is computed).
-    for trl_log, pipeline_log in zip(rows["ppo", "trl"]["logs"], rows["ppo", "pipeline"]["logs"], strict=True):
-        for key in ("objective/scores", "objective/kl"):
-            assert pipeline_log[key] == pytest.approx(trl_log[key], rel=1e-3, abs=1e-5), key
+
+
+@ON_CPU_ONLY
+def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir):
+    out = tmp_path / "bench.json"
+    # With gradient checkpointing asked for: TRL's PPOTrainer ignores the key, the pipeline turns it on.
+    checkpointed = ("--gradient-checkpointing",)
+    result = bench("--shape", "toy", *TINY, *checkpointed, "--cache-dir", str(cache_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(row["task"], row["impl"]): row for row in report["rows"]}
+    assert set(rows) == {("ppo", "trl"), ("ppo", "pipeline"), ("sft", "trl"), ("sft", "pipeline")}
+    assert rows["ppo", "trl"]["trainer"].endswith("experimental.ppo.ppo_trainer.PPOTrainer")  # TRL's own class
+    pipeline = rows["ppo", "pipeline"]
+    assert pipeline["trainer"] == "rlhf_trl.ppo_fast.FastPPOTrainer"
+    check_rows(rows)
+    # The default: one base for policy, reference, value and the random LoRA reward adapter written to the cache.
+    assert pipeline["shared_base"] is True and pipeline["reward_shared"] is True
+    assert pipeline["reward_model"] == "random LoRA adapter"
+    assert pipeline["logprob_chunk_tokens"] == 1024 and pipeline["static_cache"] is False
+    adapter = Path(pipeline["reward_adapter"])
+    checkpoint = adapter.with_name(adapter.name.split("-reward-")[0])  # next to the checkpoint, named after it
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter.parent == cache_dir and (checkpoint / "config.json").is_file()
+    assert adapter_config["task_type"] == "SEQ_CLS" and adapter_config["r"] == 16
+    assert Path(adapter_config["base_model_name_or_path"]) == checkpoint.resolve()
+    # Both policies start at their reference (LoRA B = 0), so the first rollout's KL is ~0 on both sides; the
+    # rewards differ (a random LoRA reward against TRL's random classifier, with the same score head): the
+    # adapter's random lora_B weights make it more than the plain classifier.
+    trl_first, pipeline_first = rows["ppo", "trl"]["logs"][0], pipeline["logs"][0]
+    assert trl_first["objective/kl"] == pytest.approx(0, abs=1e-4)
+    assert pipeline_first["objective/kl"] == pytest.approx(0, abs=1e-4)
+    assert pipeline_first["objective/scores"] != pytest.approx(trl_first["objective/scores"], abs=1e-3)
     assert not rows["ppo", "trl"]["gradient_checkpointing_active"]
-    assert rows["ppo", "pipeline"]["gradient_checkpointing_active"]
+    assert pipeline["gradient_checkpointing_active"]
     assert rows["sft", "trl"]["gradient_checkpointing_active"]
     assert report["ratios"]["ppo step time"] > 0 and report["settings"]["batch"] == 4
+    assert report["settings"]["shared_base"] is True
     assert "ppo  pipeline" in result.stdout and "tokens/s" in result.stdout and f"wrote {out}" in result.stdout
+    assert "ppo pipeline: rlhf_trl.ppo_fast.FastPPOTrainer; policy, reference, value and reward on one base" in (
+        result.stdout
+    )
+
+
+@ON_CPU_ONLY
+def test_toy_fast_engine_with_separate_models_takes_trls_steps(tmp_path, cache_dir):
+    """--no-shared-base: the fast engine on the trl row's reward model computes TRL's update, step by step."""
+    out = tmp_path / "bench.json"
+    args = ("--no-shared-base", "--tasks", "ppo", "--gradient-checkpointing")
+    result = bench("--shape", "toy", *TINY, *args, "--cache-dir", str(cache_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(row["task"], row["impl"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("ppo", "trl"), ("ppo", "pipeline")}
+    pipeline = rows["ppo", "pipeline"]
+    assert pipeline["trainer"] == "rlhf_trl.ppo_fast.FastPPOTrainer"
+    assert pipeline["shared_base"] is False and pipeline["reward_shared"] is False
+    check_rows(rows)
+    # Same seed, prompts and reward model: the fast engine follows TRL's reward and KL curves step by step
+    # (here with checkpointing on one side only, which must not change what is computed).
+    for trl_log, pipeline_log in zip(rows["ppo", "trl"]["logs"], pipeline["logs"], strict=True):
+        for key in ("objective/scores", "objective/kl"):
+            assert pipeline_log[key] == pytest.approx(trl_log[key], rel=1e-3, abs=1e-5), key
+    assert pipeline["gradient_checkpointing_active"]
+    assert "separate value and reward models; reward: random full classifier" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA 4-bit is allowed")
@@ -81,6 +136,34 @@ def test_timed_phases_restores_trl_functions():
         assert module.get_reward is not before[1]
         raise RuntimeError("a failing row")
     assert (module.batch_generation, module.get_reward) == before
+
+
+def test_timed_fast_phases_restores_the_fast_engine_and_times_rollout_passes_only(monkeypatch):
+    from benchmarks.bench_ppo import Clock, timed_fast_phases
+    from rlhf_trl.ppo_fast import FastPPOTrainer
+
+    def busy(self, *args):
+        time.sleep(0.01)
+        return "done"
+
+    for name in ("_generate", "_scores", "_values"):
+        monkeypatch.setattr(FastPPOTrainer, name, busy)
+    before = {name: vars(FastPPOTrainer)[name] for name in ("_generate", "_scores", "_values")}
+    clock = Clock(cuda=False)
+    with timed_fast_phases(clock):
+        assert FastPPOTrainer._values(None, "ids", 8) == "done"  # with gradients: a PPO epoch, training time
+        assert clock.scoring == 0
+        with torch.no_grad():  # as in the rollout
+            FastPPOTrainer._values(None, "ids", 8)
+            FastPPOTrainer._scores(None, "ids", 8)
+        assert clock.scoring >= 0.02 and clock.generation == 0
+        FastPPOTrainer._generate(None, "queries")
+        assert clock.generation >= 0.01
+    assert {name: vars(FastPPOTrainer)[name] for name in before} == before
+    with pytest.raises(RuntimeError), timed_fast_phases(clock):
+        assert vars(FastPPOTrainer)["_generate"] is not before["_generate"]
+        raise RuntimeError("a failing row")
+    assert {name: vars(FastPPOTrainer)[name] for name in before} == before
 
 
 def test_a_failing_side_is_a_row_not_a_crash(monkeypatch, tmp_path):

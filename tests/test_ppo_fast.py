@@ -105,16 +105,20 @@ def test_a_shared_base_run_publishes_the_policy_adapter_alone(trained):
     assert config["task_type"] == "CAUSAL_LM"
 
 
-def test_the_fast_engine_takes_trls_steps_with_separate_models(trained, tmp_path):
-    """Same seed, prompts and models: the fast engine's metrics are TRL's, step for step."""
+@pytest.mark.parametrize("training", ["lora", "full"])
+def test_the_fast_engine_takes_trls_steps_with_separate_models(training, trained, tmp_path):
+    """Same seed, prompts and models: the fast engine's metrics are TRL's, step for step (a full fine-tune's
+    reference is TRL's frozen copy; a KL stuck at 0 would mean the policy was its own reference)."""
     runs = {}
     for engine in ("trl", "fast"):
         paths = {**trained, "ppo": str(tmp_path / engine)}
         extra = ["--ppo_engine", engine, "--shared_base", "false", "--logging_steps", "1", "--save_strategy", "no"]
+        extra += ["--use_peft", str(training == "lora").lower()]
         result = run_stage("ppo", *ppo_args(paths, *extra, "--logprob_chunk_tokens", "100"))
         assert result.returncode == 0, result.stderr[-3000:]
         runs[engine] = read_metrics(paths["ppo"])
     assert len(runs["trl"]) == len(runs["fast"]) == 4
+    assert any(abs(step["objective/kl"]) > 1e-4 for step in runs["fast"]), "the policy moved away from its reference"
     for step, (trl, fast) in enumerate(zip(runs["trl"], runs["fast"], strict=True), start=1):
         for key in COMPARED:
             assert fast[key] == pytest.approx(trl[key], rel=2e-3, abs=2e-4), f"step {step}: {key}"
