@@ -154,11 +154,14 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
             f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
             "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
         )
-    if stage == "ppo" and getattr(model_args, "ppo_engine", None) == "fast" and plan.num_processes > 1:
-        # rlhf_trl.ppo_fast runs two backward passes per micro-batch (one per adapter), which DDP cannot sync.
+    fast = stage == "ppo" and getattr(model_args, "ppo_engine", None) == "fast"
+    if fast and (plan.num_processes > 1 or plan.distributed_type in ("DEEPSPEED", "FSDP")):
+        # rlhf_trl.ppo_fast runs two backward passes per micro-batch (one per adapter): DDP cannot sync them and
+        # DeepSpeed would step the optimizer after each.
         raise UserError(
-            f"the fast PPO engine runs in one process and this launch starts {plan.num_processes}: add "
-            f'ARGS="--ppo_engine trl" (TRL\'s own loop) or use {CONFIGS}/single_gpu.yaml for `make ppo`'
+            f"the fast PPO engine runs in one plain process, and this launch is {plan.distributed_type} with "
+            f'{plan.num_processes} process(es): add ARGS="--ppo_engine trl" (TRL\'s own loop) or use '
+            f"{CONFIGS}/single_gpu.yaml for `make ppo`"
         )
     saves = getattr(model_args, "save_strategy", "no") != "no"  # known before launch only (read from the recipe)
     if stage == "ppo" and saves and plan.distributed_type in ("DEEPSPEED", "FSDP"):
@@ -189,7 +192,7 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
             )
 
 
-def check_stage(stage: str, model_args) -> None:
+def check_stage(stage: str, model_args, training_args=None) -> None:
     """At the start of a stage, in every process: the launch this process is part of, plus the recipe's rules.
 
     (`cli.parse` has already checked the launch alone, before parsing: see there.) The device check matters here
@@ -202,7 +205,16 @@ def check_stage(stage: str, model_args) -> None:
     # PartialState ignores ACCELERATE_USE_CPU (only TrainingArguments reads it); without cpu=True, CPU processes
     # launched together would each come up alone instead of joining one gloo group.
     PartialState(cpu=plan.use_cpu)
-    check(plan, stage, model_args)
+    settings = model_args
+    if training_args is not None:  # the trainer-config rules too (PPO's engine and checkpoints), as before launch
+        save_strategy = getattr(training_args, "save_strategy", "no")
+        settings = SimpleNamespace(
+            load_in_4bit=model_args.load_in_4bit,
+            load_in_8bit=model_args.load_in_8bit,
+            save_strategy=str(getattr(save_strategy, "value", save_strategy)),
+            ppo_engine=getattr(training_args, "ppo_engine", None),
+        )
+    check(plan, stage, settings)
 
 
 def recipe_settings(stage_argv: list[str]) -> SimpleNamespace:

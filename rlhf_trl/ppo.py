@@ -125,7 +125,7 @@ def load_value_model(training_args, kwargs, reward_model, policy):
 
 
 def main(script_args, training_args, model_args):
-    check_stage("ppo", model_args)
+    check_stage("ppo", model_args, training_args)
     recipe = getattr(script_args, "recipe", None)
     make_hint = f" RECIPE={recipe}" if recipe else ""
     check_model_source(training_args.sft_model_path, "sft_model_path", f"sft{make_hint}")

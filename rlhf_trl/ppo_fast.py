@@ -30,6 +30,7 @@ process (the users' one GPU); several processes use `ppo_engine: trl`.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -139,8 +140,8 @@ def sequence_inputs(query_responses: torch.Tensor, pad_token_id: int) -> dict:
     }
 
 
-def _chunk_logprobs(hidden, targets, weight, bias, temperature, with_entropy):
-    logits = nn.functional.linear(hidden, weight, bias).float() / temperature
+def _chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy):
+    logits = lm_head(hidden).float() / temperature  # the module itself: a LoRA on the output layer applies too
     logsumexp = torch.logsumexp(logits, dim=-1)
     logprobs = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
     if not with_entropy:
@@ -166,16 +167,15 @@ def chunked_logprobs(
     would be 1.2 GB for a 0.5B Qwen at 16 x 128 tokens, before softmax and gradients)."""
     batch, length, width = hidden.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     rows_logprobs, rows_entropy = [], []
     for start in range(0, flat_hidden.shape[0], chunk_tokens):
         piece = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens])
         if torch.is_grad_enabled() and hidden.requires_grad:
             logprobs, entropy = checkpoint(
-                _chunk_logprobs, *piece, weight, bias, temperature, with_entropy, use_reentrant=False
+                _chunk_logprobs, *piece, lm_head, temperature, with_entropy, use_reentrant=False
             )
         else:
-            logprobs, entropy = _chunk_logprobs(*piece, weight, bias, temperature, with_entropy)
+            logprobs, entropy = _chunk_logprobs(*piece, lm_head, temperature, with_entropy)
         rows_logprobs.append(logprobs)
         rows_entropy.append(entropy)
     return torch.cat(rows_logprobs).view(batch, length), torch.cat(rows_entropy).view(batch, length)
@@ -212,6 +212,11 @@ def attach_reward_adapter(peft_model, reward_path: str) -> nn.Linear:
     from peft import PeftConfig, load_peft_weights, set_peft_model_state_dict
 
     config = PeftConfig.from_pretrained(reward_path)
+    if getattr(config, "bias", "none") != "none":
+        raise UserError(
+            f"reward adapter {reward_path} trains biases (bias: {config.bias}), which would change the shared base "
+            "under the policy too: set shared_base: false in the PPO recipe"
+        )
     config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, False
     weights = load_peft_weights(reward_path)
     head_keys = [key for key in weights if key.rsplit(".", 2)[-2] == "score"]
@@ -221,9 +226,22 @@ def attach_reward_adapter(peft_model, reward_path: str) -> nn.Linear:
             "`make reward ARGS=--overwrite`, or set shared_base: false in the PPO recipe"
         )
     head_weight = weights.pop(head_keys[0])
+    # Anything but LoRA matrices (saved embeddings, token deltas) would be loaded into the shared base itself,
+    # under the policy and the reference too.
+    foreign = [key for key in weights if "lora_" not in key]
+    if foreign:
+        raise UserError(
+            f"reward adapter {reward_path} holds more than LoRA matrices (e.g. {foreign[0]}), which would change the "
+            "policy's base too: set shared_base: false in the PPO recipe"
+        )
     peft_model.add_adapter("reward", config)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name="reward")
     missing = [key for key in result.missing_keys if ".reward." in key or key.endswith(".reward")]
+    if result.unexpected_keys:  # saved embeddings, token deltas, a LoRA on the head: nothing may be dropped silently
+        raise UserError(
+            f"reward adapter {reward_path} holds tensors a LoRA on the policy's base cannot take (e.g. "
+            f"{result.unexpected_keys[0]}): set shared_base: false in the PPO recipe"
+        )
     if missing:
         raise UserError(
             f"reward adapter {reward_path} does not fit the policy's base ({len(missing)} LoRA tensors missing, "
@@ -233,6 +251,11 @@ def attach_reward_adapter(peft_model, reward_path: str) -> nn.Linear:
     with torch.no_grad():
         head.weight.copy_(head_weight.reshape(head.weight.shape))
     return head
+
+
+def is_adapter_weight(name: str, adapter: str) -> bool:
+    """Whether a parameter of the PeftModel belongs to `adapter` (not a base module that happens to be so named)."""
+    return f".{adapter}." in name and any(kind in name for kind in ("lora_", "modules_to_save", "trainable_tokens"))
 
 
 def share_base(model, peft_config, reward_adapter: str | None):
@@ -247,7 +270,8 @@ def share_base(model, peft_config, reward_adapter: str | None):
     hidden = policy.config.hidden_size
     reward_model = None
     if reward_adapter is None:
-        policy.add_adapter("value", peft_config)
+        # The value model needs no copies of modules_to_save (an lm_head copy would train and checkpoint for nothing).
+        policy.add_adapter("value", dataclasses.replace(peft_config, modules_to_save=None))
         value_head = new_score_head(hidden, getattr(policy.config, "initializer_range", 0.02), policy.device)
     else:
         reward_head = attach_reward_adapter(policy, reward_adapter).requires_grad_(False)
@@ -258,10 +282,10 @@ def share_base(model, peft_config, reward_adapter: str | None):
             value_head.weight.copy_(reward_head.weight)
             parameters = dict(policy.named_parameters())
             for name, parameter in parameters.items():
-                if ".reward." in name:
+                if is_adapter_weight(name, "reward"):
                     parameters[name.replace(".reward.", ".value.")].copy_(parameter)
     for name, parameter in policy.named_parameters():
-        parameter.requires_grad_(".default." in name or ".value." in name)
+        parameter.requires_grad_(is_adapter_weight(name, "default") or is_adapter_weight(name, "value"))
     return policy, HeadOnSharedBase(policy, "value", value_head), reward_model
 
 
@@ -281,9 +305,11 @@ class FastPPOTrainer(PPOTrainer):
         super().__init__(
             model=model, value_model=value_model, reward_model=reward_model, peft_config=peft_config, **kwargs
         )
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # Two backward passes per micro-batch: DDP cannot sync them, and DeepSpeed would step the optimizer twice.
             raise UserError(
-                "the fast PPO engine runs in one process: set ppo_engine: trl in the PPO recipe for several processes"
+                "the fast PPO engine runs in one plain process (no DDP, DeepSpeed or FSDP): set ppo_engine: trl in "
+                "the PPO recipe"
             )
         self.lm_head = causal_lm_of(self.policy_model).get_output_embeddings()
         self.chunk_tokens = args.logprob_chunk_tokens

@@ -112,7 +112,13 @@ def test_ppo_checkpoints_under_sharding_are_refused_before_launch():
 
 def test_the_fast_ppo_engine_in_several_processes_is_refused_before_launch():
     line = one_line_error(launch("multi_cpu", "--config", "recipes/demo/ppo.yaml", module="rlhf_trl.ppo"))
-    assert "fast PPO engine runs in one process" in line and "--ppo_engine trl" in line
+    assert "fast PPO engine runs in one plain process" in line and "--ppo_engine trl" in line
+    with pytest.raises(UserError, match="DEEPSPEED with 1 process"):  # DeepSpeed would step the optimizer twice
+        check(
+            Plan(distributed_type="DEEPSPEED", zero_stage=2),
+            "ppo",
+            SimpleNamespace(**vars(NO_QUANT), ppo_engine="fast"),
+        )
     trl = recipe_settings(["--config", "recipes/demo/ppo.yaml", "--ppo_engine", "trl"])
     assert trl.ppo_engine == "trl"
     check(Plan(distributed_type="MULTI_CPU", num_processes=2, use_cpu=True), "ppo", trl)

@@ -122,3 +122,29 @@ def test_the_fast_engine_takes_trls_steps_with_separate_models(training, trained
     for step, (trl, fast) in enumerate(zip(runs["trl"], runs["fast"], strict=True), start=1):
         for key in COMPARED:
             assert fast[key] == pytest.approx(trl[key], rel=2e-3, abs=2e-4), f"step {step}: {key}"
+
+
+def test_a_reward_adapter_the_shared_base_cannot_take_whole_is_refused(trained, tmp_path):
+    """Extra tensors (saved embeddings, token deltas) or trained biases would be dropped or would move the policy's
+    base too: one line that says to keep the reward model separate."""
+    import shutil
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    extra = tmp_path / "extra"
+    shutil.copytree(trained["reward"], extra)
+    weights = load_file(str(extra / "adapter_model.safetensors"))
+    embeddings = load_model(trained["sft"]).get_input_embeddings().weight
+    weights["base_model.model.model.embed_tokens.weight"] = torch.zeros_like(embeddings)  # peft would load it
+    save_file(weights, str(extra / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=r"embed_tokens.*set shared_base: false"):
+        share_base(load_model(trained["sft"]), lora, str(extra))
+
+    biased = tmp_path / "biased"
+    shutil.copytree(trained["reward"], biased)
+    config = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    with pytest.raises(UserError, match=r"bias: all.*set shared_base: false"):
+        share_base(load_model(trained["sft"]), lora, str(biased))
