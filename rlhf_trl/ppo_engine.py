@@ -1,7 +1,10 @@
 """The one module that imports TRL's PPO, and the resumable trainer built on it.
 
 TRL 1.13 removed PPO; 1.12.0 keeps it under `trl.experimental.ppo`. Every other module imports
-`PPOConfig` and `PPOTrainer` from here, so that moving to another PPO engine touches this file only.
+`PPOConfig`, `PPOTrainer` and the pieces of TRL's update that the fast engine (`rlhf_trl.ppo_fast`) reuses from
+here, so that moving to another PPO engine touches this file only. `PPOConfig` is TRL's plus the choice of
+engine (`ppo_engine: fast | trl`) and the fast engine's settings; `PPOTrainer.train` runs `_training_loop`, TRL's
+loop here and the fast engine's in `ppo_fast.FastPPOTrainer`, under the same resume bookkeeping.
 
 TRL's trainer calls the module-level `get_reward(model, query_responses, pad_token_id, context_length)`
 for both the value model and the reward model. A reward model with its own tokenizer
