@@ -185,3 +185,40 @@ def test_a_failing_side_is_a_row_not_a_crash(monkeypatch, tmp_path):
         "ratios": {"ppo step time": None},
     }
     assert "ppo  trl       failed: RuntimeError" in bench_ppo.table(result)
+
+
+def test_engine_comparison_calls_a_gap_within_seed_noise_only_when_it_is():
+    from benchmarks.compare_engines import summarise, windows
+
+    assert windows(60) == [(0, 10), (10, 30), (30, 60)]
+
+    def curve(score, kl, updates=12):
+        return [{"objective/scores": score, "objective/kl": kl} for _ in range(updates)]
+
+    close = summarise(
+        {"trl": {0: curve(5.0, 1.0), 1: curve(5.4, 1.2)}, "fast": {0: curve(5.1, 1.1), 1: curve(5.3, 1.0)}}
+    )
+    assert close["verdict"]["objective/scores"] == {
+        "gap": pytest.approx(0.0),
+        "seed_spread": pytest.approx(0.4),
+        "within_noise": True,
+    }
+    apart = summarise(
+        {"trl": {0: curve(5.0, 1.0), 1: curve(5.1, 1.0)}, "fast": {0: curve(3.0, 1.0), 1: curve(3.1, 1.0)}}
+    )
+    assert not apart["verdict"]["objective/scores"]["within_noise"] and apart["verdict"]["objective/kl"]["within_noise"]
+    assert apart["runs"]["fast 1"]["windows"] == ["1-2", "3-6", "7-12"]
+
+
+def test_engine_comparison_without_the_recipes_models_says_what_to_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare_engines", "--recipe", "qwen2.5-0.5b", "--models", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {tmp_path}/qwen2.5-0.5b/sft is not finished: run `make sft RECIPE=qwen2.5-0.5b`"
+    )
