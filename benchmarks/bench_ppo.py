@@ -508,7 +508,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
 
     from rlhf_trl.metrics_log import MetricsLog
     from rlhf_trl.modeling import load_model, model_kwargs
-    from rlhf_trl.ppo import enable_gradient_checkpointing, same_backbone, start_value_from_reward
+    from rlhf_trl.ppo import enable_gradient_checkpointing, load_value_model
     from rlhf_trl.ppo_engine import PPOConfig, TrlPPOTrainer
     from rlhf_trl.ppo_fast import FastPPOTrainer, HeadOnSharedBase
 
@@ -539,10 +539,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
             classifier = AutoModelForSequenceClassification
             set_seed(args.seed)
             reward_model = load_model(str(path), classifier, classifier_kwargs, live_adapter=quantized)
-            if same_backbone(reward_model, policy):
-                value_model = start_value_from_reward(reward_model, str(path), classifier_kwargs)
-            else:
-                value_model = load_model(str(path), AutoModelForSequenceClassification, classifier_kwargs)
+            value_model = load_value_model(reward_model, policy, str(path), str(path), kwargs)
         engine = {
             "ppo_engine": "fast",
             "shared_base": shared,

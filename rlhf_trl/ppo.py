@@ -115,13 +115,13 @@ def load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conver
     return reward_model
 
 
-def load_value_model(training_args, kwargs, reward_model, policy):
+def load_value_model(reward_model, policy, reward_path: str, sft_path: str, kwargs: dict):
     """A separate value model: a copy of the reward model when it shares the policy's architecture, else the
     SFT model with a fresh head."""
     classifier_kwargs = {**kwargs, "num_labels": 1}
     if not isinstance(reward_model, CrossTokenizerReward) and same_backbone(reward_model, policy):
-        return start_value_from_reward(reward_model, training_args.reward_model_path, classifier_kwargs)
-    return load_model(training_args.sft_model_path, AutoModelForSequenceClassification, classifier_kwargs)
+        return start_value_from_reward(reward_model, reward_path, classifier_kwargs)
+    return load_model(sft_path, AutoModelForSequenceClassification, classifier_kwargs)
 
 
 def main(script_args, training_args, model_args):
@@ -165,7 +165,9 @@ def main(script_args, training_args, model_args):
         if reward_adapter is None:
             reward_model = load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conversations)
         if not shared:
-            value_model = load_value_model(training_args, kwargs, reward_model, policy)
+            value_model = load_value_model(
+                reward_model, policy, training_args.reward_model_path, training_args.sft_model_path, kwargs
+            )
             value_model.config.pad_token_id = tokenizer.pad_token_id
         elif reward_adapter is None:
             print(

@@ -139,6 +139,14 @@ class _SkipFirstBatches:
         return len(self.dataloader)
 
 
+def absolute_step_intervals(state, args, total_updates: int) -> None:
+    """logging/eval/save steps given as a fraction of the run made absolute, as TRL's `train()` does."""
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(state, name, math.ceil(total_updates * value) if value < 1 else value)
+
+
 class _RestoreProgress(TrainerCallback):
     """Puts the saved step, episode and log back after TRL's `train()` has reset them to zero."""
 
@@ -151,10 +159,7 @@ class _RestoreProgress(TrainerCallback):
         state.episode = self.saved.episode
         state.log_history = self.saved.log_history
         state.max_steps = self.total_updates
-        for name in ("logging_steps", "save_steps", "eval_steps"):  # fractions are of the whole run
-            fraction = getattr(args, name, None)
-            if fraction is not None and 0 < fraction < 1:
-                setattr(state, name, math.ceil(self.total_updates * fraction))
+        absolute_step_intervals(state, args, self.total_updates)  # fractions are of the whole run
 
 
 class _ForwardingDDP(DistributedDataParallel):
@@ -291,6 +296,7 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "TrlPPOTrainer",
+    "absolute_step_intervals",
     "first_true_indices",
     "get_reward",
     "masked_mean",

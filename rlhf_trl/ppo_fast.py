@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -46,6 +45,7 @@ from .cli import UserError
 from .ppo_engine import (
     INVALID_LOGPROB,
     PPOTrainer,
+    absolute_step_intervals,
     first_true_indices,
     get_reward,
     masked_mean,
@@ -61,14 +61,19 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 @contextmanager
 def trainable_flags_kept(model):
-    """Puts every parameter's requires_grad back on exit: peft's adapter switches (`set_adapter`, and
-    `disable_adapter` on its way out) freeze every adapter but the active one."""
+    """Puts every parameter's requires_grad back on exit, and whenever the block calls the function it yields:
+    peft's adapter switches (`set_adapter`, and `disable_adapter` on its way out) freeze every adapter but the
+    active one."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        yield
-    finally:
+
+    def restore():
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 @contextmanager
@@ -79,18 +84,13 @@ def active_adapter(peft_model, name: str):
     if previous == name:
         yield
         return
-    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
-
-    def switch(to: str):
-        peft_model.set_adapter(to)
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-    switch(name)
-    try:
-        yield
-    finally:
-        switch(previous)
+    with trainable_flags_kept(peft_model) as restore_flags:
+        peft_model.set_adapter(name)
+        restore_flags()
+        try:
+            yield
+        finally:
+            peft_model.set_adapter(previous)
 
 
 class AdapterView(nn.Module):
@@ -293,7 +293,6 @@ class FastPPOTrainer(PPOTrainer):
     """TRL's PPO update with a shared base, chunked log-probs and lean rollouts (see the module docstring)."""
 
     def __init__(self, *, model, value_model, reward_model, peft_config=None, reward_adapter=None, **kwargs):
-        args = kwargs["args"]
         check_fast_engine(model.config)
         self.shares_base = value_model is None
         if self.shares_base:
@@ -312,7 +311,7 @@ class FastPPOTrainer(PPOTrainer):
                 "the PPO recipe"
             )
         self.lm_head = causal_lm_of(self.policy_model).get_output_embeddings()
-        self.chunk_tokens = args.logprob_chunk_tokens
+        self.chunk_tokens = self.args.logprob_chunk_tokens
 
     @contextmanager
     def null_ref_context(self):
@@ -561,7 +560,10 @@ class FastPPOTrainer(PPOTrainer):
         names = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
         stats = {name: torch.zeros(shape, device=device) for name in names}
         self.model.train()
-        self._begin_state()
+        self.state.global_step, self.state.episode = 0, 0  # TRL's train() set-up
+        self.state.max_steps = args.num_total_batches
+        self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
+        absolute_step_intervals(self.state, args, args.num_total_batches)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         for update in range(1, args.num_total_batches + 1):
             self.state.episode += args.batch_size
@@ -595,14 +597,3 @@ class FastPPOTrainer(PPOTrainer):
         if self.control.should_save:
             self._save_checkpoint(self.model, trial=None)
             self.control = self.callback_handler.on_save(args, self.state, self.control)
-
-    def _begin_state(self):
-        """TRL's trainer-state set-up at the start of `train()`: counters at zero, step fractions made absolute."""
-        args, state = self.args, self.state
-        state.global_step, state.episode = 0, 0
-        state.max_steps = args.num_total_batches
-        state.num_train_epochs = args.total_episodes / self.train_dataset_len
-        for name in ("logging_steps", "eval_steps", "save_steps"):
-            value = getattr(args, name, None)
-            if value is not None:
-                setattr(state, name, math.ceil(state.max_steps * value) if value < 1 else value)

@@ -19,8 +19,8 @@ from benchmarks.shapes import SHAPES, parameter_count
 ENV = {**OFFLINE_ENV, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
-def bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "benchmarks.bench_ppo", *args]
+def bench(*args: str, timeout: int = 240, module: str = "benchmarks.bench_ppo") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module, *args]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -211,14 +211,7 @@ def test_engine_comparison_calls_a_gap_within_seed_noise_only_when_it_is():
 
 
 def test_engine_comparison_without_the_recipes_models_says_what_to_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare_engines", "--recipe", "qwen2.5-0.5b", "--models", str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = bench("--recipe", "qwen2.5-0.5b", "--models", str(tmp_path), module="benchmarks.compare_engines")
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: {tmp_path}/qwen2.5-0.5b/sft is not finished: run `make sft RECIPE=qwen2.5-0.5b`"
     )
