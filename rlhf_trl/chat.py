@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import outputs
 from .cli import UserError, run
-from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt
+from .modeling import context_length, for_inference, generate, load_model, load_tokenizer, render_prompt
 
 STAGES = ("sft", "ppo", "export")
 
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         outputs.require(path, args.stage, args.recipe)
     tokenizer = load_tokenizer(path)
     model = for_inference(load_model(path))
-    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    context = context_length(model) or tokenizer.model_max_length
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     def answer(history: list[dict]) -> str:

@@ -7,7 +7,8 @@ forms TRL's trainers take, so that every model is trained through its chat templ
     alpaca             instruction, input?, output        -> prompt/completion
     messages           messages (last turn = assistant)   -> prompt/completion
     prompt_completion  prompt, completion                 -> prompt/completion
-    preference         prompt?, chosen, rejected          -> prompt/chosen/rejected
+    preference         prompt?, chosen, rejected          -> prompt/chosen/rejected (no prompt: TRL's implicit-
+                                                             prompt format, see `split_implicit_prompt`)
     prompt             prompt                             -> prompt (PPO rollouts)
     accepted/rejected  the seed project's accepted_data.jsonl + rejected_data.jsonl, joined on the prompt
                                                           -> prompt/chosen/rejected
@@ -18,7 +19,10 @@ Bad records fail early with the file, the line and the field, rather than deep i
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import re
 from pathlib import Path
 
 from .cli import UserError
@@ -130,22 +134,106 @@ def _where(source: str, record: dict, index: int) -> str:
     return f"{source} line {record['_line']}" if "_line" in record else f"{source} record {index + 1}"
 
 
+def as_text(value):
+    """A field's value as text, or None when it is absent.
+
+    None, NaN (what pandas and `datasets` make of a blank CSV cell) and whitespace-only strings are absent. A number
+    is text: CSV readers type a column of answers such as `5` or `1969` as integers, and a column of integers with
+    a blank cell as floats, so an integral float is written without its `.0` (2.0 -> "2"). Lists (messages) and any
+    other type are returned unchanged, for the caller to check.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
 def _text(record: dict, key: str, where: str, required: bool = True):
-    """A non-empty string, or a non-empty list of {role, content} messages."""
-    value = record.get(key)
-    if value is None or (isinstance(value, str | list) and not value):
+    """A non-empty string (numbers become text, see `as_text`), or a non-empty list of {role, content} messages.
+
+    An optional field that is missing, null, NaN or only whitespace is absent (None); a required one raises
+    UserError naming the field and why.
+    """
+    value = as_text(record.get(key))
+    if value is None or (isinstance(value, list) and not value):
         if not required:
             return None
         state = "missing" if key not in record else "empty"
-        raise UserError(f"{where}: field '{key}' is {state}; every record needs it")
+        raise UserError(f"{where}: field '{key}' is {state}: every record needs it")
     if isinstance(value, list):
         for message in value:
             if not isinstance(message, dict) or "role" not in message or not str(message.get("content", "")).strip():
                 raise UserError(f"{where}: field '{key}' must hold messages with 'role' and non-empty 'content'")
         return value
-    if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: field '{key}' must be non-empty text")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{key}' must be text or a list of messages, not {type(value).__name__}")
     return value
+
+
+# A line that opens the answerer's turn in a plain-text transcript ("Assistant:", as in Anthropic's HH-RLHF).
+ANSWER_MARKER = re.compile(r"^[ \t]*(?:assistant|gpt|bot|ai|### response)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def split_implicit_prompt(chosen, rejected, where: str) -> tuple:
+    """(prompt, chosen, rejected) of a pair in TRL's implicit-prompt format, where `chosen` and `rejected` are whole
+    conversations (or whole texts) that open the same way.
+
+    The shared opening is found by TRL's `extract_prompt` (trl/data_utils.py). Conversations: the shared leading
+    messages are the prompt, and it ends before each side's last assistant turn, which is the answer; the two sides
+    may differ only in that turn. Texts: TRL's shared leading characters, cut back to a boundary: just after the last
+    answer marker line ("Assistant:", "### Response:") in the shared text when there is one, else to the last
+    whitespace when the cut falls inside a word (TRL would split "It is blue" / "It is bad" into "It is b" + "lue";
+    here it is "It is" + "blue"). Raises UserError naming the line when the sides share no prompt, differ before
+    the last answer, or one of them has no answer left.
+    """
+    from trl import extract_prompt
+
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise UserError(f"{where}: 'chosen' and 'rejected' must both be conversations or both be texts")
+    if isinstance(chosen, list):
+        shared = len(extract_prompt({"chosen": chosen, "rejected": rejected})["prompt"])
+        last = [
+            max((i for i, m in enumerate(side) if m["role"] == "assistant"), default=-1) for side in (chosen, rejected)
+        ]
+        if min(last) < 0:
+            raise UserError(f"{where}: 'chosen' and 'rejected' each need an assistant turn, the answer being compared")
+        shared = min(shared, *last)
+        if shared == 0:
+            raise UserError(
+                f"{where}: 'chosen' and 'rejected' share no opening messages, so there is no prompt: add a 'prompt' "
+                "field, or start both conversations with the same turns"
+            )
+        if shared != last[0] or shared != last[1]:
+            raise UserError(
+                f"{where}: 'chosen' and 'rejected' differ at message {shared + 1}, before their last assistant turn: "
+                "a pair compares two answers to the same conversation, so give both sides the same earlier turns"
+            )
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    cut = len(extract_prompt({"chosen": chosen, "rejected": rejected})["prompt"])
+    markers = list(ANSWER_MARKER.finditer(chosen[:cut]))
+    if markers:
+        cut = markers[-1].end()
+    elif chosen[cut - 1 : cut].strip() and (chosen[cut : cut + 1].strip() or rejected[cut : cut + 1].strip()):
+        # the cut falls inside a word: back off to the whitespace before it
+        cut = max(chosen.rfind(" ", 0, cut), chosen.rfind("\n", 0, cut), 0)
+    prompt, good, bad = chosen[:cut].strip(), chosen[cut:].strip(), rejected[cut:].strip()
+    if not prompt:
+        raise UserError(
+            f"{where}: 'chosen' and 'rejected' share no opening text, so there is no prompt: add a 'prompt' field, "
+            "or start both texts with the same prompt"
+        )
+    for name, text in (("chosen", good), ("rejected", bad)):
+        if not text:
+            raise UserError(f"{where}: '{name}' holds nothing after the prompt it shares with the other side")
+    return prompt, good, bad
 
 
 def _as_messages(value, role: str) -> list[dict]:
@@ -181,7 +269,7 @@ def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
         prompt = _text(record, "prompt", where, required=False)
         chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
         if prompt is None:
-            raise UserError(f"{where}: preference pairs need a 'prompt' field next to 'chosen' and 'rejected'")
+            prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
         prompt = _as_messages(prompt, "user")
         if purpose != "reward":
             return {"prompt": prompt}
@@ -236,8 +324,9 @@ def _answers_by_prompt(path: Path) -> dict[str, tuple]:
                 f"({'/'.join(ANSWER_FIELDS)}); found {sorted(set(record) - {'_line'})}"
             )
         prompt = _text(record, prompt_field, where)
-        if prompt_field == "instruction" and _text(record, "input", where, required=False):
-            prompt = f"{prompt}\n\n{record['input']}"
+        extra = _text(record, "input", where, required=False) if prompt_field == "instruction" else None
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
         answer = _text(record, answer_field, where)
         # Prompts match when they differ only in case and whitespace.
         key = " ".join(prompt.split()).lower() if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)

@@ -3,7 +3,8 @@
     python -m rlhf_trl.evaluate --recipe demo [--prompts FILE] [--pairs FILE] [--samples 4]   # `make eval`
 
 Prints one table and writes `models/<recipe>/eval.json` (read by `make report`):
-- the reward model's pairwise accuracy on held-out preference pairs (chosen scored above rejected);
+- the reward model's pairwise accuracy on held-out preference pairs (chosen scored above rejected), without the
+  pairs whose two sides encode to the same ids (`rewards.encode_pairs`: a tie no model can win; counted, printed);
 - for SFT and PPO: the mean reward-model score, the win rate of PPO over SFT (the same prompt and sample
   index, judged by the reward model; a tie counts half), the KL divergence of PPO from SFT, the mean answer
   length in tokens and the share of answers that end with EOS; for `demo`, the ground-truth score
@@ -36,7 +37,7 @@ from . import demo, outputs
 from .cli import UserError, run
 from .data import load_dataset_for, seed_pair_files
 from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt
-from .rewards import score_answers
+from .rewards import describe_pairs, encode_pairs, score_answers
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -230,6 +231,9 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     with_truth = args.recipe == "demo"
 
     reward_model, reward_tokenizer = load_reward_model(paths["reward"])
+    kept, counts = encode_pairs(reward_tokenizer, pairs)  # pairs identical once encoded compare nothing: left out
+    log(f"eval: held-out pairs: {describe_pairs(counts)}")
+    pairs = [pairs[row["index"]] for row in kept]
     chosen = score_answers(
         reward_model, reward_tokenizer, [p["prompt"] for p in pairs], [message_text(p["chosen"]) for p in pairs]
     )
@@ -278,6 +282,7 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
         "seed": args.seed,
         "reward_accuracy": pairwise_accuracy(chosen, rejected),
         "pairs": len(pairs),
+        "identical_pairs_left_out": counts["identical"] + counts["identical_encoded"],
         "stages": {stage: {k: v for k, v in s.items() if k not in ("scores", "truth")} for stage, s in stages.items()},
         "warnings": hacking_warnings(stages["sft"], stages["ppo"]),
         "scores": {stage: s["scores"] for stage, s in stages.items()},

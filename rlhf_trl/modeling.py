@@ -98,6 +98,34 @@ def model_config(path: str | Path):
     return AutoConfig.from_pretrained(str(path))
 
 
+# Config keys that hold a model's position limit: BERT/Llama/Qwen, GPT-2 (`n_positions`), MPT, ChatGLM, GPT-J-style.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+def context_length(model) -> int | None:
+    """The most tokens `model` takes in one sequence, from its config (a model, a config, or a model/adapter path).
+
+    Learned position tables (GPT-2, BERT, DistilBERT) fail past it with "index out of range in self" or a tensor-size
+    mismatch (transformers #28393, #15867); rotary models were trained up to it. None when the config names no limit.
+    """
+    config = model_config(model) if isinstance(model, str | Path) else getattr(model, "config", model)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(tokens: int | None, model, what: str, fix: str, role: str = "model") -> None:
+    """Stops with one line when `tokens` (e.g. a stage's max_length) exceed `model`'s `context_length`.
+
+    `what` names the length (`max_length 512`), `fix` says how to lower it; nothing is checked when either is None.
+    """
+    limit = context_length(model)
+    if tokens is not None and limit is not None and tokens > limit:
+        raise UserError(f"{what} exceeds the {role}'s context of {limit} tokens: {fix}")
+
+
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 

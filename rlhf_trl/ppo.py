@@ -31,14 +31,27 @@ from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog
-from .modeling import base_of, check_model_source, is_adapter, load_model, load_tokenizer, model_config, model_kwargs
+from .modeling import (
+    base_of,
+    check_context,
+    check_model_source,
+    context_length,
+    is_adapter,
+    load_model,
+    load_tokenizer,
+    model_kwargs,
+)
 from .ppo_engine import PPOConfig, PPOTrainer
 from .ppo_fast import FastPPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
 
 
-def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: dict | None = None):
-    """input_ids of each prompt through the policy's chat template; records ids -> conversation if asked."""
+def tokenize_prompts(
+    dataset, tokenizer, max_prompt_length: int, conversations: dict | None = None, split: str = "training"
+):
+    """input_ids of each prompt through the policy's chat template; records ids -> conversation if asked.
+
+    Prompts longer than `max_prompt_length` tokens are left out, and how many is printed."""
 
     def render(example):
         encoded = tokenizer.apply_chat_template(
@@ -50,6 +63,11 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: 
     kept = tokenized.filter(lambda example: len(example["input_ids"]) <= max_prompt_length)
     if len(kept) == 0:
         raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens: raise it")
+    if len(kept) < len(tokenized):
+        print(
+            f"ppo: left out {len(tokenized) - len(kept)} of {len(tokenized)} {split} prompts longer than "
+            f"max_prompt_length={max_prompt_length} tokens"
+        )
     if conversations is not None:
         conversations.update({tuple(row["input_ids"]): row["prompt"] for row in kept})
     return kept.remove_columns([c for c in kept.column_names if c != "input_ids"])
@@ -109,7 +127,7 @@ def load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conver
     )
     reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
     if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
-        limit = min(reward_tokenizer.model_max_length, getattr(reward_model.config, "max_position_embeddings", 512))
+        limit = min(reward_tokenizer.model_max_length, context_length(reward_model) or 512)
         print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
         return CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
     return reward_model
@@ -142,15 +160,16 @@ def main(script_args, training_args, model_args):
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
         conversations = {}
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
-        evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations)
+        evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations, "eval")
 
-        context = getattr(model_config(training_args.sft_model_path), "max_position_embeddings", None)
         longest = max(len(ids) for split in (train, evaluation) for ids in split["input_ids"])
-        if context and longest + training_args.response_length > context:
-            raise UserError(
-                f"prompts of up to {longest} tokens plus response_length {training_args.response_length} exceed the "
-                f"policy's context of {context} tokens: lower response_length or max_prompt_length"
-            )
+        check_context(
+            longest + training_args.response_length,
+            training_args.sft_model_path,
+            f"a prompt of {longest} tokens plus response_length {training_args.response_length}",
+            "lower response_length or max_prompt_length",
+            role="policy",
+        )
 
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")

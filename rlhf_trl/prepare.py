@@ -145,6 +145,11 @@ def write_pairs(folder: Path, split: str, rows: list[dict], rejected: list[str],
     )
 
 
+def describe_drops(dropped: Counter) -> str:
+    """`dropped: 2 invalid, 1 duplicate` (or `dropped: none`): the counts data_report.json holds, for one line."""
+    return "dropped: " + (", ".join(f"{count} {reason}" for reason, count in dropped.items() if count) or "none")
+
+
 def prepare_dataset(args: DataArguments) -> None:
     from .modeling import load_tokenizer
 
@@ -167,7 +172,9 @@ def prepare_dataset(args: DataArguments) -> None:
     rng.shuffle(rows)
     rows = rows[: args.max_examples] if args.max_examples else rows
     if len(rows) < 2:
-        raise UserError(f"{args.raw_dataset}: only {len(rows)} usable examples after cleaning: need at least 2")
+        reasons = [reason.removeprefix(f"{args.raw_dataset} ") for reason in skipped[:3]]
+        why = "; ".join([describe_drops(dropped), *reasons])
+        raise UserError(f"{args.raw_dataset}: only {len(rows)} usable examples after cleaning: need at least 2 ({why})")
     n_eval = min(len(rows) - 1, max(1, round(len(rows) * args.eval_size)))
     splits = {"eval": rows[:n_eval], "train": rows[n_eval:]}
     with outputs.stage_output(output, args.overwrite) as work:
@@ -188,8 +195,8 @@ def prepare_dataset(args: DataArguments) -> None:
         }
         (work / "data_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         outputs.finish(work, output, "data", raw_dataset=args.raw_dataset, **report)
-    drops = ", ".join(f"{count} {reason}" for reason, count in dropped.items() if count) or "none"
-    print(f"data: {len(records)} raw -> {len(splits['train'])} train + {n_eval} eval in {output} (dropped: {drops})")
+    summary = f"{len(records)} raw -> {len(splits['train'])} train + {n_eval} eval in {output}"
+    print(f"data: {summary} ({describe_drops(dropped)})")
 
 
 def prepare_demo(data_dir: Path, base_dir: Path, seed: int, force: bool) -> None:

@@ -16,24 +16,26 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer, get_peft_config
 
 from . import outputs
-from .cli import parse, run
+from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog
-from .modeling import load_model, load_tokenizer, model_kwargs
-from .rewards import encode_for_reward
+from .modeling import check_context, load_model, load_tokenizer, model_kwargs
+from .rewards import describe_pairs, encode_pairs
 
 
-def tokenize_pairs(dataset, tokenizer, max_length: int | None):
-    """chosen_ids/rejected_ids through `encode_for_reward`, the encoding PPO scores with too."""
+def tokenize_pairs(dataset, tokenizer, max_length: int | None, split: str = "training"):
+    """chosen_ids/rejected_ids through `encode_for_reward`, the encoding PPO scores with too, printing what
+    `rewards.encode_pairs` dropped (pairs identical on both sides, also once encoded and truncated) and truncated.
 
-    def encode(example):
-        return {
-            f"{side}_ids": encode_for_reward(tokenizer, example["prompt"], example[side][-1]["content"], max_length)
-            for side in ("chosen", "rejected")
-        }
+    Raises UserError when no pair is left. Returns a `datasets.Dataset` of the kept pairs."""
+    from datasets import Dataset
 
-    return dataset.map(encode, remove_columns=dataset.column_names)
+    kept, counts = encode_pairs(tokenizer, dataset, max_length)
+    print(f"reward: {split} pairs: {describe_pairs(counts, max_length)}")
+    if not kept:
+        raise UserError(f"reward: no {split} pair has two different answers: chosen and rejected must differ")
+    return Dataset.from_list([{k: row[k] for k in ("chosen_ids", "rejected_ids")} for row in kept])
 
 
 def main(script_args, training_args, model_args):
@@ -42,13 +44,19 @@ def main(script_args, training_args, model_args):
     with outputs.training_run("reward", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
-        train, evaluation = (tokenize_pairs(d, tokenizer, training_args.max_length) for d in (train, evaluation))
+        train = tokenize_pairs(train, tokenizer, training_args.max_length)
+        evaluation = tokenize_pairs(evaluation, tokenizer, training_args.max_length, "eval")
         model = load_model(
             model_args.model_name_or_path,
             AutoModelForSequenceClassification,
             kwargs={**model_kwargs(model_args), "num_labels": 1},
             what="model_name_or_path",
         )
+        check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
+        longest = max(
+            len(ids) for split in (train, evaluation) for side in ("chosen_ids", "rejected_ids") for ids in split[side]
+        )
+        check_context(longest, model, f"a pair of {longest} tokens", "set max_length to truncate longer pairs")
         model.config.pad_token_id = tokenizer.pad_token_id
         peft_config = get_peft_config(model_args)
         if peft_config is not None:

@@ -11,6 +11,8 @@ PPO keeps TRL's direct path, which costs nothing extra.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -41,6 +43,50 @@ def encode_for_reward(tokenizer, prompt: list[dict], answer: str, max_length: in
         return tokenizer(prompt_text(prompt), answer, truncation=truncation, max_length=max_length)["input_ids"]
     except Exception:  # the answer alone is longer than max_length: keep its beginning
         return tokenizer(prompt_text(prompt), answer, truncation="longest_first", max_length=max_length)["input_ids"]
+
+
+def encode_pairs(tokenizer, pairs, max_length: int | None = None) -> tuple[list[dict], Counter]:
+    """Each preference pair's `chosen_ids` / `rejected_ids` through `encode_for_reward`, without the pairs that
+    compare nothing, and what happened to the pairs.
+
+    `pairs` are converted records (prompt messages; chosen and rejected as messages, the answer being the last one).
+    A pair whose two sides encode to the same ids (the same answer twice, a copy error or two labelers disagreeing;
+    or answers that differ only past `max_length`, or in what the tokenizer normalizes away, such as case for an
+    uncased WordPiece) scores a tie: it trains nothing (loss ln 2, zero gradient) and counts as a miss in pairwise
+    accuracy, so a perfect reward model could not score 1 (OpenRLHF #1311, trlx PR #395). Such pairs are left out.
+    Returns (kept pairs, each {"chosen_ids", "rejected_ids", "index"} with `index` its position in `pairs`; counts)
+    where counts has "read", "identical" (same answer text), "identical_encoded" (different text, same ids) and
+    "truncated" (kept pairs with a side cut to `max_length`).
+    """
+    kept, counts = [], Counter(read=0, identical=0, identical_encoded=0, truncated=0)
+    for index, pair in enumerate(pairs):
+        counts["read"] += 1
+        answers = [pair[side][-1]["content"] for side in ("chosen", "rejected")]
+        if answers[0] == answers[1]:
+            counts["identical"] += 1
+            continue
+        ids = [encode_for_reward(tokenizer, pair["prompt"], answer, max_length) for answer in answers]
+        if ids[0] == ids[1]:
+            counts["identical_encoded"] += 1
+            continue
+        if max_length and any(len(encode_for_reward(tokenizer, pair["prompt"], a)) > max_length for a in answers):
+            counts["truncated"] += 1
+        kept.append({"chosen_ids": ids[0], "rejected_ids": ids[1], "index": index})
+    return kept, counts
+
+
+def describe_pairs(counts: Counter, max_length: int | None = None) -> str:
+    """One line for `encode_pairs`' counts: `20 read, 8 dropped (chosen == rejected), 12 kept`."""
+    kept = counts["read"] - counts["identical"] - counts["identical_encoded"]
+    parts = [f"{counts['read']} read"]
+    if counts["identical"]:
+        parts.append(f"{counts['identical']} dropped (chosen == rejected)")
+    if counts["identical_encoded"]:
+        cut = f" or truncation to max_length {max_length}" if max_length else ""
+        parts.append(f"{counts['identical_encoded']} dropped (chosen and rejected identical after encoding{cut})")
+    if counts["truncated"]:
+        parts.append(f"{counts['truncated']} truncated to max_length {max_length} tokens")
+    return ", ".join([*parts, f"{kept} kept"])
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def test_empty_response_names_line_and_field(tmp_path):
         tmp_path / "x.jsonl",
         [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "  "}],
     )
-    with pytest.raises(UserError, match=r"x.jsonl line 2: field 'rejected' must be non-empty"):
+    with pytest.raises(UserError, match=r"x.jsonl line 2: field 'rejected' is empty"):
         convert(load_records(source), "reward", source)
 
 
