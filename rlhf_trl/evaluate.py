@@ -172,6 +172,22 @@ def load_reward_model(path: str | Path):
     return model, tokenizer
 
 
+def reward_accuracy(model, tokenizer, pairs: list[dict], log: Callable[[str], None] = print) -> tuple[float, dict]:
+    """The reward model's pairwise accuracy on converted preference `pairs`, and the pair counts behind it.
+
+    Pairs whose two sides encode to the same ids (`rewards.encode_pairs`) are left out and counted in the printed
+    line: their scores tie, which `pairwise_accuracy` counts as a miss, so they would cap the accuracy below 1
+    whatever the model. Returns (accuracy, {"read", "kept", ...encode_pairs' counts}); NaN when no pair is left.
+    """
+    kept, counts = encode_pairs(tokenizer, pairs)
+    log(f"eval: held-out pairs: {describe_pairs(counts)}")
+    pairs = [pairs[row["index"]] for row in kept]
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score_answers(model, tokenizer, prompts, [message_text(p["chosen"]) for p in pairs])
+    rejected = score_answers(model, tokenizer, prompts, [message_text(p["rejected"]) for p in pairs])
+    return pairwise_accuracy(chosen, rejected), {**counts, "kept": len(pairs)}
+
+
 def message_text(messages: list[dict]) -> str:
     """The text of an assistant answer given as messages (preference pairs hold their answers that way)."""
     return "".join(m["content"] for m in messages)
@@ -231,15 +247,7 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     with_truth = args.recipe == "demo"
 
     reward_model, reward_tokenizer = load_reward_model(paths["reward"])
-    kept, counts = encode_pairs(reward_tokenizer, pairs)  # pairs identical once encoded compare nothing: left out
-    log(f"eval: held-out pairs: {describe_pairs(counts)}")
-    pairs = [pairs[row["index"]] for row in kept]
-    chosen = score_answers(
-        reward_model, reward_tokenizer, [p["prompt"] for p in pairs], [message_text(p["chosen"]) for p in pairs]
-    )
-    rejected = score_answers(
-        reward_model, reward_tokenizer, [p["prompt"] for p in pairs], [message_text(p["rejected"]) for p in pairs]
-    )
+    accuracy, pair_counts = reward_accuracy(reward_model, reward_tokenizer, pairs, log)
 
     tokenizer = load_tokenizer(paths["sft"])
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -280,9 +288,9 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
         "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
-        "reward_accuracy": pairwise_accuracy(chosen, rejected),
-        "pairs": len(pairs),
-        "identical_pairs_left_out": counts["identical"] + counts["identical_encoded"],
+        "reward_accuracy": accuracy,
+        "pairs": pair_counts["kept"],
+        "identical_pairs_left_out": pair_counts["read"] - pair_counts["kept"],
         "stages": {stage: {k: v for k, v in s.items() if k not in ("scores", "truth")} for stage, s in stages.items()},
         "warnings": hacking_warnings(stages["sft"], stages["ppo"]),
         "scores": {stage: s["scores"] for stage, s in stages.items()},

@@ -37,7 +37,8 @@ def seed_run(world, tmp_path_factory):
         "ppo": str(root / "ppo"),
     }
     runs = {
-        "sft": run_stage("sft", *sft_args(paths, "--bf16", "false"), recipe="gpt2-alpaca"),
+        # The tiny models have 128 positions, where the recipe's max_length of 512 is refused before training.
+        "sft": run_stage("sft", *sft_args(paths, "--bf16", "false", "--max_length", "128"), recipe="gpt2-alpaca"),
         "reward": run_stage(
             "reward",
             "--model_name_or_path",
@@ -54,6 +55,8 @@ def seed_run(world, tmp_path_factory):
             "1e-3",
             "--bf16",
             "false",
+            "--max_length",
+            "128",
             recipe="gpt2-alpaca",
         ),
     }
