@@ -37,8 +37,13 @@ from .ppo_fast import FastPPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
 
 
-def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: dict | None = None):
-    """input_ids of each prompt through the policy's chat template; records ids -> conversation if asked."""
+def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: list | None = None):
+    """input_ids of each prompt through the policy's chat template.
+
+    Given a `conversations` list, each kept prompt's conversation is appended to it and its position there is
+    written as the `prompt_index` column, which travels with the rollout so a reward model with its own tokenizer
+    scores that very conversation (`rewards.CrossTokenizerReward`).
+    """
 
     def render(example):
         encoded = tokenizer.apply_chat_template(
@@ -51,8 +56,9 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: 
     if len(kept) == 0:
         raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens: raise it")
     if conversations is not None:
-        conversations.update({tuple(row["input_ids"]): row["prompt"] for row in kept})
-    return kept.remove_columns([c for c in kept.column_names if c != "input_ids"])
+        kept = kept.add_column("prompt_index", range(len(conversations), len(conversations) + len(kept)))
+        conversations.extend(kept["prompt"])
+    return kept.remove_columns([c for c in kept.column_names if c not in ("input_ids", "prompt_index")])
 
 
 def same_backbone(a, b) -> bool:
@@ -140,7 +146,7 @@ def main(script_args, training_args, model_args):
                 "train SFT in full (it then adds a pad token) or use a tokenizer with a pad token"
             )
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
-        conversations = {}
+        conversations = []
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
         evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations)
 
