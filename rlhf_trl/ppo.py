@@ -35,6 +35,7 @@ from .modeling import base_of, check_model_source, is_adapter, load_model, load_
 from .ppo_engine import PPOConfig, PPOTrainer
 from .ppo_fast import FastPPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
+from .templates import ALPACA_PATH, check_renders
 
 
 def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, conversations: list | None = None):
@@ -146,6 +147,10 @@ def main(script_args, training_args, model_args):
                 "train SFT in full (it then adds a pad token) or use a tokenizer with a pad token"
             )
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
+        fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
+        sources = [script_args.dataset_name, script_args.eval_dataset_name]
+        for split in (train, evaluation):
+            check_renders(split, tokenizer, training_args.sft_model_path, "prompts", sources, fix)
         conversations = []
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
         evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations)

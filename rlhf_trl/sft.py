@@ -7,16 +7,86 @@ TRL's SFTTrainer does the work. Data of any supported format (alpaca, messages, 
 turned into conversational prompt/completion pairs, so the loss covers the completion only and the
 model learns the same chat template that PPO, `chat` and the export use. With `use_peft: true` only a
 LoRA adapter is trained and saved; otherwise the whole model is.
+
+Before training, one record of each kind is rendered through the template (`templates.check_renders`: a
+tokenizer without one, or a template that refuses a role, stops with the file, line and fix), and every record's
+loss mask is checked (`completion_labels`): TRL masks the first len(prompt tokens) tokens of prompt + answer, which
+is right only when the prompt's tokens are a prefix of prompt + answer's. SentencePiece-style tokenizers merge a
+prompt ending in `[/INST]` with the answer's first word ('▁[/INST]The'); TRL then logs "Mismatch between tokenized
+prompt and the start of tokenized prompt+completion" and the first answer word is never trained. Such data is
+tokenized here instead, with the loss on every token whose characters reach into the answer, and the count printed.
 """
+
+import os
 
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from . import outputs
-from .cli import parse, run
+from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
+from .templates import ALPACA_PATH, apply_template_path, check_renders
+
+IGNORE = -100  # the label of a token without loss (transformers' and TRL's convention)
+
+
+def completion_labels(example: dict, tokenizer) -> dict:
+    """input_ids and labels of one conversational prompt/completion record, as TRL 1.12's SFTTrainer builds them.
+
+    TRL tokenizes the prompt (with the generation prompt) and prompt + completion through the chat template and
+    puts the loss on the tokens after the first len(prompt ids). Where the prompt's ids are not a prefix of prompt +
+    completion's, the labels come from character offsets instead: the full text is tokenized with
+    `return_offsets_mapping`, and a token has loss when its span starts at or after the answer's first character
+    or straddles it (the merged piece is trained, not dropped). Returns input_ids, labels, `mismatch` and `merged`
+    (the straddling token, '' if none).
+    """
+    prompt, conversation = example["prompt"], example["prompt"] + example["completion"]
+    prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+    full_ids = list(tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"])
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+        return {"input_ids": full_ids, "labels": labels, "mismatch": False, "merged": ""}
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    common = len(os.path.commonprefix([prompt_text, full_text]))
+    start = full_text.find(example["completion"][-1]["content"], common) if common < len(prompt_text) else common
+    start = common if start < 0 else start  # the answer's first character in the full text
+    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != full_ids:
+        raise UserError(
+            "sft: this tokenizer tokenizes the chat template's text differently from apply_chat_template, so the "
+            "loss mask cannot be placed on the answer: use a fast tokenizer (tokenizer.json)"
+        )
+    labels, merged = [], ""
+    for token_id, (begin, end) in zip(full_ids, encoded["offset_mapping"], strict=True):
+        labels.append(token_id if begin >= start or end > start else IGNORE)
+        if begin < start < end and not merged:
+            merged = tokenizer.convert_ids_to_tokens(token_id)
+    return {"input_ids": full_ids, "labels": labels, "mismatch": True, "merged": merged}
+
+
+def loss_masked(train, evaluation, tokenizer, training_args):
+    """(train, eval) for SFTTrainer: unchanged when every record's prompt ids are a prefix of its prompt + answer
+    ids (TRL masks them right), else tokenized here by `completion_labels` (TRL takes input_ids/labels as they
+    are), with the count printed."""
+    if training_args.completion_only_loss is False or training_args.assistant_only_loss:
+        return train, evaluation
+    labelled = [split.map(completion_labels, fn_kwargs={"tokenizer": tokenizer}) for split in (train, evaluation)]
+    mismatched = sum(sum(split["mismatch"]) for split in labelled)
+    if not mismatched:
+        return train, evaluation
+    merged = next((token for split in labelled for token in split["merged"] if token), "")
+    total = len(train) + len(evaluation)
+    what = (
+        f"the prompt's last token merges with the answer's first (e.g. {merged!r})"
+        if merged
+        else "the prompt's tokens are not the first tokens of prompt + answer"
+    )
+    masked = "masked by character offsets so the loss covers exactly the answer"
+    print(f"sft: {mismatched} of {total} records: {what}; {masked}")
+    return tuple(split.select_columns(["input_ids", "labels"]) for split in labelled)
 
 
 def main(script_args, training_args, model_args):
@@ -25,9 +95,21 @@ def main(script_args, training_args, model_args):
     with outputs.training_run("sft", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "sft", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
+        template_path = training_args.chat_template_path
+        apply_template_path(tokenizer, template_path)
+        # A model folder or Hub id as chat_template_path: TRL clones that tokenizer's template into this one.
+        cloned = bool(template_path) and not template_path.endswith((".jinja", ".j2"))
+        template_source = load_tokenizer(template_path) if cloned else tokenizer
+        fix = f"set chat_template_path: {ALPACA_PATH} (or the template the model was made for)"
+        sources = [script_args.dataset_name, script_args.eval_dataset_name]
+        for split in (train, evaluation):
+            named = template_path if cloned else model_args.model_name_or_path
+            check_renders(split, template_source, named, "sft", sources, fix)
         model = load_model(model_args.model_name_or_path, kwargs=model_kwargs(model_args), what="model_name_or_path")
         if not model_args.use_peft and ensure_distinct_pad(tokenizer, model):
             print("sft: the tokenizer padded with its EOS token; added <|pad|> so PPO can tell the two apart")
+        if not cloned:
+            train, evaluation = loss_masked(train, evaluation, tokenizer, training_args)
         training_args.output_dir = str(run.work)
         trainer = SFTTrainer(
             model=model,
