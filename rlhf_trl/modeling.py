@@ -270,13 +270,11 @@ def generate(
     return answers, [row[: row.index(eos) + 1] if eos in row else row for row in ids]
 
 
-# For tokenizers that ship no chat template (base GPT-2, say) and were not given one by the recipe.
-FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-
-
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The text the model continues: its chat template with a generation prompt, else the Alpaca format."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    turns = [m["content"] if m["role"] == "user" else m["content"] + (tokenizer.eos_token or "") for m in messages]
-    return "".join(FALLBACK_PROMPT.format(instruction=t) if i % 2 == 0 else t + "\n\n" for i, t in enumerate(turns))
+    """The text the model continues: its chat template with a generation prompt, else the Alpaca format of
+    recipes/templates/alpaca.jinja (`templates.FALLBACK_TEMPLATE`), which goes by role: system text first, user
+    turns as instructions, assistant turns as responses closed by EOS, then the generation prompt."""
+    from .templates import FALLBACK_TEMPLATE
+
+    template = tokenizer.chat_template or FALLBACK_TEMPLATE
+    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)

@@ -44,14 +44,19 @@ from .modeling import (
 from .ppo_engine import PPOConfig, PPOTrainer
 from .ppo_fast import FastPPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
+from .templates import ALPACA_PATH, check_renders
 
 
 def tokenize_prompts(
-    dataset, tokenizer, max_prompt_length: int, conversations: dict | None = None, split: str = "training"
+    dataset, tokenizer, max_prompt_length: int, conversations: list | None = None, split: str = "training"
 ):
-    """input_ids of each prompt through the policy's chat template; records ids -> conversation if asked.
+    """input_ids of each prompt through the policy's chat template.
 
-    Prompts longer than `max_prompt_length` tokens are left out, and how many is printed."""
+    Prompts longer than `max_prompt_length` tokens are left out, and how many is printed. Given a `conversations`
+    list, each kept prompt's conversation is appended to it and its position there is written as the `prompt_index`
+    column, which travels with the rollout so a reward model with its own tokenizer scores that very conversation
+    (`rewards.CrossTokenizerReward`).
+    """
 
     def render(example):
         encoded = tokenizer.apply_chat_template(
@@ -69,8 +74,9 @@ def tokenize_prompts(
             f"max_prompt_length={max_prompt_length} tokens"
         )
     if conversations is not None:
-        conversations.update({tuple(row["input_ids"]): row["prompt"] for row in kept})
-    return kept.remove_columns([c for c in kept.column_names if c != "input_ids"])
+        kept = kept.add_column("prompt_index", range(len(conversations), len(conversations) + len(kept)))
+        conversations.extend(kept["prompt"])
+    return kept.remove_columns([c for c in kept.column_names if c not in ("input_ids", "prompt_index")])
 
 
 def same_backbone(a, b) -> bool:
@@ -158,7 +164,11 @@ def main(script_args, training_args, model_args):
                 "train SFT in full (it then adds a pad token) or use a tokenizer with a pad token"
             )
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
-        conversations = {}
+        fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
+        sources = [script_args.dataset_name, script_args.eval_dataset_name]
+        for split in (train, evaluation):
+            check_renders(split, tokenizer, training_args.sft_model_path, "prompts", sources, fix)
+        conversations = []
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
         evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations, "eval")
 

@@ -8,7 +8,9 @@ loop here and the fast engine's in `ppo_fast.FastPPOTrainer`, under the same res
 
 TRL's trainer calls the module-level `get_reward(model, query_responses, pad_token_id, context_length)`
 for both the value model and the reward model. A reward model with its own tokenizer
-(`rewards.CrossTokenizerReward`) answers that call itself; everything else goes to TRL's function.
+(`rewards.CrossTokenizerReward`) answers that call itself; everything else goes to TRL's function. Such a reward
+model needs each rollout's conversation, which token ids cannot give back: `PPOTrainer` hands it every batch the
+training and evaluation dataloaders yield (`_AnnouncedBatches`), whose `prompt_index` names the prompts.
 
 TRL's PPO cannot resume: its checkpoints hold the policy only, and `train()` always starts at step 0.
 `PPOTrainer` here keeps TRL's training loop untouched and adds what resuming needs. A checkpoint holds
@@ -139,6 +141,23 @@ class _SkipFirstBatches:
         return len(self.dataloader)
 
 
+class _AnnouncedBatches:
+    """A prepared dataloader that shows each batch to a cross-tokenizer reward model as it yields it, so the
+    scoring calls that follow know the rows' conversations (`rewards.CrossTokenizerReward.expect`)."""
+
+    def __init__(self, dataloader, reward: CrossTokenizerReward):
+        self.dataloader = dataloader
+        self.reward = reward
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            self.reward.expect(batch)
+            yield batch
+
+    def __len__(self):
+        return len(self.dataloader)
+
+
 def absolute_step_intervals(state, args, total_updates: int) -> None:
     """logging/eval/save steps given as a fraction of the run made absolute, as TRL's `train()` does."""
     for name in ("logging_steps", "eval_steps", "save_steps"):
@@ -202,6 +221,10 @@ class PPOTrainer(_TrlPPOTrainer):
         # Swapping the class keeps the very object accelerate prepared (and registered for gradient syncing).
         if type(self.model) is DistributedDataParallel:
             self.model.__class__ = _ForwardingDDP
+        reward = getattr(self.reward_model, "module", self.reward_model)  # DeepSpeed wraps it in an engine
+        if isinstance(reward, CrossTokenizerReward):
+            self.dataloader = _AnnouncedBatches(self.dataloader, reward)
+            self.eval_dataloader = _AnnouncedBatches(self.eval_dataloader, reward)
         if self.args.bf16 and getattr(self.policy_model, "is_loaded_in_4bit", False):
             restore_bf16_norms(self.policy_model)
         if (self.is_deepspeed_enabled or self.is_fsdp_enabled) and self.args.save_strategy != "no":

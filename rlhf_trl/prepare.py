@@ -30,6 +30,7 @@ from pathlib import Path
 from . import outputs
 from .cli import UserError, parse_dataclasses, run
 from .data import convert, load_records
+from .templates import check_renders
 
 
 @dataclass
@@ -166,6 +167,15 @@ def prepare_dataset(args: DataArguments) -> None:
     records = load_records(args.raw_dataset, args.raw_split)
     skipped: list[str] = []
     rows = convert(records, "sft", args.raw_dataset, skipped=skipped)
+    if tokenizer.chat_template:  # without one, render_prompt's Alpaca fallback takes any roles
+        check_renders(
+            rows,
+            tokenizer,
+            args.tokenizer_name_or_path,
+            "sft",
+            [args.raw_dataset],
+            "pick another tokenizer_name_or_path",
+        )
     dropped = Counter({"invalid": len(skipped)})
     rows = clean(rows, tokenizer, args.max_tokens, dropped)
     rng = random.Random(args.seed)

@@ -22,6 +22,7 @@ from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_context, load_model, load_tokenizer, model_kwargs
 from .rewards import describe_pairs, encode_pairs
+from .templates import ALPACA_PATH, apply_template_path, check_renders
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None, split: str = "training"):
@@ -44,6 +45,12 @@ def main(script_args, training_args, model_args):
     with outputs.training_run("reward", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
+        apply_template_path(tokenizer, training_args.chat_template_path)
+        if tokenizer.chat_template:  # without one, pairs are encoded as text pairs (rewards.encode_for_reward)
+            sources = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]
+            fix = f"set chat_template_path: {ALPACA_PATH} in the reward recipe"
+            for split in (train, evaluation):
+                check_renders(split, tokenizer, model_args.model_name_or_path, "reward", sources, fix)
         train = tokenize_pairs(train, tokenizer, training_args.max_length)
         evaluation = tokenize_pairs(evaluation, tokenizer, training_args.max_length, "eval")
         model = load_model(

@@ -7,6 +7,12 @@ response with the policy's tokenizer, re-encodes them with the reward model's to
 `encode_for_reward`, the same function the reward stage trains with) and scores them. `ppo_engine`
 routes TRL's reward call to it. When the reward model shares the policy's tokenizer and is a decoder,
 PPO keeps TRL's direct path, which costs nothing extra.
+
+The prompt is never recovered from the query's token ids: stripping pad ids also strips every EOS inside a
+multi-turn prompt when pad == EOS (GPT-2, Llama-2 and Mistral tokenizers under LoRA), and the reward model would
+then score another text. Each prompt instead travels with its rollout as an index into the prompt dataset
+(`ppo.tokenize_prompts` writes a `prompt_index` column); `ppo_engine` hands every batch PPO draws to
+`CrossTokenizerReward.expect`, and the scoring calls that follow take their conversations from it, in order.
 """
 
 from __future__ import annotations
@@ -117,17 +123,23 @@ def needs_cross_tokenizer(reward_model, reward_tokenizer, policy_tokenizer) -> b
 
 
 class CrossTokenizerReward(nn.Module):
-    """Scores policy rollouts with a reward model that has its own tokenizer (see the module docstring)."""
+    """Scores policy rollouts with a reward model that has its own tokenizer (see the module docstring).
+
+    `prompts[i]` is the conversation of prompt index i (what `ppo.tokenize_prompts` collects). Before rollouts are
+    scored, `expect` receives the batch they come from; `get_reward` then takes that batch's rows in the order
+    drawn, in as many calls as the trainer makes, and checks each row's query ids against the batch's.
+    """
 
     def __init__(
-        self, reward_model, reward_tokenizer, policy_tokenizer, prompts: dict[tuple, list[dict]], max_length: int = 512
+        self, reward_model, reward_tokenizer, policy_tokenizer, prompts: list[list[dict]], max_length: int = 512
     ):
         super().__init__()
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
         self.policy_tokenizer = policy_tokenizer
-        self.prompts = prompts  # policy prompt ids -> the conversation they were rendered from
+        self.prompts = prompts
         self.max_length = max_length
+        self._expected: list[tuple[list[int], list[dict]]] = []  # (left-padded query ids, conversation) per row
 
     @property
     def config(self):
@@ -136,17 +148,29 @@ class CrossTokenizerReward(nn.Module):
     def score(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
         return torch.tensor(score_answers(self.reward_model, self.reward_tokenizer, prompts, answers, self.max_length))
 
-    def conversation(self, query_ids: list[int]) -> list[dict]:
-        """The conversation a tokenized query came from; unknown queries are decoded as one user turn."""
-        known = self.prompts.get(tuple(query_ids))
-        if known is not None:
-            return known
-        return [{"role": "user", "content": self.policy_tokenizer.decode(query_ids, skip_special_tokens=True)}]
+    def expect(self, batch: dict) -> None:
+        """The batch PPO has just drawn ([rows, query length] `input_ids`, [rows] `prompt_index`): the rows the
+        next scoring calls are made for."""
+        if "prompt_index" not in batch:
+            raise RuntimeError("PPO batches need the prompt_index column ppo.tokenize_prompts writes")
+        indices = batch["prompt_index"].tolist()
+        self._expected = [(ids, self.prompts[i]) for ids, i in zip(batch["input_ids"].tolist(), indices, strict=True)]
+
+    def conversations(self, queries: torch.Tensor) -> list[list[dict]]:
+        """The conversations of the next `queries` rows of the expected batch ([rows, query length], left-padded)."""
+        rows = queries.tolist()
+        taken, self._expected = self._expected[: len(rows)], self._expected[len(rows) :]
+        if len(taken) != len(rows) or any(ids != row for (ids, _), row in zip(taken, rows, strict=False)):
+            # An internal error: scoring without the prompts' conversations would silently score other text.
+            raise RuntimeError(
+                "CrossTokenizerReward was asked to score rows that are not the next ones of the batch PPO drew"
+            )
+        return [conversation for _, conversation in taken]
 
     def get_reward(self, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
         """Same contract as trl.experimental.utils.get_reward: (per-token logits, final scores, sequence ends)."""
         queries, responses = query_responses[:, :context_length], query_responses[:, context_length:]
-        conversations = [self.conversation([t for t in row.tolist() if t != pad_token_id]) for row in queries]
+        conversations = self.conversations(queries)
         answers = self.policy_tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = self.score(conversations, answers).to(query_responses.device)
         is_pad = (responses == pad_token_id).long()

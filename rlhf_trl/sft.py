@@ -7,9 +7,19 @@ TRL's SFTTrainer does the work. Data of any supported format (alpaca, messages, 
 turned into conversational prompt/completion pairs, so the loss covers the completion only and the
 model learns the same chat template that PPO, `chat` and the export use. With `use_peft: true` only a
 LoRA adapter is trained and saved; otherwise the whole model is.
+
+Before training, one record of each kind is rendered through the template (`templates.check_renders`: a
+tokenizer without one, or a template that refuses a role, stops with the file, line and fix), and every record's
+loss mask is checked (`completion_labels`): TRL masks the first len(prompt tokens) tokens of prompt + answer, which
+is right only when the prompt's tokens are a prefix of prompt + answer's. SentencePiece-style tokenizers merge a
+prompt ending in `[/INST]` with the answer's first word ('▁[/INST]The'); TRL then logs "Mismatch between tokenized
+prompt and the start of tokenized prompt+completion" and the first answer word is never trained. Such data is
+tokenized here instead, with the loss on every token whose characters reach into the answer, and the count printed.
+The same pass counts what `max_length` does to each record: TRL truncates prompt + answer to it (`keep_start`) and
+silently drops the "fully masked examples" whose prompt alone fills it; those are left out here, with the count.
 """
 
-from pathlib import Path
+import os
 
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
@@ -19,61 +29,100 @@ from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_context, ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
+from .templates import ALPACA_PATH, apply_template_path, check_renders
+
+IGNORE = -100  # the label of a token without loss (transformers' and TRL's convention)
 
 
-def answer_lengths(dataset, tokenizer, chat_template: str | None) -> list[tuple[int, int]]:
-    """(prompt tokens, prompt + answer tokens) of each prompt/completion record, tokenized as TRL's SFTTrainer does:
-    the prompt through the chat template with a generation prompt, the whole conversation without."""
+def completion_labels(example: dict, tokenizer) -> dict:
+    """input_ids and labels of one conversational prompt/completion record, as TRL 1.12's SFTTrainer builds them.
 
-    def ids(messages, **kwargs):
-        encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, chat_template=chat_template, **kwargs
-        )
-        return encoded["input_ids"]
-
-    return [
-        (len(ids(row["prompt"], add_generation_prompt=True)), len(ids(row["prompt"] + row["completion"])))
-        for row in dataset
-    ]
-
-
-def drop_unanswered(dataset, tokenizer, training_args, split: str = "training"):
-    """`dataset` without the records whose answer `max_length` would cut away entirely, printing how many were left
-    out and how many keep only part of their answer.
-
-    TRL's SFTTrainer truncates each tokenized prompt + answer to max_length (`truncation_mode: keep_start`) and then
-    drops the "fully masked examples", those whose prompt alone fills max_length, without a count (trl/trainer/
-    sft_trainer.py, `_prepare_dataset`). Counted here with the same tokenization (`answer_lengths`) and the template
-    TRL will use (`chat_template_path` when it names a .jinja file). With no template, or with packing, nothing is
-    checked here. Raises UserError when no record keeps any of its answer.
+    TRL tokenizes the prompt (with the generation prompt) and prompt + completion through the chat template and
+    puts the loss on the tokens after the first len(prompt ids). Where the prompt's ids are not a prefix of prompt +
+    completion's, the labels come from character offsets instead: the full text is tokenized with
+    `return_offsets_mapping`, and a token has loss when its span starts at or after the answer's first character
+    or straddles it (the merged piece is trained, not dropped). Returns input_ids, labels, `mismatch` and `merged`
+    (the straddling token, '' if none).
     """
-    template = tokenizer.chat_template
-    path, limit = training_args.chat_template_path, training_args.max_length
-    if path and Path(path).is_file() and path.endswith((".jinja", ".j2")):
-        template = Path(path).read_text(encoding="utf-8")
-    if not template or limit is None or training_args.packing or len(dataset) == 0:
+    prompt, conversation = example["prompt"], example["prompt"] + example["completion"]
+    prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+    full_ids = list(tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"])
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+        return {"input_ids": full_ids, "labels": labels, "mismatch": False, "merged": ""}
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    common = len(os.path.commonprefix([prompt_text, full_text]))
+    start = full_text.find(example["completion"][-1]["content"], common) if common < len(prompt_text) else common
+    start = common if start < 0 else start  # the answer's first character in the full text
+    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != full_ids:
+        raise UserError(
+            "sft: this tokenizer tokenizes the chat template's text differently from apply_chat_template, so the "
+            "loss mask cannot be placed on the answer: use a fast tokenizer (tokenizer.json)"
+        )
+    labels, merged = [], ""
+    for token_id, (begin, end) in zip(full_ids, encoded["offset_mapping"], strict=True):
+        labels.append(token_id if begin >= start or end > start else IGNORE)
+        if begin < start < end and not merged:
+            merged = tokenizer.convert_ids_to_tokens(token_id)
+    return {"input_ids": full_ids, "labels": labels, "mismatch": True, "merged": merged}
+
+
+def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
+    """`dataset` ready for SFTTrainer, tokenized once by `completion_labels` to check each record, printing what it
+    changes: records whose prompt alone fills `max_length` are left out (truncation would cut their whole answer
+    away; TRL 1.12 drops such "fully masked examples" without a count, trl/trainer/sft_trainer.py `_prepare_dataset`),
+    records whose answer is cut short are counted, and where any prompt's ids are not a prefix of its prompt + answer
+    ids the records go to TRL pre-tokenized (input_ids, labels) with the loss by character offsets.
+
+    Returns `dataset` itself (or a selection of its rows) when TRL's own masking is right. With packing, with
+    `completion_only_loss: false`, or with `assistant_only_loss`, nothing is checked here. Raises UserError when no
+    record keeps any of its answer.
+    """
+    if training_args.packing or training_args.completion_only_loss is False or training_args.assistant_only_loss:
         return dataset
-    lengths = answer_lengths(dataset, tokenizer, template)
-    if training_args.truncation_mode == "keep_end":  # the answer is kept; the prompt loses its start
-        cut = sum(full > limit for _, full in lengths)
-        if cut:
-            print(f"sft: {cut} of {len(lengths)} {split} examples lose the start of their prompt to max_length {limit}")
+    if len(dataset) == 0:
         return dataset
-    unanswered = {i for i, (prompt, _) in enumerate(lengths) if prompt >= limit}
-    cut = sum(prompt < limit < full for prompt, full in lengths)
+    labelled = dataset.map(completion_labels, fn_kwargs={"tokenizer": tokenizer})
+    limit, keep_end = training_args.max_length, training_args.truncation_mode == "keep_end"
+    answer_start = [next((i for i, label in enumerate(row) if label != IGNORE), len(row)) for row in labelled["labels"]]
+    lengths = [len(ids) for ids in labelled["input_ids"]]
+    unanswered = set() if limit is None or keep_end else {i for i, start in enumerate(answer_start) if start >= limit}
+    cut = 0 if limit is None else sum(start < limit < n for start, n in zip(answer_start, lengths, strict=True))
+    total = len(dataset)
+    if keep_end and limit is not None and any(n > limit for n in lengths):
+        print(
+            f"sft: {sum(n > limit for n in lengths)} of {total} {split} examples lose the start of their prompt "
+            f"to max_length {limit}"
+        )
     if unanswered:
         print(
-            f"sft: left out {len(unanswered)} of {len(lengths)} {split} examples whose prompt alone fills max_length "
+            f"sft: left out {len(unanswered)} of {total} {split} examples whose prompt alone fills max_length "
             f"{limit} tokens (truncation would cut their whole answer away)"
         )
-    if cut:
-        print(f"sft: {cut} of {len(lengths)} {split} examples have their answer truncated to fit max_length {limit}")
-    if len(unanswered) == len(lengths):
+    if cut and not keep_end:
+        print(f"sft: {cut} of {total} {split} examples have their answer truncated to fit max_length {limit}")
+    if len(unanswered) == total:
         raise UserError(
             f"every {split} prompt is at least max_length={limit} tokens long, leaving no answer to train on: "
             "raise max_length or shorten the prompts"
         )
-    return dataset.select([i for i in range(len(lengths)) if i not in unanswered])
+    kept = [i for i in range(total) if i not in unanswered]
+    mismatched = sum(labelled.select(kept)["mismatch"])
+    if not mismatched:
+        return dataset.select(kept) if unanswered else dataset
+    merged = next((token for token in labelled["merged"] if token), "")
+    what = (
+        f"the prompt's last token merges with the answer's first (e.g. {merged!r})"
+        if merged
+        else "the prompt's tokens are not the first tokens of prompt + answer"
+    )
+    print(
+        f"sft: {mismatched} of {len(kept)} {split} records: {what}; masked by character offsets so the loss covers "
+        "exactly the answer"
+    )
+    return labelled.select(kept).select_columns(["input_ids", "labels"])
 
 
 def main(script_args, training_args, model_args):
@@ -82,12 +131,23 @@ def main(script_args, training_args, model_args):
     with outputs.training_run("sft", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "sft", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path)
+        template_path = training_args.chat_template_path
+        apply_template_path(tokenizer, template_path)
+        # A model folder or Hub id as chat_template_path: TRL clones that tokenizer's template into this one.
+        cloned = bool(template_path) and not template_path.endswith((".jinja", ".j2"))
+        template_source = load_tokenizer(template_path) if cloned else tokenizer
+        fix = f"set chat_template_path: {ALPACA_PATH} (or the template the model was made for)"
+        sources = [script_args.dataset_name, script_args.eval_dataset_name]
+        for split in (train, evaluation):
+            named = template_path if cloned else model_args.model_name_or_path
+            check_renders(split, template_source, named, "sft", sources, fix)
         model = load_model(model_args.model_name_or_path, kwargs=model_kwargs(model_args), what="model_name_or_path")
         check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
-        train = drop_unanswered(train, tokenizer, training_args)
-        evaluation = drop_unanswered(evaluation, tokenizer, training_args, "eval")
         if not model_args.use_peft and ensure_distinct_pad(tokenizer, model):
             print("sft: the tokenizer padded with its EOS token; added <|pad|> so PPO can tell the two apart")
+        if not cloned:  # with a cloned template, TRL's own masking and truncation apply, unchecked
+            train = prepare_records(train, tokenizer, training_args)
+            evaluation = prepare_records(evaluation, tokenizer, training_args, "eval")
         training_args.output_dir = str(run.work)
         trainer = SFTTrainer(
             model=model,

@@ -298,12 +298,14 @@ def sft_records() -> list[dict]:
 def test_sft_leaves_out_and_counts_records_whose_answer_truncation_would_remove(world, tmp_path, capsys):
     from datasets import Dataset
 
-    from rlhf_trl.sft import drop_unanswered
+    from rlhf_trl.sft import prepare_records
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
     dataset = load_dataset_for(data, "sft")
-    args = SimpleNamespace(max_length=64, chat_template_path=None, packing=False, truncation_mode="keep_start")
-    kept = drop_unanswered(Dataset.from_list(dataset), load_tokenizer(world / "models/base"), args)
+    args = SimpleNamespace(
+        max_length=64, packing=False, truncation_mode="keep_start", completion_only_loss=None, assistant_only_loss=False
+    )
+    kept = prepare_records(Dataset.from_list(dataset), load_tokenizer(world / "models/base"), args)
     # Records 3 and 4 have prompts over 64 tokens (left out); record 2's answer runs past 64 (kept, truncated).
     assert [row["completion"][0]["content"] for row in kept] == ["The river is long.", LONG * 20]
     out = capsys.readouterr().out

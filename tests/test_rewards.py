@@ -1,5 +1,6 @@
 """Cross-tokenizer rewards: a reward model with its own tokenizer scores what the policy generated."""
 
+import pytest
 import torch
 from tests_helpers import build_encoder_tokenizer
 from torch import nn
@@ -38,12 +39,18 @@ def test_scores_follow_the_reward_models_preference_through_re_encoding():
     query_responses = torch.tensor(rows)
     context_length = len(query) + 2
 
-    scorer = CrossTokenizerReward(reward, reward_tokenizer, policy_tokenizer, {tuple(query): prompt})
+    scorer = CrossTokenizerReward(reward, reward_tokenizer, policy_tokenizer, [[], prompt])
+    scorer.expect({"input_ids": query_responses[:, :context_length], "prompt_index": torch.tensor([1, 1, 1])})
     per_token, scores, ends = scorer.get_reward(query_responses, pad, context_length)
 
     assert scores.tolist() == [1.0, 0.0, 3.0]
     assert ends.tolist() == [context_length + len(r) - 1 for r in responses], "index of each response's EOS"
     assert per_token[torch.arange(3), ends].squeeze(-1).tolist() == scores.tolist()
+    with pytest.raises(RuntimeError, match="not the next ones"):  # every row of the batch was scored
+        scorer.get_reward(query_responses[:1], pad, context_length)
+    scorer.expect({"input_ids": query_responses[:, :context_length], "prompt_index": torch.tensor([1, 1, 1])})
+    with pytest.raises(RuntimeError, match="not the next ones"):  # rows of another batch are never guessed at
+        scorer.get_reward(query_responses[:, 1:], pad, context_length)
 
 
 def test_encoder_pairs_are_prompt_then_answer_and_truncate_the_prompt_first():

@@ -1,0 +1,115 @@
+"""Chat templates: the Alpaca fallback, and one record of each kind rendered before a stage trains on the data.
+
+Every stage sees a conversation through a chat template: SFT (TRL renders prompt and prompt + answer), the reward
+model when its tokenizer has one (`rewards.encode_for_reward`), PPO's prompts (`ppo.tokenize_prompts`), and
+`chat`/`eval`/`label`/`prepare` through `modeling.render_prompt`. A template can refuse a conversation (Gemma's
+raises "System role not supported" on a system turn) and a tokenizer can ship none (GPT-2, base Llama/Qwen); TRL
+then stops deep in its dataset preparation with a traceback. `check_renders` renders, before anything trains, the
+first record of each sequence of roles in the data (a handful of renders) and turns a refusal or a missing
+template into one line naming the file, the line and the fix.
+
+`FALLBACK_TEMPLATE` is what `modeling.render_prompt` uses for a tokenizer without a template: the Alpaca format
+of recipes/templates/alpaca.jinja (the gpt2-alpaca recipe's `chat_template_path`), so a base model is prompted in
+the same format SFT teaches it (tests/test_templates.py checks the two render alike). The training stages do not
+fall back silently: a template is part of what the model learns, so they ask for `chat_template_path`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli import UserError
+
+# Keep in step with recipes/templates/alpaca.jinja (a test renders both): system text, then each user turn as an
+# instruction, each assistant turn as a response closed by EOS, and the generation prompt.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% else %}{{ '### Response:\\n' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
+ALPACA_PATH = "recipes/templates/alpaca.jinja"
+CONVERSATION_FIELDS = ("prompt", "completion", "chosen", "rejected")
+
+
+def apply_template_path(tokenizer, chat_template_path: str | None) -> None:
+    """Gives the tokenizer a recipe's `chat_template_path` when it is a .jinja/.j2 file, as TRL's SFT and reward
+    trainers do in their constructors, so the checks (and the reward stage's own encoding) see the template the
+    trainer will use. A model folder or Hub id is left to TRL's `clone_chat_template`."""
+    if not chat_template_path or not chat_template_path.endswith((".jinja", ".j2")):
+        return
+    if not Path(chat_template_path).is_file():
+        raise UserError(f"chat_template_path {chat_template_path} does not exist: e.g. {ALPACA_PATH}")
+    tokenizer.chat_template = Path(chat_template_path).read_text(encoding="utf-8")
+
+
+def renderings(row: dict, purpose: str) -> list[tuple[list[dict], bool]]:
+    """The (conversation, add_generation_prompt) pairs a stage renders for one converted record.
+
+    sft: the prompt with the generation prompt and prompt + answer (as TRL's SFTTrainer tokenizes them);
+    reward: prompt + chosen and prompt + rejected (`rewards.encode_for_reward`); prompts: the prompt (PPO).
+    """
+    if purpose == "sft":
+        return [(row["prompt"], True), (row["prompt"] + row["completion"], False)]
+    if purpose == "reward":
+        return [(row["prompt"] + row["chosen"], False), (row["prompt"] + row["rejected"], False)]
+    return [(row["prompt"], True)]
+
+
+def roles(row: dict) -> tuple:
+    return tuple(tuple(m["role"] for m in row[key]) for key in CONVERSATION_FIELDS if row.get(key))
+
+
+def check_renders(rows, tokenizer, model: str, purpose: str, sources: list[str], fix: str) -> None:
+    """Renders the first record of each sequence of roles in `rows` (converted records: `data.load_splits`).
+
+    `model` names the tokenizer in messages; `sources` are the files the rows came from (to name the record's
+    line); `fix` says how to give the stage a template that takes the data (e.g. "set chat_template_path: ...").
+    Raises UserError: the tokenizer has no chat template, or its template raises on a record.
+    """
+    seen = set()
+    for row in rows:
+        shape = roles(row)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        if not tokenizer.chat_template:
+            where = locate(row, sources, purpose)
+            raise UserError(f"{where}: the tokenizer of {model} has no chat template for this conversation: {fix}")
+        for conversation, generation_prompt in renderings(row, purpose):
+            try:
+                tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False)
+            except Exception as error:  # jinja2's TemplateError from raise_exception, or any error a template hits
+                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                where = locate(row, sources, purpose)
+                hint = "drop the system turn or " if "system" in reason.lower() else "change the data or "
+                raise UserError(
+                    f"{where}: the chat template of {model} refuses this conversation ({reason}): {hint}{fix}"
+                ) from None
+
+
+def _turns(row: dict) -> list:
+    return [[(m["role"], m["content"]) for m in row[key]] for key in CONVERSATION_FIELDS if row.get(key)]
+
+
+def locate(row: dict, sources: list[str], purpose: str) -> str:
+    """'<file> line <n>' of the raw record `row` was converted from, searching `sources` in order (only called
+    for an error, so reading a file again costs nothing in a run that works)."""
+    from .data import _where, convert, join_accepted_rejected, load_records, seed_pair_files
+
+    wanted = _turns(row)
+    for source in filter(None, sources):
+        try:
+            seed_files = seed_pair_files(source)
+            records = join_accepted_rejected(*seed_files, allow_unmatched=True) if seed_files else load_records(source)
+            name = str(seed_files[0]) if seed_files else source
+        except UserError:
+            continue
+        for index, record in enumerate(records):
+            try:
+                converted = convert([record], purpose, name)
+            except UserError:
+                continue
+            if _turns(converted[0]) == wanted:
+                return _where(name, record, index)
+    return f"{sources[0]} (a record with roles {', '.join(r for turns in roles(row) for r in turns)})"
