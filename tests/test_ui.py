@@ -54,6 +54,18 @@ def site_world(world, tmp_path_factory) -> dict[str, Path]:
                     parameter.add_(torch.randn_like(parameter) * 0.05)
             model.save_pretrained(out)
         (out / "rlhf_trl_run.json").write_text(json.dumps({"stage": stage}))
+    report = root / "models" / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# RLHF report: demo\n\n![SFT loss](sft_loss.png)\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots()
+    axis.plot([3, 2, 1])
+    figure.savefig(report / "sft_loss.png")
+    plt.close(figure)
     return {"models": root / "models", "data": world / "data", "labels": root / "labels"}
 
 
@@ -91,8 +103,7 @@ def stop(server: subprocess.Popen, sig=signal.SIGTERM) -> None:
         server.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium():
     if not CHROMIUM or not DRIVER:
         pytest.fail("RLHF_TRL_BROWSER=required but chromium or chromedriver is missing")
     from selenium import webdriver
@@ -102,7 +113,19 @@ def browser():
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2200"):
         options.add_argument(argument)
     options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    return webdriver.Chrome(options=options, service=Service(DRIVER))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def second_browser():
+    driver = chromium()
     yield driver
     driver.quit()
 
@@ -157,21 +180,30 @@ def arena_lines(folder: Path) -> list[dict]:
     return [r for r in map(json.loads, text.splitlines()) if r.get("source") == labels.ARENA]
 
 
-def vote(page: Page, choice: str, before: int) -> str:
-    """Asks for the next pair, checks it is blind, votes, and returns the prompt that was on screen."""
+def ask(page: Page) -> str:
+    """Asks for the next pair, checks it is blind, and returns the prompt on screen."""
     page.click("#arena-next")
     page.until(lambda: page.value("#arena-a") and page.value("#arena-b") and not page.text("#arena-message"), "a pair")
-    prompt = page.value("#arena-prompt")
     assert " was " not in page.find("#tab-arena").text  # blind: which stage wrote which is not on the page
+    return page.value("#arena-prompt")
+
+
+def answer(page: Page, choice: str) -> None:
     page.click(f"#vote-{choice}")
     page.until(lambda: page.text("#arena-message").startswith("Saved:"), "the reveal")
     assert "A was" in page.text("#arena-message") and "B was" in page.text("#arena-message")
+
+
+def vote(page: Page, choice: str, before: int) -> str:
+    """Asks for the next pair, votes, and returns the prompt that was on screen."""
+    prompt = ask(page)
+    answer(page, choice)
     page.until(lambda: f"{before + 1} vote" in page.text("#arena-stats"), "the updated win rate")
     return prompt
 
 
 @needs_browser
-def test_chat_then_three_blind_votes_survive_a_killed_server(site_world, browser, tmp_path):
+def test_chat_votes_from_two_browsers_and_a_killed_server(site_world, browser, second_browser):
     from rlhf_trl.modeling import for_inference, generate, load_model, load_tokenizer
 
     port = free_port()
@@ -221,20 +253,43 @@ def test_chat_then_three_blind_votes_survive_a_killed_server(site_world, browser
         assert page.text("#arena-stats") == line
         assert line.startswith("human win rate of PPO over SFT:") and "3 votes, 1 labeler" in line
 
-        # A fourth pair is on screen when the server dies: only that vote is lost.
+        # Two browsers of the same labeler at once: different prompts, both votes kept.
+        other = Page(second_browser, port)
+        other.tab("Arena")
+        other.type("#labeler", "alice")
         page.click("#arena-next")
-        page.until(lambda: page.value("#arena-a") and not page.text("#arena-message"), "a fourth pair")
+        second = ask(other)
+        page.until(lambda: page.value("#arena-a") and not page.text("#arena-message"), "the first browser's pair")
+        first = page.value("#arena-prompt")
+        assert first != second and not {first, second} & set(shown)
+        answer(other, "a")
+        answer(page, "b")
+        log = arena_lines(site_world["labels"])
+        assert len(log) == 5 and len({d["prompt_id"] for d in log}) == 5
+        assert {d["prompt"] for d in log[3:]} == {first, second}
+
+        # The Report tab shows report.md with its plot.
+        page.tab("Report")
+        page.until(lambda: "RLHF report" in page.text("#report"), "the report")
+        page.until(lambda: int(page.find("#report img").get_attribute("naturalWidth") or 0) > 0, "the plot")
+
+        # A sixth pair is on screen when the server dies: only that vote is lost.
+        page.tab("Arena")
+        page.click("#arena-next")
+        page.until(lambda: page.value("#arena-a") and not page.text("#arena-message"), "a sixth pair")
         stop(server, signal.SIGKILL)
         server = start_server(site_world, port)
         page = Page(browser, port)
         page.tab("Arena")
-        page.until(lambda: line in page.text("#arena-stats"), "the three votes back")
+        line = labels.verdict_line(labels.human_verdicts(log)[0])
+        page.until(lambda: line in page.text("#arena-stats"), "the five votes back")
+        assert "5 votes, 1 labeler" in line
         page.type("#labeler", "alice")
-        fourth = vote(page, "both-bad", 3)
-        assert fourth not in shown  # nothing voted is shown again
+        sixth = vote(page, "both-bad", 5)
+        assert sixth not in {d["prompt"] for d in log}  # nothing voted is shown again
         after = arena_lines(site_world["labels"])
-        assert after[:3] == log and len(after) == 4 and after[3]["decision"] == "reject"
-        assert len({d["prompt_id"] for d in after}) == 4
+        assert after[:5] == log and len(after) == 6 and after[5]["decision"] == "reject"
+        assert len({d["prompt_id"] for d in after}) == 6
     finally:
         stop(server)
 
