@@ -214,10 +214,12 @@ class Site:
     # ------------------------------------------------------------------ handing out prompts
 
     def next_item(self, items: list[dict], done: set[str], key: tuple, session: str) -> dict | None:
-        """The first item not `done` and not shown to this labeler in another browser; reserved for `session`."""
+        """The first item not `done` and not shown to this labeler in another browser; reserved for `session`.
+
+        `key` is (labeler, task, ...): what this session had reserved for the same key is released first.
+        """
         with self.mutex:
-            for reserved in [k for k, owner in self.showing.items() if owner == session]:
-                del self.showing[reserved]
+            self._release(session, key)
             for item in items:
                 if item["prompt_id"] in done or self.showing.get((*key, item["prompt_id"]), session) != session:
                     continue
@@ -225,10 +227,18 @@ class Site:
                 return item
         return None
 
-    def release(self, session: str) -> None:
+    def _release(self, session: str, key: tuple) -> None:
+        for reserved in [k for k, owner in self.showing.items() if owner == session and k[: len(key)] == key]:
+            del self.showing[reserved]
+
+    def record_once(self, decision: dict, earlier: list[dict], key: tuple, session: str) -> None:
+        """Records `decision` unless one of `earlier` (the labeler's) already decided its prompt: a second click,
+        or a second browser, never records the same (prompt, labeler) twice. Releases the reservation."""
         with self.mutex:
-            for reserved in [k for k, owner in self.showing.items() if owner == session]:
-                del self.showing[reserved]
+            if any(d["prompt_id"] == decision["prompt_id"] for d in earlier):
+                raise ValueError("you already decided on this prompt; press Next prompt")
+            self.store.record([decision])
+            self._release(session, key)
 
     # ------------------------------------------------------------------ arena
 
@@ -254,8 +264,18 @@ class Site:
 
     def arena_vote(self, item: dict, labeler: str, choice: str, session: str) -> dict:
         decision = labels.arena_vote(item, labeler, choice)
-        self.store.record([decision])
-        self.release(session)
+        pair = sorted(item["stages"])
+        earlier = [d for d in self.store.by(labeler, arena=True) if sorted(d.get("stages", ())) == pair]
+        self.record_once(decision, earlier, (labeler, "arena", *pair), session)
+        return decision
+
+    def label(self, item: dict, key: str, session: str) -> dict:
+        """Records a Label-tab decision for a key of `labels.decision_for_key`; ValueError when it does not fit."""
+        choice = labels.decision_for_key(key, len(item["responses"]))
+        if choice is None:
+            raise ValueError(f"there are only {len(item['responses'])} answers")
+        decision = labels.new_decision(item, item["labeler"], *choice, source="web")
+        self.record_once(decision, self.store.by(item["labeler"]), (item["labeler"], "label"), session)
         return decision
 
     def verdict_lines(self) -> list[str]:
@@ -420,7 +440,10 @@ def build(site: Site):
                     def vote(item, name, token):
                         if item is None:
                             return None, warn("press Next prompt first: there is no answer pair on screen"), stats()
-                        decision = site.arena_vote(item, item["labeler"], choice, token)
+                        try:
+                            decision = site.arena_vote(item, item["labeler"], choice, token)
+                        except ValueError as error:
+                            return None, warn(error), stats()
                         return None, arena_reveal(item, decision), stats()
 
                     return vote
@@ -478,12 +501,10 @@ def build(site: Site):
                     def press(item, name, stage, k, token):
                         if item is None:
                             return show_item(None, warn("press Next prompt first: there is nothing on screen"))
-                        choice = labels.decision_for_key(key, len(item["responses"]))
-                        if choice is None:
-                            return show_item(item, warn(f"there are only {len(item['responses'])} answers"))
-                        decision = labels.new_decision(item, item["labeler"], *choice, source="web")
-                        site.store.record([decision])
-                        site.release(token)
+                        try:
+                            decision = site.label(item, key, token)
+                        except ValueError as error:
+                            return show_item(item, warn(error))
                         said = f"Saved: {labels.describe(decision)}."
                         following = next_label(name, stage, k, token)
                         following[-1] = " ".join(p for p in (said, following[-1]) if p)

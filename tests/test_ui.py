@@ -344,8 +344,20 @@ def test_two_browsers_of_one_labeler_never_get_the_same_prompt_and_lose_no_vote(
             ]
             [t.start() for t in threads]
             [t.join() for t in threads]
+        with pytest.raises(ValueError, match="already decided"):  # a second click on the same pair
+            page.arena_vote({**shown["first"], "labeler": "bob"}, "bob", "b", "first")
         votes = [d for d in labels.read_decisions(paths["labels"]) if d["source"] == labels.ARENA]
         assert len(votes) == 6 and len({d["prompt_id"] for d in votes}) == 6  # none lost, none twice
+
+        # The Label tab's path: the terminal tool's sampler settings and seeds, the same store, source web.
+        item = {**page.label_next("bob", "sft", 2, "first"), "labeler": "bob"}
+        assert item["generation"] == {"samples": 2, "max_new_tokens": 4, "temperature": 0.7, "seed": 0}
+        decision = page.label(item, "b", "first")
+        assert decision["source"] == "web" and labels.describe(decision) == "b"
+        with pytest.raises(ValueError, match="already decided"):
+            page.label(item, "a", "first")
+        assert page.label_next("bob", "sft", 2, "first")["prompt_id"] != item["prompt_id"]
+        assert [d["decision_id"] for d in page.store.by("bob")] == [decision["decision_id"]]
     finally:
         page.store.__exit__()
 
