@@ -424,3 +424,13 @@ def test_a_port_in_use_is_one_line_naming_it_and_port(tmp_path):
     [line] = result.stderr.strip().splitlines()
     assert f"port {port}" in line and "PORT=" in line
     assert not (tmp_path / "labels").exists()  # refused before anything was touched
+
+
+def test_auth_takes_user_and_password():
+    from rlhf_trl.cli import UserError
+    from rlhf_trl.ui import parse_auth
+
+    assert parse_auth("alice:pa:ss") == ("alice", "pa:ss") and parse_auth(None) is None
+    for bad in ("alice", ":secret", "alice:"):
+        with pytest.raises(UserError, match="--auth takes user:password"):
+            parse_auth(bad)
