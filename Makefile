@@ -3,6 +3,7 @@
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
 #   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
+#   make ui                       web page on http://127.0.0.1:7860: chat, blind SFT-vs-PPO arena, labeling, report
 #   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (README: More than one GPU)
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
@@ -23,6 +24,8 @@ SHAPE ?= toy
 MODE ?= bf16
 BENCH_ARGS ?=
 FILE ?=
+HOST ?= 127.0.0.1
+PORT ?= 7860
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,10 +42,10 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup data sft reward ppo chat merge eval report label label-export label-import label-agreement all test test-distributed lint bench bench-engines clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report label ui label-export label-import label-agreement all test test-distributed lint bench bench-engines clean-demo
 
 help:
-	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -97,6 +100,12 @@ label-import: setup
 
 label-agreement: setup
 	$(BIN)/python -m rlhf_trl.label agreement --recipe $(RECIPE) $(ARGS)
+
+# The web page (rlhf_trl.ui, Gradio, the `ui` extra: installed here when missing). HOST=0.0.0.0 serves the LAN:
+# then add ARGS="--auth user:password" (README: Web page). Votes and labels go to data/labels/$(RECIPE)/.
+ui: setup
+	@$(BIN)/python -c "import gradio" 2>/dev/null || $(BIN)/python -m pip install -q --disable-pip-version-check -e ".[ui]"
+	$(BIN)/python -m rlhf_trl.ui --recipe $(RECIPE) --host "$(HOST)" --port "$(PORT)" $(ARGS)
 
 # A stage whose output is already finished is kept, not redone: `make <stage> ARGS=--overwrite` redoes one.
 all: setup

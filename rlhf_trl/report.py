@@ -7,7 +7,9 @@ Reads two things and recomputes nothing it can reuse:
   file is missing or older than a stage output, so the report never describes other models than those on disk;
 - each stage's `metrics.jsonl` (written while it trained by `rlhf_trl.metrics_log`).
 
-Writes report.md (the evaluation tables, warnings, and the plots inline), samples.md (SFT and PPO answers to
+Writes report.md (the evaluation tables, warnings, the human verdict when the web page's arena has votes in
+data/labels/<recipe>/ (`--labels`): the human win rate of each voted pair of stages with its Wilson 95% interval,
+and the plots inline), samples.md (SFT and PPO answers to
 the same prompts side by side, with their reward-model and ground-truth scores), and PNGs drawn with
 matplotlib's Agg backend (no display needed): sft_loss.png, reward_accuracy.png, ppo_training.png (reward,
 KL, entropy, value loss per step) and reward_distribution.png. A stage trained without a metrics log gets
@@ -20,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import evaluate
+from . import evaluate, labels
 from .cli import UserError, run
 from .metrics_log import FILENAME, read_metrics
 from .outputs import MARKER
@@ -204,8 +206,26 @@ def samples_page(result: dict, rows: int = SAMPLE_ROWS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(models: Path, result: dict, output: Path) -> list[Path]:
-    """Writes report.md, samples.md and the plots into `output`; returns the PNGs written."""
+def human_section(verdicts: list[dict]) -> list[str]:
+    """The arena's human verdicts (`labels.human_verdicts`) as report lines; none without arena votes."""
+    if not verdicts:
+        return []
+    return [
+        "## Human verdict (arena)",
+        "",
+        *[f"- {labels.verdict_line(v)}" for v in verdicts],
+        "",
+        'Blind A/B votes from `make ui` (Arena tab) on held-out prompts; a tie or "both bad" counts half. '
+        "The interval is Wilson's score interval.",
+        "",
+    ]
+
+
+def build(models: Path, result: dict, output: Path, verdicts: list[dict] | None = None) -> list[Path]:
+    """Writes report.md, samples.md and the plots into `output`; returns the PNGs written.
+
+    `verdicts` (`labels.human_verdicts` of the labels folder) adds the human verdict section.
+    """
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob("*.png"):
         stale.unlink()
@@ -266,6 +286,7 @@ def build(models: Path, result: dict, output: Path) -> list[Path]:
         f"`{FILENAME}`. Sample generations, SFT and PPO side by side: [samples.md](samples.md).",
         "",
         *eval_section(result),
+        *human_section(verdicts or []),
         *sections,
     ]
     (output / "report.md").write_text("\n".join(report).rstrip() + "\n", encoding="utf-8")
@@ -280,6 +301,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--eval", type=Path, default=None, help="eval.json to read (default: <models>/eval.json)")
     parser.add_argument("--output", type=Path, default=None, help="default: <models>/report")
+    parser.add_argument(
+        "--labels", type=Path, default=None, help="labels folder with arena votes (default: data/labels/<recipe>)"
+    )
     args = parser.parse_args(argv)
     models = args.models or Path("models", args.recipe)
     eval_file = args.eval or models / "eval.json"
@@ -303,8 +327,11 @@ def main(argv=None) -> None:
         for line in lines:
             print(line)
     output = args.output or models / "report"
+    verdicts = labels.human_verdicts(labels.read_decisions(args.labels or Path("data", "labels", args.recipe)))
+    for verdict in verdicts:
+        print(f"report: {labels.verdict_line(verdict)}")
     try:
-        written = build(models, result, output)
+        written = build(models, result, output, verdicts)
     except (KeyError, TypeError) as error:
         raise UserError(
             f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"

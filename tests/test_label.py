@@ -16,7 +16,7 @@ import pexpect
 import pytest
 from conftest import OFFLINE_ENV, ROOT, run_module
 
-from rlhf_trl import label
+from rlhf_trl import label, labels
 from rlhf_trl.cli import UserError
 from rlhf_trl.data import load_dataset_for, load_splits
 
@@ -70,8 +70,8 @@ def lines_of(path) -> list[dict]:
 
 
 def live_decisions(out) -> list[dict]:
-    undone = {r["undoes"] for r in lines_of(out / label.LOG) if r["kind"] == "undo"}
-    return [r for r in lines_of(out / label.LOG) if r["kind"] == "decision" and r["decision_id"] not in undone]
+    undone = {r["undoes"] for r in lines_of(out / labels.LOG) if r["kind"] == "undo"}
+    return [r for r in lines_of(out / labels.LOG) if r["kind"] == "decision" and r["decision_id"] not in undone]
 
 
 def first_prompts(sources) -> list[str]:
@@ -81,11 +81,11 @@ def first_prompts(sources) -> list[str]:
 
 def assert_files_match_log(out) -> None:
     """accepted/rejected/pairs hold exactly what the live decisions say, once each."""
-    expected = {name: [] for name in label.DERIVED}
+    expected = {name: [] for name in labels.DERIVED}
     for decision in live_decisions(out):
-        for name, records in label.derived_records(decision).items():
+        for name, records in labels.derived_records(decision).items():
             expected[name] += [(r["decision_id"], r.get("response") or r["chosen"] + r["rejected"]) for r in records]
-    for name in label.DERIVED:
+    for name in labels.DERIVED:
         found = [(r["decision_id"], r.get("response") or r["chosen"] + r["rejected"]) for r in lines_of(out / name)]
         assert sorted(found) == sorted(expected[name]), name
 
@@ -108,12 +108,12 @@ def test_label_undo_quit_and_resume_without_duplicates(sources, tmp_path):
     assert finish(child) == 0
 
     decisions = live_decisions(out)
-    assert [(d["prompt"], label.describe(d)) for d in decisions] == [(prompts[0], "a"), (prompts[1], "reject")]
+    assert [(d["prompt"], labels.describe(d)) for d in decisions] == [(prompts[0], "a"), (prompts[1], "reject")]
     first = decisions[0]
     assert first["labeler"] == "alice" and first["model"] == sources["model"] and first["timestamp"]
     assert first["generation"] == {"samples": 2, "max_new_tokens": 6, "temperature": 0.7, "seed": 0}
     assert_files_match_log(out)
-    accepted = lines_of(out / label.ACCEPTED)
+    accepted = lines_of(out / labels.ACCEPTED)
     assert [r["response"] for r in accepted] == [first["responses"][0]]  # the undone "accept all" left nothing
     assert {"labeler", "timestamp", "model", "generation"} <= set(accepted[0])
 
@@ -131,7 +131,7 @@ def test_label_undo_quit_and_resume_without_duplicates(sources, tmp_path):
     assert [d["prompt"] for d in decisions] == prompts  # each prompt once, in order, none shown again
     assert_files_match_log(out)
     # What the reward stage reads: the pairs file, and the seed's two files as a folder.
-    pairs = load_dataset_for(str(out / label.PAIRS), "reward")
+    pairs = load_dataset_for(str(out / labels.PAIRS), "reward")
     assert len(pairs) == sum(d["responses"][0] != d["responses"][1] for d in decisions if d["decision"] == "prefer")
     assert load_dataset_for(str(out), "reward", allow_unmatched=True)
 
@@ -157,14 +157,14 @@ def test_ctrl_c_and_kill_mid_session_leave_valid_jsonl_with_every_saved_decision
     assert child.signalstatus == signal.SIGKILL
 
     saved = live_decisions(out)
-    assert [label.describe(d) for d in saved] == ["c", "b"]
+    assert [labels.describe(d) for d in saved] == ["c", "b"]
     assert_files_match_log(out)
     # A kill inside a write: a torn log line, and a decision whose data lines never made it.
-    with open(out / label.LOG, "a", encoding="utf-8") as log:
+    with open(out / labels.LOG, "a", encoding="utf-8") as log:
         log.write('{"kind": "decision", "decision_id": "torn", "lab')
-    pairs = (out / label.PAIRS).read_text().splitlines(keepends=True)
-    (out / label.PAIRS).write_text("".join(pairs[:-1]))
-    with label.LabelStore(out):  # what every start of the tool does first (the restart itself: the test above)
+    pairs = (out / labels.PAIRS).read_text().splitlines(keepends=True)
+    (out / labels.PAIRS).write_text("".join(pairs[:-1]))
+    with labels.LabelStore(out):  # what every start of the tool does first (the restart itself: the test above)
         pass
     assert [d["decision_id"] for d in live_decisions(out)] == [d["decision_id"] for d in saved]
     assert_files_match_log(out)
@@ -223,7 +223,7 @@ def test_agreement_statistics():
         return {"labeler": labeler, "sample_id": sample, "decision": verdict, "preferred": preferred}
 
     votes = [vote("x", s, c) for s, c in enumerate("aabba")] + [vote("y", s, c) for s, c in enumerate("abbba")]
-    [result] = label.agreement(votes + [vote("z", 9, "skip")])
+    [result] = labels.agreement(votes + [vote("z", 9, "skip")])
     # observed 4/5; chance (3*2 + 2*3) / 25 = 0.48; kappa (0.8 - 0.48) / 0.52
     assert result["labelers"] == ("x", "y") and result["shared"] == 5
     assert result["agreement"] == pytest.approx(0.8) and result["kappa"] == pytest.approx(0.32 / 0.52)
@@ -249,11 +249,11 @@ def test_import_errors_name_the_file_and_line(exported, tmp_path):
         (".csv", f"sample_id,decision\n{first},a\n{first},b\n", "line 3", "already on line 2"),
         (".csv", f"sample_id\n{first}\n", "line 2", "'decision' is missing"),
     ]  # fmt: skip
-    before = (exported[0] / label.LOG).read_bytes() if (exported[0] / label.LOG).exists() else b""
+    before = (exported[0] / labels.LOG).read_bytes() if (exported[0] / labels.LOG).exists() else b""
     for suffix, content, where, what in cases:
         message, path = bad_import(tmp_path, exported, suffix, content)
         assert f"{path} {where}" in message and what in message, message
-    after = (exported[0] / label.LOG).read_bytes() if (exported[0] / label.LOG).exists() else b""
+    after = (exported[0] / labels.LOG).read_bytes() if (exported[0] / labels.LOG).exists() else b""
     assert after == before, "a rejected file recorded nothing"
 
     path = tmp_path / "bad.csv"

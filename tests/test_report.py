@@ -61,6 +61,32 @@ def test_report_md_holds_the_tables_plots_and_samples(built):
     assert samples.count("\n| ") == 1 + 6 and "| prompt | SFT |" in samples  # one answer to each of 6 prompts
 
 
+def test_arena_votes_add_the_human_verdict(trained, built, tmp_path):
+    """`make report` with arena votes in the labels folder: the human win rate line, in report.md and printed."""
+    votes = [
+        {"kind": "decision", "decision_id": f"d{i}", "labeler": labeler, "source": "arena", "stages": stages,
+         "decision": "prefer", "preferred": preferred, "prompt_id": f"p{i}"}
+        for i, (labeler, stages, preferred) in enumerate(
+            [("ann", ["ppo", "sft"], 0)] * 5 + [("ben", ["sft", "ppo"], 1)] * 2 + [("ben", ["sft", "ppo"], 0)] * 3
+        )
+    ]  # fmt: skip
+    votes.append({"kind": "undo", "undoes": "d9", "labeler": "ben"})  # an undone vote does not count
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "decisions.jsonl").write_text("".join(json.dumps(v) + "\n" for v in votes))
+    result = run_module(
+        "report", "--models", str(Path(trained["sft"]).parent), "--eval", str(built.parent / "eval.json"),
+        "--output", str(tmp_path / "report"), "--labels", str(folder),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # PPO preferred in 7 of 9 live votes: 0.778; Wilson 95%: centre (0.77778 + 0.21342) / 1.42684 = 0.69468,
+    # half-width 1.37366 * sqrt(0.019204 + 0.011857) = 0.24210: 0.453 to 0.937.
+    line = "human win rate of PPO over SFT: 0.78 (95% CI 0.45-0.94, 9 votes, 2 labelers)"
+    assert f"report: {line}" in result.stdout
+    assert f"- {line}" in (tmp_path / "report" / "report.md").read_text()
+    assert "Human verdict" not in (built / "report.md").read_text()  # no arena votes: no section
+
+
 def test_a_stage_without_a_metrics_log_gets_a_note_not_a_crash(trained, built, tmp_path):
     models = tmp_path / "models"
     models.mkdir()

@@ -1,0 +1,673 @@
+"""Human labels: one store, one sampler and the derived files, for every way a person labels.
+
+The terminal tool (`rlhf_trl.label`, `make label`), batch export/import (`make label-export`/`label-import`)
+and the web page (`rlhf_trl.ui`, `make ui`: its Label and Arena tabs) all read and write through this module,
+so a decision made in one shows up in the others. Everything lands in data/labels/<recipe>/ (--out), not
+inside data/processed/<recipe>/, which `make data --overwrite` rebuilds: human labels cannot be regenerated.
+
+    decisions.jsonl     the source of truth: one line per decision or undo, appended and fsync'd at once
+    accepted_data.jsonl / rejected_data.jsonl   the seed project's layout (prompt, response)
+    pairs.jsonl         prompt/chosen/rejected, what the reward stage reads (`human_labels`, `label_mix`)
+    samples.jsonl       the samples `export` handed out, so `import` can check every sample_id
+
+Why it is built this way: the three data files are derived from the log, appended as each decision is
+made, and reconciled with it at every start, so a crash or kill at any moment loses at most the decision
+on screen and leaves valid JSONL. Undo appends a tombstone to the log and rewrites the data files without
+that decision's lines (a temp file renamed over the old one); lines this tool did not write are kept.
+One process holds the folder at a time (a file lock); inside it, threads (the web page's visitors) share one
+`LabelStore`, whose writes are serialised by a lock. The samples of a prompt come from a seed derived from
+the prompt's position, so the terminal, `export` and the web page show two labelers the same answers, which is
+what `agreement` (percent agreement and Cohen's kappa per pair of labelers) compares.
+
+Arena votes (`source: arena`, from the web page) are decisions too: `responses` holds the two stages' answers
+in the order shown, `stages` and `sample_ids` say which stage wrote which, and `decision` is prefer (with
+`preferred`), tie, or reject (both bad). `human_verdicts` turns them into a win rate per pair of stages with a
+Wilson score interval; `make report` prints it.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import threading
+import uuid
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+from . import outputs
+from .cli import UserError
+from .data import load_dataset_for, read_jsonl
+
+STAGES = ("sft", "ppo", "export")
+LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (
+    "decisions.jsonl",
+    "accepted_data.jsonl",
+    "rejected_data.jsonl",
+    "pairs.jsonl",
+    "samples.jsonl",
+)
+DERIVED = (ACCEPTED, REJECTED, PAIRS)
+# The terminal tool's sampling defaults, which the web page's Label tab uses too: the same seed and settings
+# give two labelers the same answers (and sample ids) whichever of the two they label in.
+LABEL_SETTINGS = {"max_new_tokens": 64, "temperature": 0.7, "seed": 0}
+LETTERS = "abcd"  # at most four answers side by side; other keys never clash with these
+VERDICTS = ("tie", "accept", "reject", "skip")
+ARENA = "arena"  # the `source` of the web page's blind A/B votes
+MAX_LABELER = 40
+LABELER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@+-]*")
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def plain_prompt(messages: list[dict]):
+    """A lone user turn as its text (the seed's layout), any longer conversation as its messages."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def short_hash(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def check_labeler(name) -> str:
+    """The labeler name, stripped; ValueError saying why when it is empty, too long or has odd characters.
+
+    Names go into the decision log and the agreement tables, never into a path or a command.
+    """
+    name = str(name or "").strip()
+    if not name:
+        raise ValueError("enter your name first: every decision records who made it")
+    if len(name) > MAX_LABELER:
+        raise ValueError(f"a labeler name is at most {MAX_LABELER} characters; this one has {len(name)}")
+    if not LABELER_PATTERN.fullmatch(name):
+        raise ValueError(
+            "a labeler name holds letters, digits, spaces and . _ @ + - only, and starts with a letter or digit"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Appends whole lines in one write and fsyncs, so a kill leaves either the line or nothing."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rewrite_atomically(path: Path, lines: list[bytes]) -> None:
+    outputs.write_atomically(path, b"".join(lines))
+
+
+def mend_torn_tail(path: Path) -> None:
+    """A last line without its newline is a write cut short by a power loss: dropped, unless it is whole JSON."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+        rewrite_atomically(path, [data, b"\n"])
+    except ValueError:
+        rewrite_atomically(path, [data[:cut]])
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+def derived_records(decision: dict) -> dict[str, list[dict]]:
+    """What one decision adds to accepted_data, rejected_data and pairs."""
+    meta = {
+        key: decision[key]
+        for key in ("labeler", "timestamp", "model", "generation", "decision_id", "sample_id", "stages")
+        if key in decision
+    }
+    prompt, responses, verdict = decision["prompt"], decision["responses"], decision["decision"]
+    accepted, rejected, pairs = [], [], []
+    if verdict == "prefer":
+        best = responses[decision["preferred"]]
+        others = [r for i, r in enumerate(responses) if i != decision["preferred"]]
+        accepted, rejected = [best], others
+        # Identical texts teach the reward model nothing (and contradict each other), so they make no pair.
+        pairs = [{"prompt": prompt, "chosen": best, "rejected": other, **meta} for other in others if other != best]
+    elif verdict == "accept":
+        accepted = responses
+    elif verdict == "reject":
+        rejected = responses
+    return {
+        ACCEPTED: [{"prompt": prompt, "response": r, **meta} for r in accepted],
+        REJECTED: [{"prompt": prompt, "response": r, **meta} for r in rejected],
+        PAIRS: pairs,
+    }
+
+
+def live_decisions(records) -> dict[str, dict]:
+    """The decisions of a log's records that no later undo took back, by id, in the order they were made."""
+    decisions: dict[str, dict] = {}
+    for record in records:
+        record.pop("_line", None)
+        if record.get("kind") == "undo":
+            decisions.pop(record.get("undoes"), None)
+        elif record.get("kind") == "decision":
+            decisions[record["decision_id"]] = record
+    return decisions
+
+
+def read_decisions(folder: Path) -> list[dict]:
+    """The live decisions in a labels folder, read without taking its lock (`make report` while `make ui` runs).
+
+    A last line still being written (no newline yet) is left out; the log is not repaired here.
+    """
+    log = Path(folder) / LOG
+    if not log.is_file():
+        return []
+    data = log.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the log ends with its newline
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        if raw.strip():
+            try:
+                records.append(json.loads(raw))
+            except ValueError:
+                raise UserError(f"{log} line {number}: not valid JSON; fix or delete that line") from None
+    try:
+        records += [json.loads(torn)] if torn.strip() else []
+    except ValueError:
+        pass  # the tail of a write in progress, or cut short (the next LabelStore mends it)
+    return list(live_decisions(records).values())
+
+
+class LabelStore:
+    """The labels folder: the decision log and the data files derived from it. One process holds it at a time;
+    its threads share this object (record, undo and reads take `self.mutex`)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        busy = (
+            f"{self.folder} is in use by another labeling session (make label, make ui, import): finish that one "
+            "first, or label into another folder with --out"
+        )
+        self._lock = outputs.hold_lock(self.folder / ".lock", busy)  # held for the whole session
+        self.mutex = threading.RLock()
+        for name in (LOG, *DERIVED, SAMPLES):
+            mend_torn_tail(self.folder / name)
+        log = self.folder / LOG
+        self.decisions = live_decisions(read_jsonl(log) if log.is_file() else [])
+        self.reconcile()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.close()  # releases the lock
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def by(self, labeler: str, arena: bool = False) -> list[dict]:
+        """The labeler's live decisions: labels (terminal, import, web Label tab), or with `arena` arena votes."""
+        with self.mutex:
+            return [d for d in self.decisions.values() if d["labeler"] == labeler and is_arena(d) == arena]
+
+    def all(self) -> list[dict]:
+        with self.mutex:
+            return list(self.decisions.values())
+
+    def record(self, decisions: list[dict]) -> None:
+        """The log first: a kill between the two writes is repaired from it by the next `reconcile`."""
+        with self.mutex:
+            append_lines(self.path(LOG), decisions)
+            derived: dict[str, list[dict]] = {name: [] for name in DERIVED}
+            for decision in decisions:
+                self.decisions[decision["decision_id"]] = decision
+                for name, lines in derived_records(decision).items():
+                    derived[name] += lines
+            for name, lines in derived.items():
+                if lines:
+                    append_lines(self.path(name), lines)
+
+    def undo_last(self, labeler: str) -> dict | None:
+        """Takes back the labeler's last label (arena votes are not undone: the person saw the stages)."""
+        with self.mutex:
+            mine = self.by(labeler)
+            if not mine:
+                return None
+            last = mine[-1]
+            append_lines(
+                self.path(LOG),
+                [{"kind": "undo", "undoes": last["decision_id"], "labeler": labeler, "timestamp": now()}],
+            )
+            del self.decisions[last["decision_id"]]
+            self.reconcile()
+            return last
+
+    def reconcile(self) -> None:
+        """Makes each data file hold exactly the live decisions' lines (plus any lines it did not write)."""
+        for name in DERIVED:
+            path = self.path(name)
+            expected = {key: derived_records(d)[name] for key, d in self.decisions.items()}
+            lines = path.read_bytes().splitlines(keepends=True) if path.is_file() else []
+            owners = [self._owner(path, number, raw) for number, raw in enumerate(lines, start=1)]
+            counts = Counter(owners)
+            # Lines of undone decisions, or a decision whose lines were cut short by a hand edit: rewritten.
+            wrong = {key for key in counts if key is not None and len(expected.get(key, ())) != counts[key]}
+            if wrong:
+                rewrite_atomically(path, [raw for raw, key in zip(lines, owners, strict=True) if key not in wrong])
+            missing = [line for key, records in expected.items() if key in wrong or not counts[key] for line in records]
+            if missing:
+                append_lines(path, missing)
+
+    def _owner(self, path: Path, line_number: int, raw: bytes) -> str | None:
+        """The decision a data line was derived from; None for blank lines and lines this tool did not write."""
+        try:
+            return json.loads(raw).get("decision_id") if raw.strip() else None
+        except (ValueError, AttributeError):
+            raise UserError(
+                f"{path} line {line_number}: not a JSON object; fix or delete that line "
+                f"(the decisions in {self.path(LOG)} are written into it again)"
+            ) from None
+
+    def samples(self) -> dict[str, dict]:
+        path = self.path(SAMPLES)
+        return {r["sample_id"]: r for r in read_jsonl(path)} if path.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+class Sampler:
+    """K answers per prompt from one stage's model, seeded by the prompt's position in the prompts file."""
+
+    def __init__(self, model_path: Path, samples: int, max_new_tokens: int, temperature: float, seed: int):
+        from .modeling import for_inference, load_model, load_tokenizer
+
+        self.model_path = str(model_path)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = for_inference(load_model(model_path))
+        self.settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
+        self.seed = seed
+
+    def with_settings(self, samples: int, max_new_tokens: int, temperature: float) -> Sampler:
+        """This sampler's loaded model and seed with other settings (the web page loads each stage once)."""
+        other = copy.copy(self)
+        other.settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
+        return other
+
+    def answers(self, item: dict) -> dict:
+        from .modeling import generate
+
+        seed = self.seed + item["index"]
+        responses = generate(
+            self.model,
+            self.tokenizer,
+            [item["messages"]],
+            max_new_tokens=self.settings["max_new_tokens"],
+            temperature=self.settings["temperature"],
+            samples=self.settings["samples"],
+            seed=seed,
+        )
+        responses = [r.strip() for r in responses]
+        return {
+            **item,
+            "responses": responses,
+            # A letter first: spreadsheets read an all-digit (or digits-e-digits) id as a number and mangle it.
+            "sample_id": "s" + short_hash([item["prompt"], responses]),
+            "model": self.model_path,
+            "generation": {**self.settings, "seed": seed},
+        }
+
+
+def model_path(args) -> Path:
+    if args.model is not None:
+        return args.model
+    path = Path("models", args.recipe, args.stage)
+    outputs.require(path, args.stage, args.recipe)
+    return path
+
+
+def load_prompts(args) -> list[dict]:
+    source = args.prompts or Path("data", "processed", args.recipe, "prompts_train.jsonl")
+    if not Path(source).exists():
+        raise UserError(f"prompts file {source} does not exist: run `make data RECIPE={args.recipe}` or pass --prompts")
+    return read_prompts(Path(source), args.limit)
+
+
+def read_prompts(source: Path, limit: int | None = None) -> list[dict]:
+    """The labeling items of a prompts file: each distinct prompt once, with its position (`index`, its seed)."""
+    rows = load_dataset_for(str(source), "prompts")[:limit]
+    items, seen = [], set()
+    for index, row in enumerate(rows):
+        prompt = plain_prompt(row["prompt"])
+        prompt_id = short_hash(prompt)
+        if prompt_id not in seen:  # a repeated prompt is one labeling item
+            seen.add(prompt_id)
+            items.append({"index": index, "prompt": prompt, "prompt_id": prompt_id, "messages": row["prompt"]})
+    return items
+
+
+def new_decision(item: dict, labeler: str, verdict: str, preferred: int | None, source: str) -> dict:
+    """A decision on a sampled item (`Sampler.answers`, or `arena_item`, whose `stages` and `sample_ids` it keeps)."""
+    decision = {
+        "kind": "decision",
+        "decision_id": uuid.uuid4().hex,
+        "labeler": labeler,
+        "timestamp": now(),
+        "source": source,
+        **{key: item[key] for key in ("prompt_id", "sample_id", "prompt", "responses", "model", "generation")},
+        **{key: item[key] for key in ("stages", "sample_ids") if key in item},
+        "decision": verdict,
+    }
+    if preferred is not None:
+        decision["preferred"] = preferred
+    return decision
+
+
+def describe(decision: dict) -> str:
+    """The decision as a short word: a, b, ... for a preferred answer, else tie/accept/reject/skip."""
+    return LETTERS[decision["preferred"]] if decision["decision"] == "prefer" else decision["decision"]
+
+
+def decision_for_key(key: str, count: int) -> tuple[str, int | None] | None:
+    """(verdict, preferred) for a key (a-d, t tie, y accept, n reject, s skip) on `count` answers; None if none."""
+    if count > 1 and key in LETTERS[:count]:
+        return "prefer", LETTERS.index(key)
+    verdict = {"y": "accept", "n": "reject", "s": "skip", "t": "tie" if count > 1 else None}.get(key)
+    return (verdict, None) if verdict else None
+
+
+def is_arena(decision: dict) -> bool:
+    return decision.get("source") == ARENA
+
+
+# ---------------------------------------------------------------------------------------------- arena
+
+# Pipeline order: a verdict is stated for the later stage over the earlier one ("PPO over SFT"). Stages not
+# listed (later methods) sort between ppo and export, by name.
+STAGE_ORDER = ("base", "sft", "ppo")
+ARENA_CHOICES = {"a": ("prefer", 0), "b": ("prefer", 1), "tie": ("tie", None), "both bad": ("reject", None)}
+
+
+def stage_rank(stage: str) -> tuple:
+    if stage in STAGE_ORDER:
+        return (STAGE_ORDER.index(stage), "")
+    return (len(STAGE_ORDER) + (1 if stage == "export" else 0), stage)
+
+
+def arena_item(item: dict, shown: list[dict]) -> dict:
+    """An arena item from a prompt and each stage's one-answer sample (`Sampler.answers`), in the order shown."""
+    sample_ids = [s["sample_id"] for s in shown]
+    return {
+        **item,
+        "responses": [s["responses"][0] for s in shown],
+        "stages": [s["stage"] for s in shown],
+        "sample_ids": sample_ids,
+        "model": [s["model"] for s in shown],
+        "generation": shown[0]["generation"],
+        # The same two answers make the same id whatever order they were shown in.
+        "sample_id": "a" + short_hash(sorted(sample_ids)),
+    }
+
+
+def arena_vote(item: dict, labeler: str, choice: str) -> dict:
+    """The decision for an arena choice: "a", "b", "tie" or "both bad" (ValueError for anything else)."""
+    if choice not in ARENA_CHOICES:
+        raise ValueError(f"unknown arena choice {choice!r}: one of {', '.join(ARENA_CHOICES)}")
+    verdict, preferred = ARENA_CHOICES[choice]
+    return new_decision(item, labeler, verdict, preferred, source=ARENA)
+
+
+def wilson_interval(wins: float, votes: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% for the default z) of a proportion of `wins` in `votes`.
+
+    Wilson (1927); unlike the normal approximation it stays inside [0, 1] and is sensible for few votes
+    (8 of 10: 0.490 to 0.943). `wins` may hold halves (ties). ValueError for no votes.
+    """
+    if votes <= 0:
+        raise ValueError("no votes: no interval")
+    p, z2 = wins / votes, z * z
+    centre = (p + z2 / (2 * votes)) / (1 + z2 / votes)
+    half = z / (1 + z2 / votes) * math.sqrt(p * (1 - p) / votes + z2 / (4 * votes * votes))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def human_verdicts(decisions: list[dict]) -> list[dict]:
+    """Win rate of the later stage over the earlier one, for each pair of stages with arena votes.
+
+    A vote for the later stage counts 1, for the earlier 0, a tie or "both bad" one half (as the reward-model
+    win rate of `rlhf_trl.evaluate` counts ties). Returns dicts with stages (later, earlier), win_rate, low,
+    high (Wilson 95%), votes and labelers, the pairs in pipeline order.
+    """
+    by_pair: dict[tuple[str, str], list[dict]] = {}
+    for decision in decisions:
+        if is_arena(decision) and len(set(decision.get("stages", ()))) == 2:
+            pair = tuple(sorted(decision["stages"], key=stage_rank, reverse=True))
+            by_pair.setdefault(pair, []).append(decision)
+    results = []
+    for (later, earlier), votes in sorted(by_pair.items(), key=lambda kv: [stage_rank(s) for s in kv[0][::-1]]):
+        wins = sum(
+            (1.0 if v["stages"][v["preferred"]] == later else 0.0) if v["decision"] == "prefer" else 0.5 for v in votes
+        )
+        low, high = wilson_interval(wins, len(votes))
+        results.append(
+            {
+                "stages": (later, earlier),
+                "win_rate": wins / len(votes),
+                "low": low,
+                "high": high,
+                "votes": len(votes),
+                "labelers": len({v["labeler"] for v in votes}),
+            }
+        )
+    return results
+
+
+def verdict_line(verdict: dict) -> str:
+    """human win rate of PPO over SFT: 0.80 (95% CI 0.49-0.94, 10 votes, 2 labelers)"""
+    later, earlier = (stage.upper() for stage in verdict["stages"])
+    labelers = f"{verdict['labelers']} labeler" + ("s" if verdict["labelers"] != 1 else "")
+    votes = f"{verdict['votes']} vote" + ("s" if verdict["votes"] != 1 else "")
+    return (
+        f"human win rate of {later} over {earlier}: {verdict['win_rate']:.2f} "
+        f"(95% CI {verdict['low']:.2f}-{verdict['high']:.2f}, {votes}, {labelers})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- batch mode
+
+
+def export_samples(args) -> None:
+    with LabelStore(args.out) as store:
+        _export_with(store, args)
+
+
+def _export_with(store: LabelStore, args) -> None:
+    items = load_prompts(args)
+    sampler = Sampler(model_path(args), args.k, args.max_new_tokens, args.temperature, args.seed)
+    registry = store.samples()
+    rows, new = [], []
+    for item in items:
+        sample = sampler.answers(item)
+        record = {key: sample[key] for key in ("sample_id", "prompt_id", "prompt", "responses", "model", "generation")}
+        if record["sample_id"] not in registry:
+            registry[record["sample_id"]] = record
+            new.append({**record, "timestamp": now()})
+        row = {"sample_id": record["sample_id"], "prompt": as_cell(record["prompt"])}
+        row |= {f"response_{LETTERS[i]}": text for i, text in enumerate(record["responses"])}
+        rows.append(row | {"decision": "", "labeler": args.labeler_column})
+    if new:
+        append_lines(store.path(SAMPLES), new)
+    target = args.file or store.path("to_label.csv")
+    write_table(Path(target), rows)
+    choices = ", ".join([*LETTERS[: args.k], *VERDICTS]) if args.k > 1 else "accept, reject, skip"
+    print(
+        f"label-export: wrote {len(rows)} prompts x {args.k} answers to {target}; fill in `decision` ({choices}; "
+        f"leave it empty to leave a row unlabeled) and `labeler`, then `make label-import FILE={target}`"
+    )
+
+
+def as_cell(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    if path.suffix == ".csv":
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".jsonl":
+        temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
+    os.replace(temporary, path)
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a labeled CSV or JSONL file, each with its line number in `_line`."""
+    if not path.is_file():
+        raise UserError(f"decisions file {path} does not exist: pass FILE=<the labeled .csv or .jsonl>")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    if path.suffix != ".csv":
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(handle)
+            rows = []
+            for row in reader:
+                if None in row:
+                    raise UserError(f"{path} line {reader.line_num}: more cells than the header has columns")
+                rows.append({**row, "_line": reader.line_num})
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
+    except csv.Error as error:
+        raise UserError(f"{path} line {reader.line_num}: invalid CSV ({error})") from None
+    return rows
+
+
+def import_decisions(args) -> None:
+    """Validates the whole file first, then records its decisions: a bad line changes nothing."""
+    with LabelStore(args.out) as store:
+        _import_with(store, Path(args.file), args)
+
+
+def _import_with(store: LabelStore, path: Path, args) -> None:
+    rows = read_table(path)
+    registry = store.samples()
+    existing = {(d["labeler"], d["sample_id"]): d for d in store.all()}
+    decisions, seen, already, empty = [], {}, 0, 0
+    for row in rows:
+        where = f"{path} line {row['_line']}"
+        sample_id = str(row.get("sample_id") or "").strip()
+        if not sample_id:
+            raise UserError(
+                f"{where}: field 'sample_id' is {'missing' if 'sample_id' not in row else 'empty'}; "
+                "keep the column `make label-export` wrote"
+            )
+        sample = registry.get(sample_id)
+        if sample is None:
+            raise UserError(
+                f"{where}: unknown sample_id {sample_id!r} (not in {store.path(SAMPLES)}): import only "
+                f"rows of files `make label-export RECIPE={args.recipe}` wrote"
+            )
+        if "decision" not in row:
+            raise UserError(f"{where}: field 'decision' is missing; keep the column `make label-export` wrote")
+        key = str(row["decision"] or "").strip().lower()
+        if not key:
+            empty += 1
+            continue
+        count = len(sample["responses"])
+        choices = [*LETTERS[:count], *VERDICTS] if count > 1 else ["accept", "reject", "skip"]
+        if key not in choices:
+            raise UserError(
+                f"{where}: decision {row['decision']!r} is not one of {', '.join(choices)} "
+                "(leave it empty for a row not labeled yet)"
+            )
+        labeler = str(row.get("labeler") or "").strip() or args.labeler_given
+        if not labeler:
+            raise UserError(f"{where}: no labeler: fill the `labeler` column or pass --labeler (LABELER=...)")
+        if (labeler, sample_id) in seen:
+            raise UserError(f"{where}: {labeler} labeled sample {sample_id} already on line {seen[labeler, sample_id]}")
+        seen[labeler, sample_id] = row["_line"]
+        preferred = LETTERS.index(key) if key in LETTERS[:count] else None
+        verdict = "prefer" if preferred is not None else key
+        earlier = existing.get((labeler, sample_id))
+        if earlier is not None:
+            if describe(earlier) != key:
+                raise UserError(
+                    f"{where}: {labeler} already labeled sample {sample_id} as {describe(earlier)!r} "
+                    f"in {store.path(LOG)}: fix the row, or undo the earlier decision in `make label`"
+                )
+            already += 1
+            continue
+        decisions.append(new_decision(sample, labeler, verdict, preferred, source=f"import:{path.name}"))
+    if decisions:
+        store.record(decisions)
+    labelers = ", ".join(sorted({d["labeler"] for d in decisions})) or "nobody"
+    print(
+        f"label-import: recorded {len(decisions)} decisions by {labelers} from {path} into {store.folder} "
+        f"({already} already imported, {empty} rows left unlabeled)"
+    )
+    print_agreement(store)
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+
+
+def agreement(decisions: list[dict]) -> list[dict]:
+    """Percent agreement and Cohen's kappa for each pair of labelers, on the samples both decided (skips left out).
+
+    Arena votes are left out too: each person saw the two answers in their own random order.
+    """
+    by_sample: dict[str, dict[str, str]] = {}
+    for decision in decisions:
+        if decision["decision"] != "skip" and not is_arena(decision):
+            by_sample.setdefault(decision["sample_id"], {})[decision["labeler"]] = describe(decision)
+    labelers = sorted({labeler for votes in by_sample.values() for labeler in votes})
+    results = []
+    for first, second in itertools.combinations(labelers, 2):
+        shared = [(v[first], v[second]) for v in by_sample.values() if first in v and second in v]
+        if not shared:
+            continue
+        observed = sum(a == b for a, b in shared) / len(shared)
+        left, right = Counter(a for a, _ in shared), Counter(b for _, b in shared)
+        expected = sum(left[c] * right[c] for c in left) / len(shared) ** 2
+        kappa = (observed - expected) / (1 - expected) if expected < 1 else None
+        results.append({"labelers": (first, second), "shared": len(shared), "agreement": observed, "kappa": kappa})
+    return results
+
+
+def print_agreement(store: LabelStore) -> None:
+    results = agreement(store.all())
+    if not results:
+        print("agreement: no sample has been labeled by two labelers yet")
+    for result in results:
+        kappa = "n/a (both always chose the same)" if result["kappa"] is None else f"{result['kappa']:.2f}"
+        first, second = result["labelers"]
+        print(
+            f"agreement: {first} vs {second} on {result['shared']} shared samples: "
+            f"{100 * result['agreement']:.1f}% agree, Cohen's kappa {kappa}"
+        )
