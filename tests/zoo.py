@@ -31,7 +31,8 @@ tokenizer_config.json / generation_config.json / config.json:
   prompt ids are not a prefix of prompt+answer ids; tokenizer model_max_length unset (1e30), as the real one.
 - `gemma` (google/gemma-2-2b-it): Gemma2; `<pad>` 0, `<eos>` 1, `<bos>` 2 (added), `<unk>` 3; the template
   raises "System role not supported" on a system turn, requires alternating roles, calls the assistant
-  `model` and closes turns with `<end_of_turn>\n`; generation_config eos [<eos>, <end_of_turn>], pad 0.
+  `model` and closes turns with `<end_of_turn>\n`; generation_config eos [<eos>, <end_of_turn>], pad 0; the
+  architecture's final_logit_softcapping and sliding window, as Gemma-2's.
 - `distilbert-reward`: a DistilBERT sequence classifier (1 label) with its own lowercase WordPiece tokenizer
   ([PAD]/[CLS]/[SEP]) and 128 positions, as a reward model with a tokenizer unlike the policy's.
 
