@@ -6,9 +6,10 @@
 `make` runs every training stage through this module, which reads the accelerate config (and the two recipe keys
 that matter to it, load_in_4bit/8bit), refuses a plan that cannot work with one line that says what to change
 (more processes than GPUs, DeepSpeed without the extra, a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3),
-and then hands over to `accelerate launch` with the same arguments. Checking first matters because accelerate
-otherwise fails in every process at once with a traceback, or, given more processes than GPUs on a machine
-without CUDA, starts processes that never connect and each train alone on the same output directory.
+and then hands over to `accelerate launch` with the same arguments, keeping the stage's exit status (see
+`accelerate_launch`). Checking first matters because accelerate otherwise fails in every process at once with a
+traceback, or, given more processes than GPUs on a machine without CUDA, starts processes that never connect and
+each train alone on the same output directory.
 
 Each stage calls `check_stage` first (and `cli.parse` the DeepSpeed part, before parsing), so `accelerate launch`
 run by hand is checked too, against the recipe as parsed. All of them go through `check`, the one place these
@@ -266,15 +267,41 @@ def main(argv: list[str] | None = None) -> None:
     at = argv.index("-m") + 1 if "-m" in argv[:-1] else len(argv)
     stage = argv[at].rsplit(".", 1)[-1] if at < len(argv) else None
     check(plan, stage, recipe_settings(argv[at + 1 :]))
-    env = dict(os.environ)
     if plan.distributed_type == "MULTI_CPU" and plan.num_processes > 1 and "--mpirun_hostfile" not in argv:
         # accelerate starts MULTI_CPU processes only through mpirun; torchrun (its multi-GPU launcher) starts them
         # just as well, and ACCELERATE_USE_CPU makes them join one gloo group instead of looking for GPUs.
         argv = ["--multi_gpu", *argv]
-        env["ACCELERATE_USE_CPU"] = "true"
-    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *argv]
-    sys.stdout.flush()
-    os.execve(sys.executable, command, env)
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    sys.exit(accelerate_launch(argv))
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """Runs `accelerate launch <argv>` in this process and returns the stage's exit status, not accelerate's.
+
+    accelerate turns any failure of the stage into status 1 (its one-process launcher exits 1 under --quiet and
+    raises CalledProcessError otherwise; torchrun raises ChildFailedError), so bad input would not exit 2 through
+    `make`. Here the one-process case replaces this process with the very command accelerate would run
+    (`prepare_simple_launcher_cmd_env`: same interpreter, module and environment), so the stage's own status (2
+    for bad input, 130 for Ctrl-C) is the launch's; a multi-process launch returns the status its failed processes
+    exited with when they agree (the ones torchrun then stopped aside), else 1.
+    """
+    import accelerate.commands.launch as accelerate
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    def simple_launcher(args):
+        command, env = accelerate.prepare_simple_launcher_cmd_env(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(command[0], command, env)
+
+    accelerate.simple_launcher = simple_launcher  # launch_command picks its launcher by this name
+    try:
+        accelerate.launch_command(accelerate.launch_command_parser().parse_args(argv))
+    except ChildFailedError as error:
+        # torchrun stops the other processes (SIGTERM: a negative code) once one fails: their status says nothing.
+        codes = {failure.exitcode for failure in error.failures.values() if failure.exitcode > 0}
+        return codes.pop() if len(codes) == 1 else 1
+    return 0
 
 
 if __name__ == "__main__":

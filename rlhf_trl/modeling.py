@@ -9,6 +9,7 @@ walks the chain and merges each adapter into a full-precision base. Quantized lo
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -165,6 +166,7 @@ def load_model(
     from peft import PeftConfig, PeftModel
 
     base = load_model(base_of(path), auto_class, kwargs, what=f"base of {path}")
+    grown = grow_to_adapter_tokenizer(base, path)
     config = PeftConfig.from_pretrained(str(path))
     if config.task_type == "CAUSAL_LM" and auto_class is not AutoModelForCausalLM:
         config.task_type = None  # a causal-LM adapter on a classifier head: plain LoRA injection, no LM wrapper
@@ -173,14 +175,59 @@ def load_model(
     except SafetensorError as error:
         raise UserError(f"adapter {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise UserError(
-            f"adapter {path} does not fit its base {base_of(path)} ({str(error).splitlines()[0][:200]}): "
-            "retrain the adapter or point it at the base it was trained on"
-        ) from None
+        raise UserError(adapter_mismatch(path, error, grown)) from None
     if live_adapter:
         return model.get_base_model()
     # peft loads adapters frozen and merging keeps that; a merged chain must train like any full model.
     return model.merge_and_unload().requires_grad_(True)
+
+
+def grow_to_adapter_tokenizer(base, adapter_dir: str | Path) -> int | None:
+    """Resizes `base`'s token embeddings (input and output) to the adapter's tokenizer when that is longer.
+
+    An adapter trained after tokens were added (a pad, a chat token) carries the grown embedding and output
+    matrices (peft saves them via modules_to_save, or by itself when it sees them resized) and ships its
+    longer tokenizer; peft loads those weights only into a base of the same shape, so the base grows first
+    (`resize_token_embeddings`, as transformers and open-instruct's merge do; the new rows are then overwritten
+    by the adapter's, so how they start does not matter). Returns the new number of rows, or None when nothing
+    changed. A base with more rows than the tokenizer (Qwen's are padded to a multiple of 64) is left as it is.
+    """
+    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        rows = len(AutoTokenizer.from_pretrained(str(adapter_dir)))
+    except (OSError, ValueError):
+        return None  # load_tokenizer reports an unreadable tokenizer where it is used
+    if rows <= base.get_input_embeddings().num_embeddings:
+        return None
+    base.resize_token_embeddings(rows, mean_resizing=False)
+    return rows
+
+
+def adapter_mismatch(adapter_dir: str | Path, error: Exception, grown: int | None) -> str:
+    """One line for an adapter that peft cannot load onto its base: peft's own size-mismatch line (the first line of
+    its message only says "Error(s) in loading state_dict"), shortened, and the fix that fits it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(error).__name__)
+    # "size mismatch for <name>: copying a param with shape torch.Size([556, 64]) from checkpoint, the shape in
+    # current model is torch.Size([554, 64])."
+    shapes = [[int(n) for n in s.split(",") if n.strip()] for s in re.findall(r"torch\.Size\(\[([^\]]*)\]\)", cause)]
+    fix = (
+        "retrain the adapter or point it at the base it was trained on (adapter_config.json's base_model_name_or_path)"
+    )
+    if len(shapes) == 2:
+        name = cause.split(":")[0]
+        cause = f"{name}: {shapes[0]} in the adapter vs {shapes[1]} in the base"
+        token_rows = re.search(r"embed|wte|lm_head|shared", name) and len(shapes[0]) == len(shapes[1]) == 2
+        if token_rows and shapes[0][1] == shapes[1][1] and shapes[0][0] > shapes[1][0] and not grown:
+            fix = (
+                f"the adapter was trained with {shapes[0][0]} tokens and the base has {shapes[1][0]}: save the "
+                f"tokenizer it was trained with into {adapter_dir} (tokenizer.save_pretrained) so the base is resized "
+                "to it, or point the adapter at the base it was trained on"
+            )
+    return f"adapter {adapter_dir} does not fit its base {base_of(adapter_dir)} ({cause[:300]}): {fix}"
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "right"):

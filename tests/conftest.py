@@ -168,3 +168,12 @@ def trained(world) -> dict[str, str]:
         assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         paths[f"{stage}_stdout"] = result.stdout
     return paths
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Tiny models with real models' quirks (tests/zoo.py): `zoo["qwen2.5-instruct"]` builds it on first use
+    (about a second) and returns its folder; every later use in the session gets the same folder."""
+    from zoo import Zoo
+
+    return Zoo(tmp_path_factory.mktemp("zoo"))

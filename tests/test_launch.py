@@ -150,3 +150,16 @@ def test_plan_from_the_environment_accelerate_sets(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert plan_from_environment().zero_stage == 3
+
+
+@pytest.mark.parametrize("config", ["single_process", "multi_cpu"])
+def test_a_stage_refusing_bad_input_exits_2_through_the_launch(config, tmp_path):
+    """accelerate maps any failure of the stage to 1; `make` and the README promise 2 for bad input."""
+    missing = tmp_path / "missing.jsonl"
+    result = launch(config, "--config", "recipes/demo/sft.yaml", "--dataset_name", str(missing))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines and set(lines) == {f"error: data file {missing} does not exist: check dataset_name in the recipe"
+                                    " (or run `make data`)"}, result.stderr[-2000:]  # fmt: skip
+    if config == "single_process":
+        assert result.stderr.strip().splitlines() == lines[:1], "one process: nothing but the one line"
