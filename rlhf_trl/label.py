@@ -234,13 +234,15 @@ class Sampler:
     """K answers per prompt from one stage's model, seeded by the prompt's position in the prompts file."""
 
     def __init__(self, model_path: Path, samples: int, max_new_tokens: int, temperature: float, seed: int):
-        from .modeling import for_inference, load_model, load_tokenizer
+        from .modeling import for_inference, load_model, load_tokenizer, sampling_line
 
         self.model_path = str(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.model = for_inference(load_model(model_path))
         self.settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
         self.seed = seed
+        # Plain sampling at the temperature, as `modeling.generate` does it, whatever the model's file suggests.
+        print(sampling_line("label: answers", self.model, self.tokenizer, max_new_tokens, temperature))
 
     def answers(self, item: dict) -> dict:
         from .modeling import generate
@@ -663,6 +665,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not 1 <= args.k <= len(LETTERS):
         raise UserError(f"-k {args.k}: label 1 to {len(LETTERS)} answers per prompt (K=2 compares two side by side)")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} is negative: use a temperature above 0 (or 0 with -k 1)")
     if args.temperature <= 0 and args.k > 1:
         raise UserError("--temperature 0 gives K identical answers: use a temperature above 0, or -k 1")
     args.out = args.out or Path("data", "labels", args.recipe)
