@@ -174,7 +174,8 @@ def test_ppo_takes_the_same_first_update_whatever_the_policys_generation_config(
     from safetensors.torch import load_file
 
     runs, stdout = {}, {}
-    for name, extras in (("plain", {}), ("qwen_like", QWEN_LIKE)):
+    # C03's file, plus a setting that is off when None (only `sampling_with` keeps that one out).
+    for name, extras in (("plain", {}), ("qwen_like", {**QWEN_LIKE, "min_p": 0.05})):
         sft = tmp_path / f"sft_{name}"
         shutil.copytree(trained["sft"], sft)
         config_file = sft / "generation_config.json"
@@ -193,8 +194,10 @@ def test_ppo_takes_the_same_first_update_whatever_the_policys_generation_config(
     assert "ignored from" not in stdout["plain"]
     line = "ppo: rollouts sample with temperature 0.7, top_k 0, top_p 1.0, up to 28 new tokens, stopping at <|end|> (1)"
     assert line + "\n" in stdout["plain"]
-    ignored = "; ignored from the policy's generation_config.json: top_k 20, top_p 0.8, repetition_penalty 1.3\n"
-    assert line + ignored in stdout["qwen_like"]
+    ignored = (
+        "; ignored from the policy's generation_config.json: top_k 20, top_p 0.8, min_p 0.05, repetition_penalty 1.3"
+    )
+    assert line + ignored + "\n" in stdout["qwen_like"]
     saved = json.loads((tmp_path / "sft_qwen_like" / "generation_config.json").read_text())
     assert saved["repetition_penalty"] == 1.3, "the policy's own file is left as it was"
 
