@@ -4,7 +4,9 @@
     make chat RECIPE=demo STAGE=sft PROMPT="Tell me about the river."
 
 Answers stream token by token through the model's own chat template (the one its SFT stage trained),
-so what you see is what PPO optimised. Type /reset to start a new conversation and /quit to leave.
+so what you see is what PPO optimised. They are sampled at --temperature with top-k and top-p off (greedy at 0),
+whatever the model's generation_config.json suggests, and stop at any of its stop tokens (`rlhf_trl.generation`);
+the first line printed says so. Type /reset to start a new conversation and /quit to leave.
 Stage outputs that are adapters load on their base with the adapters merged; exports load as they are.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from . import outputs
 from .cli import UserError, run
-from .modeling import context_length, for_inference, generate, load_model, load_tokenizer, render_prompt
+from .modeling import context_length, for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 
 STAGES = ("sft", "ppo", "export")
 
@@ -42,6 +44,8 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} is negative: use 0 for greedy decoding or a value above 0")
     from transformers import TextStreamer
 
     path = args.model or Path("models", args.recipe, args.stage)
@@ -51,6 +55,7 @@ def main(argv=None) -> None:
     model = for_inference(load_model(path))
     context = context_length(model) or tokenizer.model_max_length
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print(sampling_line("chat: answers", model, tokenizer, args.max_new_tokens, args.temperature))
 
     def answer(history: list[dict]) -> str:
         history = fit_history(tokenizer, history, context, args.max_new_tokens)

@@ -7,7 +7,8 @@ Prints one table and writes `models/<recipe>/eval.json` (read by `make report`):
   pairs whose two sides encode to the same ids (`rewards.encode_pairs`: a tie no model can win; counted, printed);
 - for SFT and PPO: the mean reward-model score, the win rate of PPO over SFT (the same prompt and sample
   index, judged by the reward model; a tie counts half), the KL divergence of PPO from SFT, the mean answer
-  length in tokens and the share of answers that end with EOS; for `demo`, the ground-truth score
+  length in tokens and the share of answers that end with EOS (any of the model's stop ids: the tokenizer's EOS
+  and its generation_config's eos_token_id, e.g. Llama 3's <|eot_id|>); for `demo`, the ground-truth score
   (`demo.ground_truth_score`, a rule in code);
 - a warning when the reward rises while the ground truth or the EOS rate falls, the usual sign of reward
   hacking (the reward model scores answers through the chat template, which closes every answer with EOS,
@@ -36,7 +37,8 @@ import torch
 from . import demo, outputs
 from .cli import UserError, run
 from .data import load_dataset_for, seed_pair_files
-from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt
+from .generation import as_id_list, first_stop_trim, stop_token_ids
+from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 from .rewards import describe_pairs, encode_pairs, score_answers
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -60,20 +62,23 @@ def win_rate(policy_scores: Sequence[float], reference_scores: Sequence[float]) 
     return mean([float(p > r) + 0.5 * float(p == r) for p, r in zip(policy_scores, reference_scores, strict=True)])
 
 
-def trim(ids: Sequence[int], eos_id: int) -> list[int]:
-    """An answer's tokens up to and including its first EOS (generation pads after it)."""
-    ids = list(ids)
-    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+def trim(ids: Sequence[int], stop_ids: int | Sequence[int]) -> list[int]:
+    """An answer's tokens up to and including its first stop id (generation pads after it).
+
+    `stop_ids` is one id or the model's list (`generation.stop_token_ids`: the tokenizer's EOS and the
+    generation_config's eos_token_id, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)."""
+    return first_stop_trim(ids, stop_ids)
 
 
-def eos_rate(responses: Sequence[Sequence[int]], eos_id: int) -> float:
-    """Share of answers that stopped with EOS rather than running into the token limit."""
-    return mean([float(eos_id in ids) for ids in responses])
+def eos_rate(responses: Sequence[Sequence[int]], stop_ids: int | Sequence[int]) -> float:
+    """Share of answers that stopped with a stop id (EOS or end of turn) rather than running into the token limit."""
+    stops = set(as_id_list(stop_ids))
+    return mean([float(any(token in stops for token in ids)) for ids in responses])
 
 
-def mean_length(responses: Sequence[Sequence[int]], eos_id: int) -> float:
-    """Mean answer length in tokens, counting the EOS and nothing after it."""
-    return mean([len(trim(ids, eos_id)) for ids in responses])
+def mean_length(responses: Sequence[Sequence[int]], stop_ids: int | Sequence[int]) -> float:
+    """Mean answer length in tokens, counting the first stop id and nothing after it."""
+    return mean([len(trim(ids, stop_ids)) for ids in responses])
 
 
 @torch.no_grad()
@@ -212,10 +217,8 @@ def default_data(recipe: str, name: str, given: Path | None, flag: str) -> Path:
 
 
 def sample_stage(model, tokenizer, prompts: list[list[dict]], args) -> tuple[list[str], list[list[int]]]:
-    """`samples` answers per prompt, from the full distribution at the temperature (top-k off, see KL above)."""
-    model.generation_config.do_sample = True  # set first, or transformers calls top_k unused and warns
-    model.generation_config.top_k = 0
-    model.generation_config.top_p = 1.0
+    """`samples` answers per prompt, from the full distribution at the temperature (top-k and top-p off, nothing
+    taken from the model's generation_config.json: see KL above and `generation.sampling_config`)."""
     return generate(
         model,
         tokenizer,
@@ -250,7 +253,7 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     accuracy, pair_counts = reward_accuracy(reward_model, reward_tokenizer, pairs, log)
 
     tokenizer = load_tokenizer(paths["sft"])
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     expanded = [p for p in prompts for _ in range(args.samples)]  # generate's order: each prompt's samples together
     prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in expanded]
     sft_model = for_inference(load_model(paths["sft"], what="sft model"))
@@ -258,7 +261,9 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
     answers: dict[str, list[str]] = {}
     for stage in ("sft", "ppo"):
         model = sft_model if stage == "sft" else for_inference(load_model(paths["ppo"], what="ppo model"))
+        log(sampling_line(f"eval: {stage} answers", model, tokenizer, args.max_new_tokens, args.temperature))
         answers[stage], ids = sample_stage(model, tokenizer, prompts, args)
+        stops = stop_token_ids(tokenizer, model)
         scores = score_answers(reward_model, reward_tokenizer, expanded, answers[stage])
         truth = (
             [demo.ground_truth_score(p[-1]["content"], a) for p, a in zip(expanded, answers[stage], strict=True)]
@@ -267,8 +272,8 @@ def evaluate(args, log: Callable[[str], None] = print) -> dict:
         )
         stages[stage] = {
             "reward_score": mean(scores),
-            "length": mean_length(ids, eos),
-            "eos_rate": eos_rate(ids, eos),
+            "length": mean_length(ids, stops),
+            "eos_rate": eos_rate(ids, stops),
             "ground_truth": mean(truth) if truth is not None else None,
             "scores": scores,
             "truth": truth,

@@ -211,6 +211,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not 1 <= args.k <= len(LETTERS):
         raise UserError(f"-k {args.k}: label 1 to {len(LETTERS)} answers per prompt (K=2 compares two side by side)")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} is negative: use a temperature above 0 (or 0 with -k 1)")
     if args.temperature <= 0 and args.k > 1:
         raise UserError("--temperature 0 gives K identical answers: use a temperature above 0, or -k 1")
     args.out = args.out or Path("data", "labels", args.recipe)

@@ -300,13 +300,15 @@ class Sampler:
     """K answers per prompt from one stage's model, seeded by the prompt's position in the prompts file."""
 
     def __init__(self, model_path: Path, samples: int, max_new_tokens: int, temperature: float, seed: int):
-        from .modeling import for_inference, load_model, load_tokenizer
+        from .modeling import for_inference, load_model, load_tokenizer, sampling_line
 
         self.model_path = str(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.model = for_inference(load_model(model_path))
         self.settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
         self.seed = seed
+        # Plain sampling at the temperature, as `modeling.generate` does it, whatever the model's file suggests.
+        print(sampling_line("label: answers", self.model, self.tokenizer, max_new_tokens, temperature))
 
     def with_settings(self, samples: int, max_new_tokens: int, temperature: float) -> Sampler:
         """This sampler's loaded model and seed with other settings (the web page loads each stage once)."""

@@ -5,8 +5,9 @@
 
 The base is reloaded unquantized even when training used 4/8-bit, because merging into quantized
 weights rounds the adapter away. The result (safetensors, tokenizer with its chat template, generation
-config) loads with plain `AutoModelForCausalLM.from_pretrained`, without peft; that is checked before
-the export is marked finished.
+config whose eos_token_id lists every stop id: the tokenizer's EOS and the model's own list) loads with plain
+`AutoModelForCausalLM.from_pretrained`, without peft, and stops where the stage outputs stopped; the reload is
+checked before the export is marked finished.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import torch
 
 from . import outputs
 from .cli import run
+from .generation import stop_token_ids
 from .modeling import check_model_source, is_adapter, load_model, load_tokenizer
 
 
@@ -45,7 +47,10 @@ def main(argv=None) -> None:
         model = load_model(source, kwargs={"dtype": dtype})  # no quantization_config: full precision
         tokenizer = load_tokenizer(source)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        # Every stop id (Llama 3's [<|end_of_text|>, <|eot_id|>]): with the tokenizer's EOS alone, plain
+        # transformers would run an export past each end of turn to max_new_tokens.
+        stops = stop_token_ids(tokenizer, model)
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else (stops or None)
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         reloaded = AutoModelForCausalLM.from_pretrained(work, dtype=dtype)

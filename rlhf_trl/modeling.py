@@ -277,6 +277,24 @@ def spare_pad_token(tokenizer) -> str | None:
     return None
 
 
+def sampling_for(model, tokenizer, max_new_tokens: int = 64, temperature: float = 0.7, samples: int = 1):
+    """The GenerationConfig `generate` uses: plain sampling at `temperature` (greedy at 0), stopping at every stop
+    id (`generation.stop_token_ids`), nothing taken from the model's generation_config.json sampling settings."""
+    from .generation import sampling_config, stop_token_ids
+
+    return sampling_config(
+        temperature, max_new_tokens, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, samples
+    )
+
+
+def sampling_line(prefix: str, model, tokenizer, max_new_tokens: int = 64, temperature: float = 0.7) -> str:
+    """The one line a stage prints about `generate`'s settings (see `generation.settings_line`)."""
+    from .generation import settings_line
+
+    config = sampling_for(model, tokenizer, max_new_tokens, temperature)
+    return settings_line(prefix, config, model, tokenizer)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -291,30 +309,27 @@ def generate(
 ) -> list[str] | tuple[list[str], list[list[int]]]:
     """Answers each conversation in `prompts` (`samples` times, sampled) and returns the decoded answers.
 
-    With `return_ids`, also returns each answer's token ids, up to and including its first EOS (the padding
-    after it dropped): what `rlhf_trl.evaluate` needs for lengths, EOS rates and log-probabilities.
+    Sampling is plain (top_k and top_p off) at `temperature`, greedy at 0, whatever the model's
+    generation_config.json says (`generation.sampling_config`); answers stop at any of the model's stop ids
+    (`generation.stop_token_ids`: the tokenizer's EOS and the generation_config's eos_token_id list). With
+    `return_ids`, also returns each answer's token ids, up to and including its first stop id (the padding after it
+    dropped): what `rlhf_trl.evaluate` needs for lengths, EOS rates and log-probabilities.
     """
+    from .generation import first_stop_trim, sampling_with
+
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
     texts = [render_prompt(tokenizer, messages) for messages in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     tokenizer.padding_side = side
-    output = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature or None,
-        num_return_sequences=samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-    )
+    config = sampling_for(model, tokenizer, max_new_tokens, temperature, samples)
+    with sampling_with(model, config) as config:
+        output = model.generate(**batch, generation_config=config, streamer=streamer)
     answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     if not return_ids:
         return answers
     ids = [row.tolist() for row in output[:, batch["input_ids"].shape[1] :]]
-    eos = tokenizer.eos_token_id
-    return answers, [row[: row.index(eos) + 1] if eos in row else row for row in ids]
+    return answers, [first_stop_trim(row, config.eos_token_id) for row in ids]
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

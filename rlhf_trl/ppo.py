@@ -29,6 +29,7 @@ from trl import get_peft_config
 from . import outputs
 from .cli import UserError, parse, run
 from .data import load_splits
+from .generation import stop_token_ids
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import (
@@ -158,10 +159,12 @@ def main(script_args, training_args, model_args):
     with outputs.training_run("ppo", script_args, training_args, model_args) as run:
         tokenizer = load_tokenizer(training_args.sft_model_path, padding_side="left")
         reward_tokenizer = load_tokenizer(training_args.reward_model_path)
-        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.pad_token_id in stop_token_ids(tokenizer, training_args.sft_model_path):
+            which = "its EOS token" if tokenizer.pad_token_id == tokenizer.eos_token_id else "one of its stop tokens"
             print(
-                "ppo: warning: the policy pads with its EOS token, so TRL's PPO cannot reward ending an answer; "
-                "train SFT in full (it then adds a pad token) or use a tokenizer with a pad token"
+                f"ppo: warning: the policy pads with {which} ({tokenizer.pad_token}), so TRL's PPO cannot reward "
+                "ending an answer with it; train SFT in full (it then adds a pad token) or use a tokenizer with a pad "
+                "token"
             )
         train, evaluation = load_splits(script_args, "prompts", training_args.seed)
         fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"

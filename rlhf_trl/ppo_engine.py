@@ -28,6 +28,7 @@ object has no attribute 'policy'", and its save fails on every process but the m
 `val/num_eos_tokens` from the main process's rollouts only; `PPOTrainer.log` sums it over the processes.
 """
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .cli import UserError
+from .generation import sampling_config, sampling_with, settings_line, stop_token_ids, token_names
 from .outputs import CHECKPOINT_STATE as TRAINER_STATE
 from .rewards import CrossTokenizerReward
 
@@ -210,11 +212,50 @@ def restore_bf16_norms(model) -> int:
     return moved
 
 
+def rollout_stop_ids(args, tokenizer, generation_config) -> list[int] | None:
+    """The ids a rollout stops and is truncated at: with `stop_token: eos` every stop id of the policy
+    (`generation.stop_token_ids`: the tokenizer's EOS and the generation_config's eos_token_id list), with
+    `stop_token_id: N` that id alone, else None (every rollout runs the full response_length)."""
+    if args.stop_token == "eos":
+        return stop_token_ids(tokenizer, generation_config)
+    if args.stop_token_id is not None:
+        return [args.stop_token_id]
+    return None
+
+
 class PPOTrainer(_TrlPPOTrainer):
-    """TRL's PPOTrainer with complete checkpoints, `train(resume_from_checkpoint=...)`, and DDP support."""
+    """TRL's PPOTrainer with complete checkpoints, `train(resume_from_checkpoint=...)`, and DDP support.
+
+    Rollouts sample exactly as PPO's log-probs assume: at the recipe's temperature with top_k 0 and top_p 1.0, and
+    nothing from the policy's generation_config.json (`generation.sampling_config`, made the policy's own
+    generation_config while training runs), stopping at any of `stop_token_ids`.
+    """
+
+    # Whether the update truncates at, and spares from missing_eos_penalty, every stop id (the fast engine) or
+    # the tokenizer's EOS alone (TRL's loop: `truncate_response` and its EOS check take one id).
+    checks_every_stop_id = False
 
     def __init__(self, *args, **kwargs):
+        policy_config = copy.deepcopy(kwargs["model"].generation_config)
         super().__init__(*args, **kwargs)
+        # TRL writes its single stop id into the policy's generation_config; a published full fine-tune keeps the
+        # file's own list (Llama 3's [<|end_of_text|>, <|eot_id|>]) instead.
+        self.policy_model.generation_config.eos_token_id = policy_config.eos_token_id
+        tokenizer = self.processing_class
+        self.stop_token_ids = rollout_stop_ids(self.args, tokenizer, policy_config)
+        self.rollout_config = sampling_config(
+            self.args.temperature + 1e-7, self.args.response_length, self.stop_token_ids, tokenizer.pad_token_id
+        )
+        self.accelerator.print(
+            settings_line("ppo: rollouts", self.rollout_config, policy_config, tokenizer, "the policy's")
+        )
+        stops = self.stop_token_ids or []
+        if not self.checks_every_stop_id and len(stops) > 1 and self.args.missing_eos_penalty is not None:
+            self.accelerator.print(
+                f"ppo: warning: ppo_engine trl spares only the tokenizer's EOS {token_names(tokenizer, stops[:1])} "
+                f"from missing_eos_penalty, so answers that stop at {token_names(tokenizer, stops[1:])} are "
+                "penalised too: use ppo_engine: fast, or drop missing_eos_penalty"
+            )
         # Set by transformers' Trainer.__init__, which TRL's PPO does not call; Trainer._save reads it on every rank
         # but the main one, so without it a multi-process save fails. False: no model here is loaded pre-sharded.
         self.is_distributed_loading_by_transformers = False
@@ -277,7 +318,7 @@ class PPOTrainer(_TrlPPOTrainer):
 
     def train(self, resume_from_checkpoint: str | None = None):
         if resume_from_checkpoint is None:
-            return self._training_loop()
+            return self._sampled_training_loop()
         checkpoint = Path(resume_from_checkpoint)
         saved = type(self.state).load_from_json(str(checkpoint / TRAINER_STATE))
         self._load_trainable(checkpoint)
@@ -296,9 +337,15 @@ class PPOTrainer(_TrlPPOTrainer):
         self._load_rng_state(str(checkpoint))  # after the replay, which must not shift the sampling RNG
         self.args.num_total_batches = total_updates - saved.global_step  # TRL's loop counts from 1 to this
         try:
-            return self._training_loop()
+            return self._sampled_training_loop()
         finally:
             self.args.num_total_batches = total_updates
+
+    def _sampled_training_loop(self):
+        """The training loop with `rollout_config` as the policy's generation_config: TRL's GenerationConfig (and
+        its sample tables') take the rest of their settings from it, not from the policy's file."""
+        with sampling_with(self.policy_model, self.rollout_config):
+            return self._training_loop()
 
     def _training_loop(self):
         """TRL's loop; `ppo_fast.FastPPOTrainer` puts its own here, under the same resume bookkeeping."""
@@ -325,6 +372,7 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "pad",
+    "rollout_stop_ids",
     "truncate_response",
     "unwrap_model_for_generation",
 ]

@@ -30,6 +30,7 @@ process (the users' one GPU); several processes use `ppo_engine: trl`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import time
@@ -42,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
 from .cli import UserError
+from .generation import sampling_with
 from .ppo_engine import (
     INVALID_LOGPROB,
     PPOTrainer,
@@ -51,7 +53,6 @@ from .ppo_engine import (
     masked_mean,
     masked_whiten,
     pad,
-    truncate_response,
     unwrap_model_for_generation,
 )
 
@@ -181,6 +182,15 @@ def chunked_logprobs(
     return torch.cat(rows_logprobs).view(batch, length), torch.cat(rows_entropy).view(batch, length)
 
 
+def truncate_at_stop(stop_ids, pad_token_id: int, responses: torch.Tensor) -> torch.Tensor:
+    """TRL's `truncate_response` for several stop ids: everything after the first of ANY stop id becomes
+    `pad_token_id`. responses: [batch, length] token ids; returns the same shape. With one id it is TRL's."""
+    stops = torch.as_tensor(list(stop_ids), device=responses.device)
+    first_stop = first_true_indices(torch.isin(responses, stops)).unsqueeze(-1)
+    positions = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)
+    return torch.masked_fill(responses, positions > first_stop, pad_token_id)
+
+
 def check_fast_engine(config) -> None:
     """Refuses models whose logits the chunked log-probs would get wrong."""
     for key in _LOGIT_POSTPROCESSING:
@@ -292,6 +302,8 @@ def share_base(model, peft_config, reward_adapter: str | None):
 class FastPPOTrainer(PPOTrainer):
     """TRL's PPO update with a shared base, chunked log-probs and lean rollouts (see the module docstring)."""
 
+    checks_every_stop_id = True  # truncation, missing_eos_penalty and val/num_eos_tokens count every stop id
+
     def __init__(self, *, model, value_model, reward_model, peft_config=None, reward_adapter=None, **kwargs):
         check_fast_engine(model.config)
         self.shares_base = value_model is None
@@ -365,17 +377,10 @@ class FastPPOTrainer(PPOTrainer):
         return active_adapter(self.policy_model, "value") if self.shares_base else nullcontext()
 
     def _generation_config(self) -> GenerationConfig:
-        args = self.args
-        config = GenerationConfig(
-            max_new_tokens=args.response_length,
-            temperature=args.temperature + 1e-7,
-            top_k=0,
-            top_p=1.0,
-            do_sample=True,
-            pad_token_id=self.processing_class.pad_token_id,
-            eos_token_id=self.stop_token_id,  # None: every rollout runs the full response_length
-        )
-        if args.rollout_static_cache:
+        """`rollout_config` (plain sampling at the temperature, every stop id; see `ppo_engine.PPOTrainer`), with a
+        static KV cache when asked for."""
+        config = copy.deepcopy(self.rollout_config)
+        if self.args.rollout_static_cache:
             config.cache_implementation = "static"
         return config
 
@@ -390,6 +395,8 @@ class FastPPOTrainer(PPOTrainer):
                 self.model, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
             ) as unwrapped,
             self.accelerator.autocast(),  # generate meets no float32/bf16 mismatch
+            # The policy's generation_config.json cannot add its own settings (repetition_penalty, top_p, ...).
+            sampling_with(unwrapped.policy, generation_config),
         ):
             sequences = []
             for start in range(0, queries.shape[0], chunk):
@@ -425,8 +432,8 @@ class FastPPOTrainer(PPOTrainer):
             with self._value_adapter():
                 parts["values"].append(self._values(query_response, context_length))
             postprocessed = response
-            if self.stop_token_id is not None:
-                postprocessed = truncate_response(self.stop_token_id, pad_id, response)
+            if self.stop_token_ids:
+                postprocessed = truncate_at_stop(self.stop_token_ids, pad_id, response)
             score = self._scores(torch.cat((query, postprocessed), 1), context_length)
             parts["scores"].append(score)
             parts["postprocessed"].append(postprocessed)
@@ -435,13 +442,18 @@ class FastPPOTrainer(PPOTrainer):
         rollout["responses"] = query_responses[:, context_length:]
         return rollout
 
+    def _stops(self, eos_id, device) -> torch.Tensor:
+        """The stop ids as a tensor; without a stop token, the tokenizer's EOS (what TRL's EOS check counts)."""
+        return torch.tensor(self.stop_token_ids or [eos_id], device=device)
+
     def _advantages(self, rollout):
         """TRL's reward shaping (EOS penalty, per-token KL penalty, score at the last token) and whitened GAE."""
         args = self.args
         responses, scores = rollout["responses"], rollout["scores"]
         pad_id, eos_id = self.processing_class.pad_token_id, self.processing_class.eos_token_id
         sequence_lengths = first_true_indices(rollout["postprocessed"] == pad_id) - 1
-        contain_eos = torch.any(rollout["postprocessed"] == eos_id, dim=-1)
+        # An answer that ends with any stop id (Llama 3's <|eot_id|> as well as its EOS) is not penalised.
+        contain_eos = torch.isin(rollout["postprocessed"], self._stops(eos_id, responses.device)).any(-1)
         if args.missing_eos_penalty is not None:
             scores[~contain_eos] -= args.missing_eos_penalty
         positions = torch.arange(responses.shape[1], device=responses.device).repeat(responses.shape[0], 1)
@@ -539,7 +551,8 @@ class FastPPOTrainer(PPOTrainer):
         }
         metrics.update({name: gather(stats[key]).mean().item() for name, key in names.items()})
         metrics["val/ratio_var"] = gather(stats["ratio"]).var().item()
-        metrics["val/num_eos_tokens"] = (batch["responses"] == self.processing_class.eos_token_id).sum().item()
+        stops = self._stops(self.processing_class.eos_token_id, batch["responses"].device)
+        metrics["val/num_eos_tokens"] = torch.isin(batch["responses"], stops).sum().item()
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         metrics["episode"] = self.state.episode
         return metrics

@@ -101,9 +101,10 @@ def rejected_answers(rows: list[dict], args: DataArguments, rng: random.Random, 
         raise UserError(f"rejected_source {args.rejected_source!r} is unknown: use corruption or sft")
     if not args.sft_model_path:
         raise UserError("rejected_source: sft needs sft_model_path (e.g. models/<recipe>/sft)")
-    from .modeling import generate
+    from .modeling import generate, sampling_line
 
     model, tokenizer = _sft_sampler(args.sft_model_path)
+    print(sampling_line("data: rejected answers", model, tokenizer, max_new_tokens=128))
     prompts = [r["prompt"] for r in rows]
     sampled = [
         a
