@@ -212,7 +212,7 @@ def sampling_with(model, config):
 
 def first_stop_trim(ids: Sequence[int], stop_ids: int | Iterable[int]) -> list[int]:
     """An answer's tokens up to and including its first stop id (what generation pads after it is dropped)."""
-    stops = set(as_id_list(stop_ids) if not isinstance(stop_ids, set) else stop_ids)
+    stops = set(as_id_list(stop_ids))
     ids = list(ids)
     for position, token in enumerate(ids):
         if token in stops:

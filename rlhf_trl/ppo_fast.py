@@ -19,7 +19,7 @@ metrics against TRL's step by step) and changes where the memory goes:
   few thousand tokens at a time, in float32, and each chunk is recomputed in the backward pass instead of being
   kept, so no full-vocabulary logits tensor exists at any time. Rollouts do not ask `generate` for its scores;
   their log-probs come from one forward pass, the same computation the training step uses.
-- **Lean rollouts**: generation stops when every sequence has met the stop token, and with
+- **Lean rollouts**: generation stops when every sequence has met a stop token (any of `stop_token_ids`), and with
   `rollout_static_cache: true` it uses a static KV cache (which transformers compiles on a GPU).
 
 Two backward passes per micro-batch, one per adapter, because a checkpointed layer recomputes its forward during
