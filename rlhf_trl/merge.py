@@ -17,7 +17,7 @@ import torch
 
 from . import outputs
 from .cli import run
-from .generation import stop_token_ids
+from .generation import as_id_list, stop_token_ids
 from .modeling import check_model_source, is_adapter, load_model, load_tokenizer
 
 
@@ -48,8 +48,10 @@ def main(argv=None) -> None:
         tokenizer = load_tokenizer(source)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         # Every stop id (Llama 3's [<|end_of_text|>, <|eot_id|>]): with the tokenizer's EOS alone, plain
-        # transformers would run an export past each end of turn to max_new_tokens.
-        stops = stop_token_ids(tokenizer, model)
+        # transformers would run an export past each end of turn to max_new_tokens. The model's own list keeps
+        # its order; the tokenizer's EOS is added when it is missing from it.
+        own = as_id_list(model.generation_config.eos_token_id)
+        stops = own + [i for i in stop_token_ids(tokenizer, model) if i not in own]
         model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else (stops or None)
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)

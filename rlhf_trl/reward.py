@@ -39,6 +39,20 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None, split: str = "tra
     return Dataset.from_list([{k: row[k] for k in ("chosen_ids", "rejected_ids")} for row in kept])
 
 
+def head_modules(model) -> list[str]:
+    """Names of the classifier's own linear layers, outside its backbone (`score`; DistilBERT's `pre_classifier`
+    and `classifier`). They start untrained, so with LoRA they train in full (peft's `modules_to_save`) and are
+    kept out of `all-linear`: peft cannot save a module it has already wrapped in LoRA (it raises
+    "modules_to_save cannot be applied to modules of type ...lora.layer.Linear")."""
+    import torch
+
+    return [
+        name
+        for name, module in model.named_children()
+        if name != model.base_model_prefix and isinstance(module, torch.nn.Linear)
+    ]
+
+
 def main(script_args, training_args, model_args):
     check_stage("reward", model_args)
     final_dir = training_args.output_dir
@@ -68,6 +82,10 @@ def main(script_args, training_args, model_args):
         peft_config = get_peft_config(model_args)
         if peft_config is not None:
             peft_config.task_type = "SEQ_CLS"  # keeps and saves the score head (peft's modules_to_save)
+            heads = head_modules(model)
+            peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads))
+            if peft_config.target_modules == "all-linear":  # peft would wrap the new head in LoRA, then fail to save it
+                peft_config.exclude_modules = heads
         training_args.output_dir = str(run.work)
         trainer = RewardTrainer(
             model=model,

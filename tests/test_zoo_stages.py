@@ -14,6 +14,7 @@ Assertions that need fixes made on other branches are strict xfails that name th
 
 import csv
 import json
+import math
 import re
 
 import pytest
@@ -22,8 +23,10 @@ from conftest import ROOT, run_here, run_module
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from zoo import DISTILBERT, GEMMA, GPT2, LLAMA2, LLAMA3, QWEN, SPECS
 
+from rlhf_trl.evaluate import load_reward_model
 from rlhf_trl.modeling import generate, load_model, load_tokenizer
 from rlhf_trl.outputs import read_marker
+from rlhf_trl.rewards import score_answers
 
 POLICIES = [GPT2, QWEN, LLAMA3, LLAMA2, GEMMA]
 LISTED_STOPS = [name for name in POLICIES if isinstance(SPECS[name].facts["stop"], list)]  # qwen, llama3, gemma
@@ -160,7 +163,9 @@ def test_the_ppo_policy_reloads_and_answers(chain):
 
 def test_chat_answers_one_prompt(chain):
     result = run_here("chat", "--model", chain["ppo"], "--prompt", QUESTION, "--max-new-tokens", "8")
-    assert ok(result, "chat").startswith(f"you> {QUESTION}\nassistant> ")
+    settings, conversation = ok(result, "chat").split("\n", 1)
+    assert settings.startswith("chat: answers sample with temperature 0.7, top_k 0, top_p 1.0"), settings
+    assert conversation.startswith(f"you> {QUESTION}\nassistant> ")
 
 
 def test_merge_exports_a_model_plain_transformers_loads(chain, tmp_path):
@@ -179,7 +184,6 @@ def test_merge_exports_a_model_plain_transformers_loads(chain, tmp_path):
     assert out.shape[1] > probe.shape[1]
 
 
-@pytest.mark.xfail(reason="needs merge to keep generation_config's eos_token_id list (LOG C12)", strict=True)
 @pytest.mark.parametrize("chain", LISTED_STOPS, indirect=True)
 def test_merge_keeps_the_models_stop_ids(chain, tmp_path):
     export = tmp_path / "export"
@@ -188,7 +192,6 @@ def test_merge_keeps_the_models_stop_ids(chain, tmp_path):
     assert isinstance(expected, list) and GenerationConfig.from_pretrained(export).eos_token_id == expected
 
 
-@pytest.mark.xfail(reason="needs generation to stop at every generation_config eos id (LOG C12)", strict=True)
 @pytest.mark.parametrize("chain", LISTED_STOPS, indirect=True)
 def test_answers_stop_at_the_models_other_stop_ids(chain):
     """A model whose turn ends with a stop id that is not the tokenizer's EOS (Gemma's <end_of_turn>, Qwen's
@@ -207,9 +210,6 @@ def test_answers_stop_at_the_models_other_stop_ids(chain):
     assert ids[0] == [other]
 
 
-@pytest.mark.xfail(
-    reason="needs sampling settings that ignore the model's generation_config extras (LOG C03)", strict=True
-)
 @pytest.mark.parametrize("chain", [QWEN], indirect=True)
 def test_greedy_answers_ignore_the_models_repetition_penalty(chain):
     """Qwen ships repetition_penalty (and top_k/top_p) in generation_config; the stages' own decoding (greedy here)
@@ -277,14 +277,18 @@ def test_gpt2_policy_against_a_distilbert_reward_model(chain, zoo, tmp_path):
     assert 1 <= len(ids[0]) <= 8
 
 
-@pytest.mark.xfail(
-    reason="needs a fix on no branch yet: LoRA all-linear on DistilBERT ends in peft's TypeError", strict=True
-)
 @pytest.mark.parametrize("chain", [GPT2], indirect=True)
-def test_a_lora_distilbert_reward_model_trains_or_is_refused_in_one_line(chain, zoo, tmp_path):
-    """TRL adds the classifier to modules_to_save while all-linear has already wrapped it in LoRA."""
+def test_a_lora_distilbert_reward_model_trains(chain, zoo, tmp_path):
+    """With all-linear, peft used to wrap DistilBERT's new classifier in LoRA and then fail to save it in full
+    (TypeError); the head now trains in full and the LoRA adapter goes on the encoder alone."""
     result = distilbert_reward(zoo, chain["data"], tmp_path / "reward", "--use_peft", "true")
-    assert result.returncode == 0 or one_error_line(result)
+    assert "reward: held-out pairwise accuracy" in ok(result, "distilbert LoRA reward")
+    saved = json.loads((tmp_path / "reward" / "adapter_config.json").read_text())
+    assert set(saved["modules_to_save"]) >= {"pre_classifier", "classifier"}
+    scorer, scorer_tokenizer = load_reward_model(tmp_path / "reward")
+    assert not hasattr(scorer, "peft_config"), "loads merged, as a plain classifier"
+    (score,) = score_answers(scorer, scorer_tokenizer, [[{"role": "user", "content": QUESTION}]], ["It is long."])
+    assert math.isfinite(score)
 
 
 @pytest.mark.parametrize("chain", [GEMMA], indirect=True)
