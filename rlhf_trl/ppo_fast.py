@@ -56,8 +56,9 @@ from .ppo_engine import (
     unwrap_model_for_generation,
 )
 
-# Models whose logits are more than the output layer applied to the last hidden state.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Models whose logits are more than the output layer applied to the last hidden state (Gemma-2's and Gemma-3's
+# final_logit_softcapping is applied by `chunked_logprobs`; these others are not).
+_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @contextmanager
@@ -141,8 +142,11 @@ def sequence_inputs(query_responses: torch.Tensor, pad_token_id: int) -> dict:
     }
 
 
-def _chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy):
-    logits = lm_head(hidden).float() / temperature  # the module itself: a LoRA on the output layer applies too
+def _chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy, softcap=None):
+    logits = lm_head(hidden).float()  # the module itself: a LoRA on the output layer applies too
+    if softcap:  # Gemma-2's final_logit_softcapping, as its forward applies it before any temperature
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
     logprobs = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
     if not with_entropy:
@@ -159,13 +163,16 @@ def chunked_logprobs(
     temperature: float,
     chunk_tokens: int,
     with_entropy: bool = True,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and the entropy at each position (zeros without `with_entropy`), from hidden states
     [batch, length, hidden].
 
     At most `chunk_tokens` positions go through the output layer at once, in float32; with gradients each chunk
     is checkpointed, so its logits are recomputed in backward rather than kept (batch x length x vocab x 4 bytes
-    would be 1.2 GB for a 0.5B Qwen at 16 x 128 tokens, before softmax and gradients)."""
+    would be 1.2 GB for a 0.5B Qwen at 16 x 128 tokens, before softmax and gradients). `softcap` is the model's
+    `final_logit_softcapping` (Gemma-2: logits = softcap * tanh(logits / softcap), transformers'
+    Gemma2ForCausalLM.forward), applied before the temperature as generation sees it."""
     batch, length, width = hidden.shape
     flat_hidden, flat_targets = hidden.reshape(-1, width), targets.reshape(-1)
     rows_logprobs, rows_entropy = [], []
@@ -173,10 +180,10 @@ def chunked_logprobs(
         piece = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens])
         if torch.is_grad_enabled() and hidden.requires_grad:
             logprobs, entropy = checkpoint(
-                _chunk_logprobs, *piece, lm_head, temperature, with_entropy, use_reentrant=False
+                _chunk_logprobs, *piece, lm_head, temperature, with_entropy, softcap, use_reentrant=False
             )
         else:
-            logprobs, entropy = _chunk_logprobs(*piece, lm_head, temperature, with_entropy)
+            logprobs, entropy = _chunk_logprobs(*piece, lm_head, temperature, with_entropy, softcap)
         rows_logprobs.append(logprobs)
         rows_entropy.append(entropy)
     return torch.cat(rows_logprobs).view(batch, length), torch.cat(rows_entropy).view(batch, length)
@@ -350,8 +357,9 @@ class FastPPOTrainer(PPOTrainer):
             hidden = backbone_of(model)(**inputs).last_hidden_state[:, context_length - 1 : -1]
             temperature = self.args.temperature + 1e-7
             # Entropy is a training statistic (as in TRL): the rollout passes skip its extra vocabulary-wide buffer.
+            softcap = getattr(causal_lm_of(model).config, "final_logit_softcapping", None)
             return chunked_logprobs(
-                hidden, responses, lm_head, temperature, self.chunk_tokens, with_entropy=torch.is_grad_enabled()
+                hidden, responses, lm_head, temperature, self.chunk_tokens, torch.is_grad_enabled(), softcap
             )
 
     def _values(self, query_responses, context_length):

@@ -51,11 +51,35 @@ def test_chunked_logprobs_equal_the_full_log_softmax_and_its_gradients():
     torch.testing.assert_close(head.weight.grad, expected_grads[1])
 
 
-def test_models_with_post_processed_logits_are_sent_to_the_trl_engine():
+def test_softcapped_logprobs_equal_gemma2s_own_log_softmax():
+    """Gemma-2 caps its logits (final_logit_softcapping): the chunked log-probs must be those of the model's logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits well past the cap, where tanh bends them
+        ids = torch.randint(0, 64, (2, 6))
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        logits = model(input_ids=ids).logits[:, :-1] / 0.7
+        assert logits.abs().max() * 0.7 <= 2.0 and (model.lm_head(hidden).abs() > 4).any()
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        got, _ = chunked_logprobs(hidden, ids[:, 1:], model.lm_head, 0.7, 4, softcap=config.final_logit_softcapping)
+        uncapped, _ = chunked_logprobs(hidden, ids[:, 1:], model.lm_head, 0.7, 4)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(uncapped, expected), "without the cap the log-probs differ"
+    check_fast_engine(config)  # so the fast engine takes Gemma-2
+
+
+def test_models_with_other_post_processed_logits_are_sent_to_the_trl_engine():
     check_fast_engine(LlamaConfig())
     config = LlamaConfig()
-    config.final_logit_softcapping = 30.0
-    with pytest.raises(UserError, match="final_logit_softcapping: set ppo_engine: trl"):
+    config.logit_scale = 0.5
+    with pytest.raises(UserError, match="logit_scale: set ppo_engine: trl"):
         check_fast_engine(config)
 
 

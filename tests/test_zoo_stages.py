@@ -33,8 +33,6 @@ LISTED_STOPS = [name for name in POLICIES if isinstance(SPECS[name].facts["stop"
 TEMPLATE_ARGS = {GPT2: ("--chat_template_path", str(ROOT / "recipes/templates/alpaca.jinja"))}  # as gpt2-alpaca's
 QUESTION = "Tell me about the apple."
 TRAIN = ("--save_strategy", "no", "--logging_steps", "1", "--per_device_train_batch_size", "8")
-# Gemma-2's final_logit_softcapping is refused by the fast PPO engine, whose error says to use TRL's loop.
-PPO_ARGS = {GEMMA: ("--ppo_engine", "trl")}
 
 
 def ok(result, what: str) -> str:
@@ -119,7 +117,10 @@ def train_chain(name: str, base, alpaca, root) -> dict:
         "--output_dir", paths["reward"], "--max_steps", "2", "--max_length", "128", "--label_mix", "generated", *TRAIN,
     )  # fmt: skip
     paths["reward_stdout"] = ok(reward, f"{name} reward")
-    paths["ppo_stdout"] = ok(ppo(paths, paths["reward"], paths["ppo"], *PPO_ARGS.get(name, ())), f"{name} ppo")
+    paths["ppo_stdout"] = ok(
+        ppo(paths, paths["reward"], paths["ppo"]),
+        f"{name} ppo",
+    )
     return paths
 
 
@@ -289,13 +290,6 @@ def test_a_lora_distilbert_reward_model_trains(chain, zoo, tmp_path):
     assert not hasattr(scorer, "peft_config"), "loads merged, as a plain classifier"
     (score,) = score_answers(scorer, scorer_tokenizer, [[{"role": "user", "content": QUESTION}]], ["It is long."])
     assert math.isfinite(score)
-
-
-@pytest.mark.parametrize("chain", [GEMMA], indirect=True)
-def test_the_fast_ppo_engine_refuses_gemmas_softcapping_in_one_line(chain, tmp_path):
-    result = ppo(chain, chain["reward"], str(tmp_path / "ppo"), "--ppo_engine", "fast", runner=run_module)
-    assert "final_logit_softcapping: set ppo_engine: trl" in one_error_line(result)
-    assert not (tmp_path / "ppo").exists()
 
 
 @pytest.mark.parametrize("chain", [LLAMA2], indirect=True)
