@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.temperature < 0:
         raise UserError(f"--temperature {args.temperature} is negative: use 0 for greedy decoding or a value above 0")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: an answer needs at least 1 new token")
     from transformers import TextStreamer
 
     path = args.model or Path("models", args.recipe, args.stage)

@@ -140,6 +140,8 @@ def parse(config_class, argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_dataclasses((ScriptArguments, config_class, ModelConfig), argv)
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
+    check_sizes(script_args)
+    check_sizes(training_args)
     script_args.recipe = Path(argv[argv.index("--config") + 1]).parent.name if "--config" in argv else None
     if isinstance(script_args.human_labels, str):  # `human_labels: one/file.jsonl` in YAML reaches us unsplit
         script_args.human_labels = [script_args.human_labels]
@@ -149,6 +151,25 @@ def parse(config_class, argv: list[str] | None = None):
 
     set_seed(training_args.seed)
     return script_args, training_args, model_args
+
+
+# Counts that must be positive in every stage's config (TrainingArguments and TRL's configs); 0 or less would fail
+# deep in torch's DataLoader or train on nothing.
+POSITIVE_KEYS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "max_prompt_length",
+)
+
+
+def check_sizes(config) -> None:
+    """Raises UserError naming the first key of POSITIVE_KEYS that `config` sets to 0 or less (None is unset)."""
+    for key in POSITIVE_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value < 1:
+            raise UserError(f"{key} is {value}: it must be at least 1; fix it in the recipe or ARGS")
 
 
 def run(main: Callable[[], None]) -> None:

@@ -117,6 +117,14 @@ class PPOConfig(_TrlPPOConfig):
             raise ValueError(f"ppo_engine must be fast or trl, not {self.ppo_engine!r}")
         if self.logprob_chunk_tokens < 1:
             raise ValueError(f"logprob_chunk_tokens must be at least 1, not {self.logprob_chunk_tokens}")
+        # PPO samples its rollouts at `temperature` and computes log-probs and KL at it: 0 would be greedy rollouts
+        # scored as if sampled at 1e-7 (TRL adds 1e-7), with a KL of 0 and no exploration.
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be above 0 for PPO's sampled rollouts, not {self.temperature}")
+        if self.response_length < 1:
+            raise ValueError(f"response_length must be at least 1 token, not {self.response_length}")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            raise ValueError(f"total_episodes must be at least 1 (or left unset), not {self.total_episodes}")
 
 
 class _SkipFirstBatches:

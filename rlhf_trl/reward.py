@@ -84,8 +84,11 @@ def main(script_args, training_args, model_args):
             peft_config.task_type = "SEQ_CLS"  # keeps and saves the score head (peft's modules_to_save)
             heads = head_modules(model)
             peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads))
-            if peft_config.target_modules == "all-linear":  # peft would wrap the new head in LoRA, then fail to save it
-                peft_config.exclude_modules = heads
+            # all-linear leaves out peft's own head names (SEQ_CLS_HEAD_NAMES: score, classifier) but would wrap any
+            # other head layer (DistilBERT's pre_classifier) in LoRA, and then fail to save it in full.
+            extra_heads = [name for name in heads if name not in ("score", "classifier")]
+            if peft_config.target_modules == "all-linear" and extra_heads:
+                peft_config.exclude_modules = extra_heads
         training_args.output_dir = str(run.work)
         trainer = RewardTrainer(
             model=model,

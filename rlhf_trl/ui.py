@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import os
 import random
 import re
@@ -52,7 +53,16 @@ def check_port(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as error:  # a name that resolves to nothing: no port is at fault
+            raise UserError(
+                f"HOST={host} is not an address of this machine ({error.strerror}): use HOST=127.0.0.1 (this machine "
+                "only) or HOST=0.0.0.0 (every network it is on)"
+            ) from None
         except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise UserError(
+                    f"HOST={host} is not an address of this machine: use HOST=127.0.0.1 or HOST=0.0.0.0"
+                ) from None
             raise UserError(
                 f"port {port} on {host} is already in use ({error.strerror}): stop what uses it, "
                 f"or pick another port with PORT= (make ui PORT={port + 1})"

@@ -56,6 +56,33 @@ def test_unknown_command_line_key(paths):
     assert_one_line_error(stage_here("sft", *sft_args(paths), "--no_such_key", "1"), "no_such_key")
 
 
+@pytest.mark.parametrize(
+    ("stage", "key", "value", "needle"),
+    [
+        ("sft", "per_device_train_batch_size", "0", "per_device_train_batch_size is 0: it must be at least 1"),
+        ("sft", "max_length", "-5", "max_length is -5: it must be at least 1"),
+        ("reward", "gradient_accumulation_steps", "0", "gradient_accumulation_steps is 0: it must be at least 1"),
+        ("ppo", "temperature", "0", "temperature must be above 0 for PPO's sampled rollouts, not 0.0"),
+        ("ppo", "temperature", "-1", "temperature must be above 0 for PPO's sampled rollouts, not -1.0"),
+        ("ppo", "response_length", "0", "response_length must be at least 1 token, not 0"),
+        ("ppo", "total_episodes", "0", "total_episodes must be at least 1 (or left unset), not 0"),
+        ("ppo", "max_prompt_length", "0", "max_prompt_length is 0: it must be at least 1"),
+    ],
+)
+def test_settings_that_must_be_positive(paths, stage, key, value, needle):
+    """Each used to end in a traceback from torch or transformers (exit 1, a .partial left) or, for PPO's
+    temperature 0 and total_episodes 0, in a finished-looking run that never sampled or never updated."""
+    args = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}[stage](paths)
+    assert_one_line_error(stage_here(stage, *args, f"--{key}", value), needle)
+    if stage != "reward":  # reward_args writes to the shared world's finished reward model, left as it was
+        assert_nothing_finished(paths[stage])
+
+
+def test_chat_needs_at_least_one_new_token(tmp_path):
+    result = run_here("chat", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "0")
+    assert_one_line_error(result, "--max-new-tokens 0: an answer needs at least 1 new token")
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     recipe = tmp_path / "sft.yaml"
     recipe.write_text("model_name_or_path: x\nlearning_rate: [1\n")

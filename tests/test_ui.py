@@ -434,3 +434,13 @@ def test_auth_takes_user_and_password():
     for bad in ("alice", ":secret", "alice:"):
         with pytest.raises(UserError, match="--auth takes user:password"):
             parse_auth(bad)
+
+
+@pytest.mark.parametrize("host", ["nosuchhost.invalid", "192.0.2.1"])  # no such name; an address not on this machine
+def test_a_host_that_is_not_this_machine_is_named_not_the_port(host):
+    from rlhf_trl.cli import UserError
+    from rlhf_trl.ui import check_port
+
+    with pytest.raises(UserError, match=f"HOST={host} is not an address of this machine") as error:
+        check_port(host, 7875)
+    assert "port" not in str(error.value).split(":")[0]
