@@ -24,6 +24,8 @@ SHAPE ?= toy
 MODE ?= bf16
 BENCH_ARGS ?=
 FILE ?=
+# pytest-xdist workers for `make test` (one per core here); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 7860
 PYTHON ?= python3
@@ -123,7 +125,7 @@ all: setup
 
 test: setup
 	$(BIN)/ruff check rlhf_trl tests benchmarks
-	$(BIN)/python -m pytest -q -x --durations=10
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # SFT, reward and PPO in 2 CPU processes (gloo, recipes/accelerate_configs/multi_cpu.yaml) against 1 process at the
 # same global batch; kept out of `make test` (pytest -m "not distributed" in pyproject.toml) for its run time.
