@@ -276,3 +276,27 @@ def test_where_prompt_ids_are_a_prefix_the_labels_are_trls_own(capsys):
     ours = [completion_labels(record, tokenizer)["labels"] for record in train]
     assert ours == trainer.train_dataset["labels"]
     assert all(not completion_labels(record, tokenizer)["mismatch"] for record in train)
+
+
+def test_a_prompt_rendered_otherwise_before_an_answer_is_masked_by_character_offsets(capsys):
+    """Only when the whole text does not start with the prompt's text (here the generation prompt adds a space the
+    answered conversation lacks) is there no prompt/answer split: the loss goes by character offsets."""
+    tokenizer = llama2ish_tokenizer()
+    tokenizer.chat_template = LLAMA2ISH + "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
+    from trl import SFTConfig
+
+    record = {
+        "prompt": [{"role": "user", "content": "Write one sentence about red things."}],
+        "completion": [{"role": "assistant", "content": "Many red things exist, such as a sky."}],
+    }
+    labelled = completion_labels(record, tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(labelled["input_ids"])
+    with_loss = [token for token, label in zip(tokens, labelled["labels"], strict=True) if label != IGNORE]
+    assert with_loss == ["▁[/INST]Many", "▁red", "▁things", "▁exist,", "▁such", "▁as", "▁a", "▁sky.", "</s>"]
+    assert labelled["mismatch"] and not labelled["split"] and labelled["merged"] == "▁[/INST]Many"
+    args = SFTConfig(output_dir="unused", max_length=64, report_to="none", bf16=False, use_cpu=True)
+    prepare_records(Dataset.from_list(sft_records(4)), tokenizer, args)
+    merges = "the prompt's last token merges with the answer's first (e.g. '▁[/INST]Many')"
+    assert capsys.readouterr().out == (
+        f"sft: 4 of 4 training records: {merges}; masked by character offsets so the loss covers exactly the answer\n"
+    )
