@@ -22,6 +22,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .templates import encode_as_generated
+
 
 def prompt_text(messages: list[dict]) -> str:
     """A conversation as plain text for encoders: the user's words, earlier turns labelled by role."""
@@ -33,12 +35,16 @@ def prompt_text(messages: list[dict]) -> str:
 def encode_for_reward(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
     """Token ids the reward model scores: its chat template when it has one, else a (prompt, answer) text pair.
 
+    With a chat template the ids are the conversation as generation sees it (`templates.encode_as_generated`): the
+    prompt's own ids, then the answer's. When the reward model shares the policy's tokenizer, PPO scores the rollout
+    ids (prompt ids + generated ids) directly, so these must be those ids even where a SentencePiece tokenizer
+    would merge the prompt's last piece with the answer's first (`▁[/INST]Many`).
     A text pair is what encoder classifiers (BERT, DistilBERT) were pretrained on: [CLS] prompt [SEP] answer [SEP].
     Truncation cuts the prompt first, because the answer is what is being judged.
     """
     if tokenizer.chat_template:
         conversation = prompt + [{"role": "assistant", "content": answer}]
-        ids = list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+        ids = encode_as_generated(tokenizer, prompt, conversation).ids
         # Templates such as ChatML add text after the end token ("<|im_end|>\n"); PPO cuts a rollout right after
         # it and reads the score there, so training must end at the same token.
         if tokenizer.eos_token_id in ids:

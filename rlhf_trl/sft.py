@@ -13,8 +13,9 @@ tokenizer without one, or a template that refuses a role, stops with the file, l
 loss mask is checked (`completion_labels`): TRL masks the first len(prompt tokens) tokens of prompt + answer, which
 is right only when the prompt's tokens are a prefix of prompt + answer's. SentencePiece-style tokenizers merge a
 prompt ending in `[/INST]` with the answer's first word ('▁[/INST]The'); TRL then logs "Mismatch between tokenized
-prompt and the start of tokenized prompt+completion" and the first answer word is never trained. Such data is
-tokenized here instead, with the loss on every token whose characters reach into the answer, and the count printed.
+prompt and the start of tokenized prompt+completion" and the first answer word is never trained, while chat, eval
+and PPO feed the prompt's own `▁[/INST]`, a token training never saw. Such data is tokenized here as generation sees
+it (`templates.encode_as_generated`: the prompt's own ids, then the answer's), with the count printed.
 The same pass counts what `max_length` does to each record: TRL truncates prompt + answer to it (`keep_start`) and
 silently drops the "fully masked examples" whose prompt alone fills it; those are left out here, with the count.
 """
@@ -29,44 +30,54 @@ from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_context, ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
-from .templates import ALPACA_PATH, apply_template_path, check_renders
+from .templates import ALPACA_PATH, apply_template_path, check_renders, encode_as_generated
 
 IGNORE = -100  # the label of a token without loss (transformers' and TRL's convention)
 
 
 def completion_labels(example: dict, tokenizer) -> dict:
-    """input_ids and labels of one conversational prompt/completion record, as TRL 1.12's SFTTrainer builds them.
+    """input_ids and labels of one conversational prompt/completion record, as generation sees it.
 
-    TRL tokenizes the prompt (with the generation prompt) and prompt + completion through the chat template and
-    puts the loss on the tokens after the first len(prompt ids). Where the prompt's ids are not a prefix of prompt +
-    completion's, the labels come from character offsets instead: the full text is tokenized with
-    `return_offsets_mapping`, and a token has loss when its span starts at or after the answer's first character
-    or straddles it (the merged piece is trained, not dropped). Returns input_ids, labels, `mismatch` and `merged`
-    (the straddling token, '' if none).
+    `templates.encode_as_generated` gives the ids: where the prompt's ids (with the generation prompt) are a prefix
+    of prompt + completion's, those are TRL 1.12's SFTTrainer's own ids and labels (loss after the first len(prompt
+    ids) tokens). Where they are not (a SentencePiece prompt ending in `▁[/INST]` merges with the answer's first
+    word), input_ids are the prompt's own ids then the rest of the text tokenized on its own, and the labels mask
+    exactly the prompt's ids, so training sees the `▁[/INST]` that chat, eval and PPO feed. Only where the whole
+    text does not start with the prompt's text are the labels placed by character offsets on the whole text's
+    tokenization: a token has loss when its span starts at or after the answer's first character or straddles it.
+    Returns input_ids, labels, `mismatch` (prompt ids not a prefix), `split` (built from the prompt's own ids) and
+    `merged` (the token that spans the prompt's end in the whole text, '' if none).
     """
     prompt, conversation = example["prompt"], example["prompt"] + example["completion"]
-    prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
-    full_ids = list(tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"])
-    if full_ids[: len(prompt_ids)] == prompt_ids:
-        labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids) :]
-        return {"input_ids": full_ids, "labels": labels, "mismatch": False, "merged": ""}
+    encoded = encode_as_generated(tokenizer, prompt, conversation)
+    if encoded.how != "rendered":
+        labels = [IGNORE] * len(encoded.prompt_ids) + encoded.ids[len(encoded.prompt_ids) :]
+        mismatch = encoded.how == "split"
+        return {
+            "input_ids": encoded.ids,
+            "labels": labels,
+            "mismatch": mismatch,
+            "split": mismatch,
+            "merged": encoded.merged,
+        }
+    full_ids = encoded.ids
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
     common = len(os.path.commonprefix([prompt_text, full_text]))
     start = full_text.find(example["completion"][-1]["content"], common) if common < len(prompt_text) else common
     start = common if start < 0 else start  # the answer's first character in the full text
-    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(encoded["input_ids"]) != full_ids:
+    offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(offsets["input_ids"]) != full_ids:
         raise UserError(
             "sft: this tokenizer tokenizes the chat template's text differently from apply_chat_template, so the "
             "loss mask cannot be placed on the answer: use a fast tokenizer (tokenizer.json)"
         )
     labels, merged = [], ""
-    for token_id, (begin, end) in zip(full_ids, encoded["offset_mapping"], strict=True):
+    for token_id, (begin, end) in zip(full_ids, offsets["offset_mapping"], strict=True):
         labels.append(token_id if begin >= start or end > start else IGNORE)
         if begin < start < end and not merged:
             merged = tokenizer.convert_ids_to_tokens(token_id)
-    return {"input_ids": full_ids, "labels": labels, "mismatch": True, "merged": merged}
+    return {"input_ids": full_ids, "labels": labels, "mismatch": True, "split": False, "merged": merged}
 
 
 def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
@@ -74,7 +85,7 @@ def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
     changes: records whose prompt alone fills `max_length` are left out (truncation would cut their whole answer
     away; TRL 1.12 drops such "fully masked examples" without a count, trl/trainer/sft_trainer.py `_prepare_dataset`),
     records whose answer is cut short are counted, and where any prompt's ids are not a prefix of its prompt + answer
-    ids the records go to TRL pre-tokenized (input_ids, labels) with the loss by character offsets.
+    ids the records go to TRL pre-tokenized (input_ids, labels) by `completion_labels`.
 
     Returns `dataset` itself (or a selection of its rows) when TRL's own masking is right. With packing, with
     `completion_only_loss: false`, or with `assistant_only_loss`, nothing is checked here. Raises UserError when no
@@ -109,20 +120,28 @@ def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
             "raise max_length or shorten the prompts"
         )
     kept = [i for i in range(total) if i not in unanswered]
-    mismatched = sum(labelled.select(kept)["mismatch"])
-    if not mismatched:
+    checked = labelled.select(kept)
+    if not any(checked["mismatch"]):
         return dataset.select(kept) if unanswered else dataset
-    merged = next((token for token in labelled["merged"] if token), "")
-    what = (
-        f"the prompt's last token merges with the answer's first (e.g. {merged!r})"
-        if merged
-        else "the prompt's tokens are not the first tokens of prompt + answer"
-    )
-    print(
-        f"sft: {mismatched} of {len(kept)} {split} records: {what}; masked by character offsets so the loss covers "
-        "exactly the answer"
-    )
-    return labelled.select(kept).select_columns(["input_ids", "labels"])
+    for how, done in (
+        (True, "trained as generation sees them: the prompt's own tokens, then the answer's"),
+        (False, "masked by character offsets so the loss covers exactly the answer"),
+    ):
+        rows = [
+            row
+            for row in checked.select_columns(["mismatch", "split", "merged"])
+            if row["mismatch"] and row["split"] == how
+        ]
+        if not rows:
+            continue
+        merged = next((row["merged"] for row in rows if row["merged"]), "")
+        what = (
+            f"the prompt's last token merges with the answer's first (e.g. {merged!r})"
+            if merged
+            else "the prompt's tokens are not the first tokens of prompt + answer"
+        )
+        print(f"sft: {len(rows)} of {len(kept)} {split} records: {what}; {done}")
+    return checked.select_columns(["input_ids", "labels"])
 
 
 def main(script_args, training_args, model_args):

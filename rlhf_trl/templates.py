@@ -17,6 +17,7 @@ fall back silently: a template is part of what the model learns, so they ask for
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from .cli import UserError
 
@@ -41,6 +42,45 @@ def apply_template_path(tokenizer, chat_template_path: str | None) -> None:
     if not Path(chat_template_path).is_file():
         raise UserError(f"chat_template_path {chat_template_path} does not exist: e.g. {ALPACA_PATH}")
     tokenizer.chat_template = Path(chat_template_path).read_text(encoding="utf-8")
+
+
+class Encoded(NamedTuple):
+    """A conversation's token ids as generation sees them (`encode_as_generated`)."""
+
+    prompt_ids: list[int]  # the prompt with the generation prompt: exactly what generation is fed
+    ids: list[int]  # the whole conversation; starts with prompt_ids unless how == "rendered"
+    how: str  # "prefix", "split" or "rendered"
+    merged: str  # the token of the whole text's own tokenization that spans the prompt's end ('' if none)
+
+
+def encode_as_generated(tokenizer, prompt: list[dict], conversation: list[dict]) -> Encoded:
+    """Token ids of `conversation` (prompt messages + the answer's) as generation sees them: the prompt's own ids,
+    then the answer's. Used by SFT (`sft.completion_labels`) and the reward model (`rewards.encode_for_reward`), so
+    what they train on is what chat, eval and PPO rollouts feed (`ppo.tokenize_prompts`: prompt ids + generated ids).
+
+    how = "prefix": the prompt's ids (apply_chat_template with add_generation_prompt) are a prefix of the whole
+    conversation's ids; ids are the latter, as TRL's SFTTrainer takes them. how = "split": they are not, because a
+    SentencePiece-style tokenizer merges the prompt's last piece with the answer's first (Llama-2/Mistral's
+    `▁[/INST]` + `Many` -> `▁[/INST]Many`, trl #598/#1183), but the conversation's text starts with the prompt's;
+    ids are the prompt's ids + the rest of the text tokenized on its own (add_special_tokens=False), as LLaMA-Factory
+    (its template's encode_multiturn) and OpenRLHF (SFTDataset) build them. how = "rendered": the text does not start
+    with the prompt's (a template that renders a prompt differently when an answer follows); ids are the whole
+    conversation's own tokenization and do not start with prompt_ids.
+    """
+    prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+    full_ids = list(tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"])
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return Encoded(prompt_ids, full_ids, "prefix", "")
+    pairs = enumerate(zip(prompt_ids, full_ids, strict=False))
+    differs = next((i for i, (a, b) in pairs if a != b), min(len(prompt_ids), len(full_ids)))
+    at_end = differs == len(prompt_ids) - 1 and differs < len(full_ids)
+    merged = tokenizer.convert_ids_to_tokens(full_ids[differs]) if at_end else ""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        return Encoded(prompt_ids, full_ids, "rendered", merged)
+    rest = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    return Encoded(prompt_ids, prompt_ids + list(rest), "split", merged)
 
 
 def renderings(row: dict, purpose: str) -> list[tuple[list[dict], bool]]:

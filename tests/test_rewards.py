@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from datasets import Dataset
 from tests_helpers import build_encoder_tokenizer
 from torch import nn
 
 from rlhf_trl import demo
-from rlhf_trl.rewards import CrossTokenizerReward, encode_for_reward, needs_cross_tokenizer
+from rlhf_trl.rewards import CrossTokenizerReward, encode_for_reward, needs_cross_tokenizer, score_answers
 
 
 class CountsAWord(nn.Module):
@@ -70,3 +71,45 @@ def test_direct_path_only_for_a_decoder_with_the_policys_tokenizer():
     assert not needs_cross_tokenizer(decoder_reward, policy_tokenizer, policy_tokenizer)
     assert needs_cross_tokenizer(decoder_reward, encoder_tokenizer, policy_tokenizer)
     assert needs_cross_tokenizer(nn.Module(), policy_tokenizer, policy_tokenizer), "no .score head"
+
+
+def test_ppo_scores_a_llama2_chat_rollout_as_the_reward_stage_encodes_it():
+    """With the policy's tokenizer the reward model scores PPO's rollout ids (prompt ids + generated ids) directly.
+    Llama-2/Mistral's `[/INST]` merges with the answer's first word in the whole text ('▁[/INST]The'), so the reward
+    stage encodes as generation sees it: the prompt's own ids ('... ▁[/INST]'), then the answer's."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trl.experimental.utils import get_reward
+    from zoo import LLAMA2, build_tokenizer
+
+    from rlhf_trl.ppo import tokenize_prompts
+
+    tokenizer = build_tokenizer(LLAMA2)
+    tokenizer.pad_token = "<unk>"  # id 0, Llama-2-chat generation_config's pad_token_id
+    prompts = [
+        [{"role": "user", "content": "Tell me about the apple."}],
+        [{"role": "user", "content": "Tell me about the apple. Is it red?"}],
+    ]
+    answers = ["The apple is red.", "The apple is green and the leaf is green."]
+    queries = tokenize_prompts(Dataset.from_list([{"prompt": p} for p in prompts]), tokenizer, 1000)["input_ids"]
+    # What a policy trained on the same encoding generates: the answer's own tokens, then EOS.
+    responses = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+    assert tokenizer.convert_ids_to_tokens(queries[0])[-1] == "▁[/INST]"
+    assert tokenizer.convert_ids_to_tokens(responses[0]) == ["▁The", "▁apple", "▁is", "▁red.", "</s>"]
+    for prompt, answer, query, response in zip(prompts, answers, queries, responses, strict=True):
+        assert encode_for_reward(tokenizer, prompt, answer) == query + response
+    whole = tokenizer.apply_chat_template(prompts[0] + [{"role": "assistant", "content": answers[0]}])["input_ids"]
+    assert "▁[/INST]The" in tokenizer.convert_ids_to_tokens(whole), "the whole text's own tokens differ"
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForSequenceClassification(config).eval()
+    # PPO's rows: queries left-padded to one length, responses right-padded after EOS.
+    width = max(map(len, queries))
+    rows = [[0] * (width - len(q)) + q + r + [0] * (12 - len(r)) for q, r in zip(queries, responses, strict=True)]
+    with torch.no_grad():
+        _, direct, _ = get_reward(model, torch.tensor(rows), 0, width)
+    expected = score_answers(model, tokenizer, prompts, answers)
+    torch.testing.assert_close(direct.squeeze(-1), torch.tensor(expected), atol=1e-5, rtol=1e-4)

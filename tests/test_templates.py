@@ -3,8 +3,9 @@
 - The fallback renderer for tokenizers without a template goes by role and is recipes/templates/alpaca.jinja.
 - A template that refuses a conversation, or no template at all, stops each stage with one line naming the file,
   the line and the fix (exit 2, no output left behind).
-- SFT's loss covers exactly the answer when a SentencePiece-style tokenizer merges the prompt's last piece
-  (`[/INST]`) with the answer's first; for a tokenizer where prompt ids are a prefix, labels are TRL's own.
+- When a SentencePiece-style tokenizer merges the prompt's last piece (`[/INST]`) with the answer's first, SFT
+  trains on what generation sees (the prompt's own ids, then the answer's), the loss on exactly the answer; for a
+  tokenizer where prompt ids are a prefix, ids and labels are TRL's own.
 """
 
 import json
@@ -195,31 +196,49 @@ def test_reward_and_prepare_check_the_template_they_render_with(assets, tmp_path
     assert one_line_error(result, output).endswith("drop the system turn or pick another tokenizer_name_or_path")
 
 
-def test_a_merged_first_answer_piece_carries_the_loss_and_no_prompt_token_does(capsys):
+def generation_prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    """The prompt ids chat/eval (`modeling.generate`) and PPO (`ppo.tokenize_prompts`) feed; the test checks both."""
+    from rlhf_trl.ppo import tokenize_prompts
+
+    fed = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    (rollout,) = tokenize_prompts(Dataset.from_list([{"prompt": prompt}]), tokenizer, 1000)["input_ids"]
+    assert fed == rollout
+    return fed
+
+
+def test_a_merged_prompt_end_is_trained_as_generation_sees_it(capsys):
     tokenizer = llama2ish_tokenizer()
     record = {
         "prompt": [{"role": "user", "content": "Write one sentence about red things."}],
         "completion": [{"role": "assistant", "content": "Many red things exist, such as a sky."}],
     }
-    prompt_ids = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=True)["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(prompt_ids[-1]) == "▁[/INST]", "the prompt alone ends in '▁[/INST]'"
+    prompt_ids = generation_prompt_ids(tokenizer, record["prompt"])
+    whole = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=True)["input_ids"]
+    assert "▁[/INST]Many" in tokenizer.convert_ids_to_tokens(whole), "the whole text's own tokens merge"
     labelled = completion_labels(record, tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(labelled["input_ids"])
-    with_loss = [token for token, label in zip(tokens, labelled["labels"], strict=True) if label != IGNORE]
-    assert with_loss == ["▁[/INST]Many", "▁red", "▁things", "▁exist,", "▁such", "▁as", "▁a", "▁sky.", "</s>"]
+    assert labelled["input_ids"][: len(prompt_ids)] == prompt_ids, "training starts with what generation feeds"
+    assert tokenizer.convert_ids_to_tokens(labelled["input_ids"]) == [
+        "<s>", "[", "INST]", "▁Write", "▁one", "▁sentence", "▁about", "▁red", "▁things.", "▁[/INST]",
+        "▁", "Many", "▁red", "▁things", "▁exist,", "▁such", "▁as", "▁a", "▁sky.", "</s>",
+    ]  # fmt: skip
+    assert labelled["labels"] == [IGNORE] * len(prompt_ids) + labelled["input_ids"][len(prompt_ids) :]
     assert labelled["mismatch"] and labelled["merged"] == "▁[/INST]Many"
+    assert tokenizer.decode(labelled["input_ids"][len(prompt_ids) :], skip_special_tokens=True) == (
+        "Many red things exist, such as a sky."
+    )
 
-    # Through SFTTrainer: TRL takes the labels as they are (its own mask would start at '▁red').
+    # Through SFTTrainer: TRL takes the ids and labels as they are.
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    train, evaluation = Dataset.from_list(sft_records(24)), Dataset.from_list(sft_records(8))
+    records = sft_records(24)
+    train, evaluation = Dataset.from_list(records), Dataset.from_list(sft_records(8))
     args = SFTConfig(output_dir="unused", max_length=64, report_to="none", bf16=False, use_cpu=True)
     train, evaluation = prepare_records(train, tokenizer, args), prepare_records(evaluation, tokenizer, args, "eval")
     merges = "the prompt's last token merges with the answer's first (e.g. '▁[/INST]Many')"
+    done = "trained as generation sees them: the prompt's own tokens, then the answer's"
     assert capsys.readouterr().out == (
-        f"sft: 24 of 24 training records: {merges}; masked by character offsets so the loss covers exactly the answer\n"
-        f"sft: 8 of 8 eval records: {merges}; masked by character offsets so the loss covers exactly the answer\n"
+        f"sft: 24 of 24 training records: {merges}; {done}\nsft: 8 of 8 eval records: {merges}; {done}\n"
     )
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -232,10 +251,12 @@ def test_a_merged_first_answer_piece_carries_the_loss_and_no_prompt_token_does(c
         eval_dataset=evaluation,
         processing_class=tokenizer,
     )
-    for row in trainer.train_dataset:
+    for record, row in zip(records, trainer.train_dataset, strict=True):
+        prompt_ids = generation_prompt_ids(tokenizer, record["prompt"])
         first = next(i for i, label in enumerate(row["labels"]) if label != IGNORE)
-        assert tokenizer.convert_ids_to_tokens(row["input_ids"][first]).startswith("▁[/INST]Many")
-        assert tokenizer.convert_ids_to_tokens(row["input_ids"][first - 1]) == "▁things."
+        assert first == len(prompt_ids) and row["input_ids"][:first] == prompt_ids
+        assert tokenizer.convert_ids_to_tokens(row["input_ids"][first - 1 : first + 2]) == ["▁[/INST]", "▁", "Many"]
+        assert row["input_ids"][-1] == tokenizer.eos_token_id
 
 
 def test_where_prompt_ids_are_a_prefix_the_labels_are_trls_own(capsys):
@@ -255,3 +276,27 @@ def test_where_prompt_ids_are_a_prefix_the_labels_are_trls_own(capsys):
     ours = [completion_labels(record, tokenizer)["labels"] for record in train]
     assert ours == trainer.train_dataset["labels"]
     assert all(not completion_labels(record, tokenizer)["mismatch"] for record in train)
+
+
+def test_a_prompt_rendered_otherwise_before_an_answer_is_masked_by_character_offsets(capsys):
+    """Only when the whole text does not start with the prompt's text (here the generation prompt adds a space the
+    answered conversation lacks) is there no prompt/answer split: the loss goes by character offsets."""
+    tokenizer = llama2ish_tokenizer()
+    tokenizer.chat_template = LLAMA2ISH + "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
+    from trl import SFTConfig
+
+    record = {
+        "prompt": [{"role": "user", "content": "Write one sentence about red things."}],
+        "completion": [{"role": "assistant", "content": "Many red things exist, such as a sky."}],
+    }
+    labelled = completion_labels(record, tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(labelled["input_ids"])
+    with_loss = [token for token, label in zip(tokens, labelled["labels"], strict=True) if label != IGNORE]
+    assert with_loss == ["▁[/INST]Many", "▁red", "▁things", "▁exist,", "▁such", "▁as", "▁a", "▁sky.", "</s>"]
+    assert labelled["mismatch"] and not labelled["split"] and labelled["merged"] == "▁[/INST]Many"
+    args = SFTConfig(output_dir="unused", max_length=64, report_to="none", bf16=False, use_cpu=True)
+    prepare_records(Dataset.from_list(sft_records(4)), tokenizer, args)
+    merges = "the prompt's last token merges with the answer's first (e.g. '▁[/INST]Many')"
+    assert capsys.readouterr().out == (
+        f"sft: 4 of 4 training records: {merges}; masked by character offsets so the loss covers exactly the answer\n"
+    )

@@ -111,6 +111,11 @@ def test_llama2_prompt_is_not_a_prefix_of_prompt_and_answer(zoo):
     assert tokenizer.convert_ids_to_tokens(prompt)[-1] == "▁[/INST]"
     assert "▁[/INST]The" in tokenizer.convert_ids_to_tokens(whole)
     assert whole[-1] == tokenizer.eos_token_id and whole[0] == tokenizer.bos_token_id
+    # Decoding gives the spaces back (`▁` -> ' ', the one put in front stripped), as Llama-2's tokenizer does.
+    plain = tokenizer("The leaf is green.", add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(plain)[0] == "▁The" and tokenizer.decode(plain) == "The leaf is green."
+    text = "[INST] Tell me about the apple. [/INST]The apple is red."
+    assert tokenizer.decode(whole, skip_special_tokens=True) == text
     assert tokenizer.pad_token is None and tokenizer.model_max_length > 10**20  # unset, as Llama-2's
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
     generation = GenerationConfig.from_pretrained(zoo[LLAMA2])

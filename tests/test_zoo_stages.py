@@ -295,8 +295,8 @@ def test_a_lora_distilbert_reward_model_trains(chain, zoo, tmp_path):
 @pytest.mark.parametrize("chain", [LLAMA2], indirect=True)
 def test_llama2_sft_trains_the_whole_answer(chain, tmp_path):
     """`[/INST]` + the answer's first word tokenize as one piece: TRL alone masks by the prompt's length and
-    warns once per record (the first answer word is never trained). SFT masks by character offsets instead and
-    says so for every record (tests/test_templates.py checks which tokens carry the loss)."""
+    warns once per record (the first answer word is never trained). SFT trains on the prompt's own ids, then the
+    answer's, as generation sees them, and says so for every record (tests/test_templates.py checks the tokens)."""
     data = chain["data"]
     result = run_module(
         "sft", "--config", str(ROOT / "recipes/demo/sft.yaml"), "--model_name_or_path", chain["base"],
@@ -306,7 +306,9 @@ def test_llama2_sft_trains_the_whole_answer(chain, tmp_path):
     ok(result, "llama2-chat sft")
     assert "Mismatch between tokenized prompt" not in result.stderr
     assert re.search(
-        r"sft: (\d+) of \1 training records: the prompt's last token merges with the answer's first", result.stdout
+        r"sft: (\d+) of \1 training records: the prompt's last token merges with the answer's first \(e\.g\. '.+'\); "
+        r"trained as generation sees them: the prompt's own tokens, then the answer's",
+        result.stdout,
     )
 
 

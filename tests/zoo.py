@@ -274,9 +274,10 @@ def _sentencepiece_like(texts: list[str], specials: list[str], vocab_size: int, 
     # Pieces never cross a space (SentencePiece's split_by_whitespace), but may run on past punctuation.
     scheme = "first" if prefix_space else "never"
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace(replacement="▁", prepend_scheme=scheme)]
-    )
+    # Llama-2's and Gemma's tokenizer.json decoders: `▁` back to spaces, then bytes, then (Llama-2) the one space
+    # the pre-tokenizer put in front. (Metaspace's decoder after Fuse drops every space of the fused piece.)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix_space else []))
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size + len(byte_pieces), special_tokens=[*specials, *byte_pieces], max_token_length=16
