@@ -86,6 +86,34 @@ def test_csv_numbers_are_text():
     ]
 
 
+def test_csv_cells_are_the_text_in_the_file(tmp_path):
+    # Type inference would read 3.10 -> 3.1, 02134 -> 2134, 1.50 -> 1.5, 007 -> 7 and the input "NA" as missing;
+    # each answer and input must come back exactly as written, and only the blank input cells are absent.
+    path = tmp_path / "answers.csv"
+    path.write_text(
+        "instruction,input,output\n"
+        "Which Python version?,,3.10\n"
+        "Zip code of Boston?,,02134\n"
+        "Price in dollars?,NA,1.50\n"
+        "Agent number?,,007\n",
+        encoding="utf-8",
+    )
+    assert sft_rows(path) == [
+        ("Which Python version?", "3.10"),
+        ("Zip code of Boston?", "02134"),
+        ("Price in dollars?\n\nNA", "1.50"),
+        ("Agent number?", "007"),
+    ]
+    assert [r["input"] for r in load_records(str(path))] == [None, None, "NA", None]
+
+
+def test_csv_with_a_repeated_column_is_refused(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("instruction,output,output\na,b,c\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"twice.csv: column 'output' appears more than once in the header"):
+        load_records(str(path))
+
+
 def test_a_required_blank_field_is_named(tmp_path):
     source = write_jsonl(
         tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": " "}]
