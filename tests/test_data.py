@@ -112,7 +112,7 @@ def test_malformed_json_names_the_column_where_the_line_stops(tmp_path, ending):
     # ends the line (the decoder used to count the newline and report column 1).
     path = tmp_path / "cut.jsonl"
     good = '{"instruction": "a", "output": "b"}'
-    path.write_bytes(f"{good}\n{good}\n{good}\n{{\"instruction\": \"e\", \"output\": {ending}".encode())
+    path.write_bytes(f'{good}\n{good}\n{good}\n{{"instruction": "e", "output": {ending}'.encode())
     with pytest.raises(UserError) as error:
         load_records(str(path))
     assert str(error.value) == f"{path} line 4: invalid JSON (Expecting value at column 32)"
