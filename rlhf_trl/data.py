@@ -55,7 +55,9 @@ def read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # without its line ending, so that a line cut short is reported where it stops, not at column 1
+                # of the next line (where the decoder's position lands when the newline is still there)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 raise UserError(
                     f"{path} line {line_number}: invalid JSON ({error.msg} at column {error.colno})"
@@ -73,6 +75,10 @@ def load_records(source: str, split: str = "train", config: str | None = None) -
     if path.is_file():
         if path.suffix == ".jsonl":
             records = read_jsonl(path)
+        elif path.suffix == ".csv":
+            records = _load_with_datasets(
+                "csv", data_files=str(path), split="train", source=source, **csv_as_text(path, source)
+            )
         elif path.suffix in FILE_TYPES:
             records = _load_with_datasets(FILE_TYPES[path.suffix], data_files=str(path), split="train", source=source)
         else:
@@ -91,6 +97,35 @@ def load_records(source: str, split: str = "train", config: str | None = None) -
     if not records:
         raise UserError(f"{source} holds no records: add data or point dataset_name at a non-empty file")
     return records
+
+
+def csv_as_text(path: Path, source: str) -> dict:
+    """`datasets` csv-builder options that read every cell of the CSV file `path` as the text in the file.
+
+    Left to itself the builder (pandas `read_csv`) infers column types, so answers such as `3.10`, `02134`, `1.50`
+    and `007` would come back as 3.1, 2134, 1.5 and 7, and cells reading `NA`, `null` or `None` as missing. Here
+    every column is declared a string (`features`, which the builder passes to pandas as the column dtype) and only
+    a blank cell is missing (None). Raises UserError when the file has no header line or repeats a column name.
+    """
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # as pandas, past a BOM
+            header = next(csv.reader(handle), None)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{source}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
+    if not header:
+        raise UserError(f"{source}: no header line; the first line must name the columns (e.g. instruction,output)")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(f"{source}: column {repeated[0]!r} appears more than once in the header: name each column once")
+    return {
+        "features": datasets.Features({name: datasets.Value("string") for name in header}),
+        "keep_default_na": False,
+        "na_values": [""],
+    }
 
 
 def looks_like_hub_id(source: str) -> bool:

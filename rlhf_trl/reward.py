@@ -9,7 +9,8 @@ both work: pairs are tokenized by `rewards.encode_for_reward`, the same encoding
 Starting a decoder reward model from the SFT model (as InstructGPT did) gives it a head start on the data,
 and lets PPO score the policy's tokens directly. With LoRA the new score head must stay trainable and be saved
 with the adapter, otherwise it stays random: the adapter is built for sequence classification, which
-peft does by keeping the head in `modules_to_save`. Held-out pairwise accuracy is printed at the end.
+peft does by keeping the head in `modules_to_save`. Held-out pairwise accuracy is printed at the end: the share
+of all kept held-out pairs ranked right (`PairRewardTrainer`), not TRL's mean of per-batch accuracies.
 """
 
 from transformers import AutoModelForSequenceClassification
@@ -18,6 +19,7 @@ from trl import RewardConfig, RewardTrainer, get_peft_config
 from . import outputs
 from .cli import UserError, parse, run
 from .data import load_splits
+from .evaluate import pairwise_accuracy
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_context, load_model, load_tokenizer, model_kwargs
@@ -37,6 +39,46 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None, split: str = "tra
     if not kept:
         raise UserError(f"reward: no {split} pair has two different answers: chosen and rejected must differ")
     return Dataset.from_list([{k: row[k] for k in ("chosen_ids", "rejected_ids")} for row in kept])
+
+
+class PairRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer whose `eval_accuracy` is the share of all held-out pairs ranked right.
+
+    TRL logs the accuracy of each evaluation batch and averages those means (`RewardTrainer.compute_loss`, `log`),
+    so with 13 pairs in batches of 8 the last 5 pairs weigh as much as the first 8 (a 0.350 printed for 5/13).
+    Here each evaluation batch's chosen and rejected scores (the model's logits, gathered across processes without
+    the padding repeats of the last batch) are kept, and the logged `eval_accuracy` is
+    `evaluate.pairwise_accuracy` of all of them: pairs whose chosen answer scores strictly higher / pairs.
+    `pair_accuracy` holds the last evaluation's value and `pair_count` the pairs it counted.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._eval_scores: tuple[list[float], list[float]] = ([], [])
+        self.pair_accuracy, self.pair_count = float("nan"), 0
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_scores = ([], [])  # nothing left over from a `predict`, which scores through compute_loss too
+        return super().evaluate(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not self.model.training:
+            import torch
+
+            with torch.no_grad():
+                chosen, rejected = torch.chunk(outputs.logits.squeeze(-1).float(), chunks=2)
+                for kept, side in zip(self._eval_scores, (chosen, rejected), strict=True):
+                    kept.extend(self.accelerator.gather_for_metrics(side).tolist())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        chosen, rejected = self._eval_scores
+        if not self.model.training and chosen:
+            self.pair_accuracy, self.pair_count = pairwise_accuracy(chosen, rejected), len(chosen)
+            self._metrics["eval"]["accuracy"] = [self.pair_accuracy]  # replaces TRL's per-batch means
+            self._eval_scores = ([], [])
+        super().log(logs, start_time)
 
 
 def head_modules(model) -> list[str]:
@@ -90,7 +132,7 @@ def main(script_args, training_args, model_args):
             if peft_config.target_modules == "all-linear" and extra_heads:
                 peft_config.exclude_modules = extra_heads
         training_args.output_dir = str(run.work)
-        trainer = RewardTrainer(
+        trainer = PairRewardTrainer(
             model=model,
             args=training_args,
             train_dataset=train,
@@ -100,17 +142,18 @@ def main(script_args, training_args, model_args):
             callbacks=[MetricsLog()],
         )
         trainer.train(resume_from_checkpoint=run.checkpoint)
-        metrics = trainer.evaluate()
-        accuracy = metrics.get("eval_accuracy", float("nan"))
+        trainer.evaluate()  # logs eval_loss and the exact eval_accuracy over every kept held-out pair
+        accuracy = trainer.pair_accuracy
         stage_info = {
             "base": model_args.model_name_or_path,
             "adapter": model_args.use_peft,
             "eval_accuracy": accuracy,
-            "eval_pairs": len(evaluation),
+            "eval_pairs": trainer.pair_count,
         }
         if outputs.publish(trainer, tokenizer, run.work, final_dir, "reward", **stage_info):
             print(
-                f"reward: held-out pairwise accuracy {accuracy:.3f} on {len(evaluation)} pairs -> saved to {final_dir}"
+                f"reward: held-out pairwise accuracy {accuracy:.3f} on {trainer.pair_count} pairs "
+                f"({round(accuracy * trainer.pair_count)} ranked right) -> saved to {final_dir}"
             )
 
 

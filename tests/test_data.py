@@ -106,6 +106,18 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
         load_records(str(path))
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_malformed_json_names_the_column_where_the_line_stops(tmp_path, ending):
+    # line 4 is cut short after `"output": ` (31 characters): the missing value is at column 32 of line 4, whatever
+    # ends the line (the decoder used to count the newline and report column 1).
+    path = tmp_path / "cut.jsonl"
+    good = '{"instruction": "a", "output": "b"}'
+    path.write_bytes(f'{good}\n{good}\n{good}\n{{"instruction": "e", "output": {ending}'.encode())
+    with pytest.raises(UserError) as error:
+        load_records(str(path))
+    assert str(error.value) == f"{path} line 4: invalid JSON (Expecting value at column 32)"
+
+
 def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match=r"offline.*data/raw/alpaca-cleaned"):

@@ -86,6 +86,34 @@ def test_csv_numbers_are_text():
     ]
 
 
+def test_csv_cells_are_the_text_in_the_file(tmp_path):
+    # Type inference would read 3.10 -> 3.1, 02134 -> 2134, 1.50 -> 1.5, 007 -> 7 and the input "NA" as missing;
+    # each answer and input must come back exactly as written, and only the blank input cells are absent.
+    path = tmp_path / "answers.csv"
+    path.write_text(
+        "instruction,input,output\n"
+        "Which Python version?,,3.10\n"
+        "Zip code of Boston?,,02134\n"
+        "Price in dollars?,NA,1.50\n"
+        "Agent number?,,007\n",
+        encoding="utf-8",
+    )
+    assert sft_rows(path) == [
+        ("Which Python version?", "3.10"),
+        ("Zip code of Boston?", "02134"),
+        ("Price in dollars?\n\nNA", "1.50"),
+        ("Agent number?", "007"),
+    ]
+    assert [r["input"] for r in load_records(str(path))] == [None, None, "NA", None]
+
+
+def test_csv_with_a_repeated_column_is_refused(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("instruction,output,output\na,b,c\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"twice.csv: column 'output' appears more than once in the header"):
+        load_records(str(path))
+
+
 def test_a_required_blank_field_is_named(tmp_path):
     source = write_jsonl(
         tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": " "}]
@@ -190,6 +218,47 @@ def test_reward_stage_drops_identical_pairs_and_measures_accuracy_without_them(w
     assert "reward: training pairs: 20 read, 8 dropped (chosen == rejected), 12 kept" in result.stdout
     assert "reward: eval pairs: 20 read, 8 dropped (chosen == rejected), 12 kept" in result.stdout
     assert "held-out pairwise accuracy" in result.stdout and "on 12 pairs" in result.stdout
+
+
+def test_reward_held_out_accuracy_counts_every_pair_not_batch_means(world, tmp_path):
+    # 13 held-out pairs in evaluation batches of 8 (8 + 5). TRL logs the mean of the two batch accuracies
+    # (a/8 + b/5) / 2; the stage must print (a + b) / 13, the share of pairs whose chosen answer the saved model
+    # scores strictly higher, as rescoring it with score_answers gives. The two differ unless a/8 == b/5.
+    import re
+
+    from rlhf_trl.evaluate import load_reward_model, message_text, pairwise_accuracy
+    from rlhf_trl.metrics_log import read_metrics
+    from rlhf_trl.outputs import read_marker
+    from rlhf_trl.rewards import score_answers
+
+    lines = (world / "data/pairs_eval.jsonl").read_text(encoding="utf-8").splitlines()[:13]
+    held_out = tmp_path / "pairs_13.jsonl"
+    held_out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    output = tmp_path / "reward"
+    result = run_stage(
+        "reward",
+        *("--model_name_or_path", str(world / "models/base"), "--dataset_name", str(world / "data/pairs_train.jsonl")),
+        *("--eval_dataset_name", str(held_out), "--per_device_eval_batch_size", "8", "--output_dir", str(output)),
+        *("--max_steps", "4", "--label_mix", "generated", "--save_strategy", "no"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reward: eval pairs: 13 read, 13 kept" in result.stdout
+
+    model, tokenizer = load_reward_model(output)
+    pairs = load_dataset_for(str(held_out), "reward")
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score_answers(model, tokenizer, prompts, [message_text(p["chosen"]) for p in pairs], max_length=96)
+    rejected = score_answers(model, tokenizer, prompts, [message_text(p["rejected"]) for p in pairs], max_length=96)
+    right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+    first = sum(c > r for c, r in zip(chosen[:8], rejected[:8], strict=True))  # the first batch's hits
+    assert first * 5 != (right - first) * 8, (
+        "this model ranks both batches alike: batch means would give the same number"
+    )
+    assert pairwise_accuracy(chosen, rejected) == right / 13
+    printed = re.search(r"held-out pairwise accuracy (\d\.\d{3}) on 13 pairs \((\d+) ranked right\)", result.stdout)
+    assert printed and (printed[1], int(printed[2])) == (f"{right / 13:.3f}", right)
+    assert read_marker(output)["eval_accuracy"] == right / 13
+    assert [r["eval_accuracy"] for r in read_metrics(output) if "eval_accuracy" in r][-1] == right / 13
 
 
 class LengthScorer:
