@@ -50,22 +50,28 @@ def build_gpt2(tokenizer, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_distilbert(tokenizer, path: Path, seed: int = 0) -> Path:
-    """A randomly initialised 1-layer DistilBERT sequence classifier sharing `tokenizer`, saved with it."""
-    import torch
+def distilbert_classifier(tokenizer, max_positions: int = 128):
+    """A randomly initialised 1-layer DistilBERT sequence classifier (one score) for `tokenizer`, unsaved."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    torch.manual_seed(seed)
     config = DistilBertConfig(
         vocab_size=len(tokenizer),
         dim=32,
         n_layers=1,
         n_heads=2,
         hidden_dim=64,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=1,
     )
-    DistilBertForSequenceClassification(config).save_pretrained(path)
+    return DistilBertForSequenceClassification(config)
+
+
+def build_distilbert(tokenizer, path: Path, seed: int = 0) -> Path:
+    """`distilbert_classifier` with 128 positions, seeded, saved with `tokenizer`."""
+    import torch
+
+    torch.manual_seed(seed)
+    distilbert_classifier(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -462,19 +462,9 @@ def build_model(name: str, tokenizer, seed: int = 0):
         model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=stop, pad_token_id=pad_id)
         return model
     if name == DISTILBERT:
-        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+        from tests_helpers import distilbert_classifier
 
-        config = DistilBertConfig(
-            vocab_size=len(tokenizer),
-            dim=32,
-            n_layers=1,
-            n_heads=2,
-            hidden_dim=64,
-            max_position_embeddings=context,
-            pad_token_id=tokenizer.pad_token_id,
-            num_labels=1,
-        )
-        return DistilBertForSequenceClassification(config)
+        return distilbert_classifier(tokenizer, max_positions=context)
     raise KeyError(f"no zoo model {name!r}: choose one of {', '.join(NAMES)}")
 
 
