@@ -44,7 +44,7 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup data sft reward ppo chat merge eval report label ui label-export label-import label-agreement all test test-distributed lint bench bench-engines clean-demo
+.PHONY: help setup data sft reward ppo chat merge eval report label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
 
 help:
 	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -126,6 +126,11 @@ all: setup
 test: setup
 	$(BIN)/ruff check rlhf_trl tests benchmarks
 	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=10
+
+# The web page served and driven in Debian's headless Chromium (tests/test_ui.py, marker browser; .ci/run installs
+# chromium and chromium-driver when missing); kept out of `make test` for its run time, like test-distributed.
+test-ui: setup
+	$(BIN)/python -m pytest -q -x -m browser --durations=5
 
 # SFT, reward and PPO in 2 CPU processes (gloo, recipes/accelerate_configs/multi_cpu.yaml) against 1 process at the
 # same global batch; kept out of `make test` (pytest -m "not distributed" in pyproject.toml) for its run time.

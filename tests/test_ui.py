@@ -202,6 +202,7 @@ def vote(page: Page, choice: str, before: int) -> str:
     return prompt
 
 
+@pytest.mark.browser
 @needs_browser
 def test_chat_votes_from_two_browsers_and_a_killed_server(site_world, browser, second_browser):
     from rlhf_trl.modeling import for_inference, generate, load_model, load_tokenizer
@@ -294,6 +295,7 @@ def test_chat_votes_from_two_browsers_and_a_killed_server(site_world, browser, s
         stop(server)
 
 
+@pytest.mark.browser
 @needs_browser
 def test_before_any_stage_each_tab_says_what_to_run(browser, tmp_path):
     port = free_port()
@@ -322,6 +324,7 @@ def site(paths: dict):
     return Site(args)
 
 
+@pytest.mark.browser  # with the site_world server: in the same suite as the browser tests that share it
 def test_two_browsers_of_one_labeler_never_get_the_same_prompt_and_lose_no_vote(site_world, tmp_path):
     paths = {**site_world, "labels": tmp_path / "labels"}
     page = site(paths)
@@ -362,6 +365,7 @@ def test_two_browsers_of_one_labeler_never_get_the_same_prompt_and_lose_no_vote(
         page.store.__exit__()
 
 
+@pytest.mark.browser
 def test_chat_streams_the_answer_generate_gives(site_world, tmp_path):
     from rlhf_trl.modeling import generate
 

@@ -5,11 +5,8 @@ For each causal LM: `prepare` turns a local Alpaca file into the stages' files w
 then `sft` (full fine-tune), `reward` (LoRA + score head on the SFT model), `ppo` (a few episodes), and on the
 results `chat --prompt`, `merge`, `evaluate` and `label export`. GPT-2 also gets a DistilBERT reward model with
 its own tokenizer, and PPO against it. Stages run through their entry points in this process (`run_here`: the
-same exit status and printed lines, without 5 s of imports each); the one-line error checks run as subprocesses,
-where every line a user would see is on stderr.
-
-Assertions that need fixes made on other branches are strict xfails that name the fix: they turn into failures
-(XPASS) once it lands, and the marker goes.
+same exit status and printed lines, without 5 s of imports each); tests/test_launch.py checks the exit status of
+real subprocesses.
 """
 
 import csv
@@ -19,7 +16,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, run_here, run_module
+from conftest import ROOT, run_here
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from zoo import DISTILBERT, GEMMA, GPT2, LLAMA2, LLAMA3, QWEN, SPECS
 
@@ -298,7 +295,7 @@ def test_llama2_sft_trains_the_whole_answer(chain, tmp_path):
     warns once per record (the first answer word is never trained). SFT trains on the prompt's own ids, then the
     answer's, as generation sees them, and says so for every record (tests/test_templates.py checks the tokens)."""
     data = chain["data"]
-    result = run_module(
+    result = run_here(
         "sft", "--config", str(ROOT / "recipes/demo/sft.yaml"), "--model_name_or_path", chain["base"],
         "--dataset_name", f"{data}/sft_train.jsonl", "--eval_dataset_name", f"{data}/sft_eval.jsonl",
         "--output_dir", str(tmp_path / "sft"), "--max_steps", "1", *TRAIN,
@@ -313,7 +310,7 @@ def test_llama2_sft_trains_the_whole_answer(chain, tmp_path):
 
 
 def test_gpt2_without_a_chat_template_is_refused_in_one_line(zoo, alpaca, tmp_path):
-    result = run_module(
+    result = run_here(
         "sft", "--config", str(ROOT / "recipes/demo/sft.yaml"), "--model_name_or_path", str(zoo[GPT2]),
         "--dataset_name", str(alpaca), "--eval_dataset_name", str(alpaca), "--output_dir", str(tmp_path / "sft"),
         "--max_steps", "1", *TRAIN,
@@ -333,7 +330,7 @@ def test_gemma_with_a_system_turn_is_refused_in_one_line(zoo, tmp_path):
     ] * 8
     data = tmp_path / "messages.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    result = run_module(
+    result = run_here(
         "sft", "--config", str(ROOT / "recipes/demo/sft.yaml"), "--model_name_or_path", str(zoo[GEMMA]),
         "--dataset_name", str(data), "--eval_dataset_name", str(data), "--output_dir", str(tmp_path / "sft"),
         "--max_steps", "1", *TRAIN,
