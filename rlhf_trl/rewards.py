@@ -77,11 +77,18 @@ def encode_pairs(tokenizer, pairs, max_length: int | None = None) -> tuple[list[
         if answers[0] == answers[1]:
             counts["identical"] += 1
             continue
-        ids = [encode_for_reward(tokenizer, pair["prompt"], answer, max_length) for answer in answers]
+        # Encoded whole once; a side over max_length is encoded again with the truncation (which a slice would not
+        # reproduce for encoder text pairs, cut from the prompt's side). Within max_length the two encodings agree.
+        whole = [encode_for_reward(tokenizer, pair["prompt"], answer) for answer in answers]
+        over = [bool(max_length) and len(side) > max_length for side in whole]
+        ids = [
+            encode_for_reward(tokenizer, pair["prompt"], answer, max_length) if cut else side
+            for answer, side, cut in zip(answers, whole, over, strict=True)
+        ]
         if ids[0] == ids[1]:
             counts["identical_encoded"] += 1
             continue
-        if max_length and any(len(encode_for_reward(tokenizer, pair["prompt"], a)) > max_length for a in answers):
+        if any(over):
             counts["truncated"] += 1
         kept.append({"chosen_ids": ids[0], "rejected_ids": ids[1], "index": index})
     return kept, counts
