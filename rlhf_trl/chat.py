@@ -20,6 +20,12 @@ from .modeling import context_length, for_inference, generate, load_model, load_
 STAGES = ("sft", "ppo", "export")
 
 
+def chat_context(model, tokenizer) -> int:
+    """The tokens a prompt and its answer may take: the model's context (`modeling.context_length`), else the
+    tokenizer's `model_max_length`. `make chat` and the web page's Chat tab both fit their history to it."""
+    return context_length(model) or tokenizer.model_max_length
+
+
 def fit_history(tokenizer, history: list[dict], context: int, max_new_tokens: int) -> list[dict]:
     """Drops the oldest turns until the prompt plus the answer fit the model's context."""
     while True:
@@ -55,7 +61,7 @@ def main(argv=None) -> None:
         outputs.require(path, args.stage, args.recipe)
     tokenizer = load_tokenizer(path)
     model = for_inference(load_model(path))
-    context = context_length(model) or tokenizer.model_max_length
+    context = chat_context(model, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     print(sampling_line("chat: answers", model, tokenizer, args.max_new_tokens, args.temperature))
 

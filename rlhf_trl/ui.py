@@ -36,6 +36,7 @@ import re
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from . import labels, outputs
@@ -187,13 +188,12 @@ class Site:
         """Yields the growing answer text, streamed from `modeling.generate` (what `make chat` calls)."""
         from transformers import TextIteratorStreamer
 
-        from .chat import fit_history
+        from .chat import chat_context, fit_history
         from .modeling import generate
 
         sampler = self.sampler(stage)
         model, tokenizer = sampler.model, sampler.tokenizer
-        context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-        turns = fit_history(tokenizer, turns, context, max_new_tokens)
+        turns = fit_history(tokenizer, turns, chat_context(model, tokenizer), max_new_tokens)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         failure: list[BaseException] = []
 
@@ -241,11 +241,12 @@ class Site:
         for reserved in [k for k, owner in self.showing.items() if owner == session and k[: len(key)] == key]:
             del self.showing[reserved]
 
-    def record_once(self, decision: dict, earlier: list[dict], key: tuple, session: str) -> None:
-        """Records `decision` unless one of `earlier` (the labeler's) already decided its prompt: a second click,
-        or a second browser, never records the same (prompt, labeler) twice. Releases the reservation."""
+    def record_once(self, decision: dict, earlier: Callable[[], list[dict]], key: tuple, session: str) -> None:
+        """Records `decision` unless one of `earlier()` (the labeler's decisions, read under the same lock as the
+        write) already decided its prompt: a second click, or a second browser, never records the same (prompt,
+        labeler) twice. Releases the reservation."""
         with self.mutex:
-            if any(d["prompt_id"] == decision["prompt_id"] for d in earlier):
+            if any(d["prompt_id"] == decision["prompt_id"] for d in earlier()):
                 raise ValueError("you already decided on this prompt; press Next prompt")
             self.store.record([decision])
             self._release(session, key)
@@ -264,7 +265,7 @@ class Site:
             raise ValueError(status)
         pair = sorted((first, second))
         items = labels.read_prompts(self.data / "prompts_eval.jsonl")
-        done = {d["prompt_id"] for d in self.store.by(labeler, arena=True) if sorted(d.get("stages", ())) == pair}
+        done = {d["prompt_id"] for d in self.arena_votes(labeler, pair)}
         item = self.next_item(items, done, (labeler, "arena", *pair), session)
         if item is None:
             return {"done": len(items)}
@@ -275,9 +276,12 @@ class Site:
     def arena_vote(self, item: dict, labeler: str, choice: str, session: str) -> dict:
         decision = labels.arena_vote(item, labeler, choice)
         pair = sorted(item["stages"])
-        earlier = [d for d in self.store.by(labeler, arena=True) if sorted(d.get("stages", ())) == pair]
-        self.record_once(decision, earlier, (labeler, "arena", *pair), session)
+        self.record_once(decision, lambda: self.arena_votes(labeler, pair), (labeler, "arena", *pair), session)
         return decision
+
+    def arena_votes(self, labeler: str, pair: list[str]) -> list[dict]:
+        """`labeler`'s arena votes on the pair of stages `pair` (sorted)."""
+        return [d for d in self.store.by(labeler, arena=True) if sorted(d.get("stages", ())) == pair]
 
     def label(self, item: dict, key: str, session: str) -> dict:
         """Records a Label-tab decision for a key of `labels.decision_for_key`; ValueError when it does not fit."""
@@ -285,7 +289,8 @@ class Site:
         if choice is None:
             raise ValueError(f"there are only {len(item['responses'])} answers")
         decision = labels.new_decision(item, item["labeler"], *choice, source="web")
-        self.record_once(decision, self.store.by(item["labeler"]), (item["labeler"], "label"), session)
+        labeler = item["labeler"]
+        self.record_once(decision, lambda: self.store.by(labeler), (labeler, "label"), session)
         return decision
 
     def verdict_lines(self) -> list[str]:
