@@ -3,21 +3,21 @@
     accelerate launch -m rlhf_trl.ppo --config recipes/demo/ppo.yaml [--key value ...]
     make ppo RECIPE=demo
 
-Two engines run the same PPO update (`ppo_engine`): `fast` (`rlhf_trl.ppo_fast`, the recipes' choice, one
-process) and `trl`, TRL 1.12's own PPOTrainer loop (through `ppo_engine`, the only module that imports TRL's PPO),
-kept as the reference and for several processes. Here:
+The update is this project's own (`rlhf_trl.ppo_trainer`, its arithmetic in `rlhf_trl.ppo_math`, its roles in
+`rlhf_trl.ppo_roles`); TRL 1.12's PPOTrainer, which TRL deleted in 1.13, is only the reference it is checked
+against (`make test-reference`). Here:
 - the policy is the SFT output (an SFT adapter is merged into its base first) with a fresh LoRA on top,
   so the reference model is simply the policy with its adapters disabled: no second copy in memory;
-- with the fast engine and LoRA (`shared_base`), a reward model that is a LoRA adapter on the SFT model (what
+- with LoRA and `shared_base` (the recipes' choice), a reward model that is a LoRA adapter on the SFT model (what
   `make reward` writes) is loaded onto the policy's own base as a frozen second adapter, and the value model is a
   third adapter on it, started as a copy of the reward adapter: one copy of the base serves all four roles;
-- otherwise the reward model is stage 2's output as a plain model, since TRL reads `.score` off one: its LoRA
+- otherwise the reward model is stage 2's output as a plain model with a `.score` head: its LoRA
   merged, or on a 4-bit base left unmerged inside it (merging would round it into quantized weights);
   one with its own tokenizer (DistilBERT next to GPT-2, as in the seed project) is wrapped in
   `rewards.CrossTokenizerReward`, which re-encodes each rollout as text; and the value model is a separate copy
   of the reward model when both share the policy's architecture (it already knows what a good answer looks
   like), or the policy with a fresh head;
-- prompts are rendered with the policy's chat template and tokenized, as TRL's trainer expects.
+- prompts are rendered with the policy's chat template and tokenized, left-padded for generation.
 """
 
 import copy
@@ -42,8 +42,7 @@ from .modeling import (
     load_tokenizer,
     model_kwargs,
 )
-from .ppo_engine import PPOConfig, PPOTrainer
-from .ppo_fast import FastPPOTrainer
+from .ppo_trainer import PPOConfig, PPOTrainer
 from .rewards import CrossTokenizerReward, needs_cross_tokenizer
 from .templates import ALPACA_PATH, check_renders
 
@@ -100,12 +99,11 @@ def start_value_from_reward(reward_model, reward_path: str, classifier_kwargs: d
 def enable_gradient_checkpointing(training_args, *models) -> bool:
     """Honours `gradient_checkpointing` for the policy and value model; True when it was asked for.
 
-    TRL 1.12's PPOTrainer reads the key but never acts on it: transformers' Trainer turns checkpointing on in its
-    own train(), which TRL's PPO replaces, so without this the recipe key changed nothing (benchmarks/NOTES.md).
-    Non-reentrant by default, which needs no gradient on the inputs of a frozen base under LoRA. Rollouts stay
-    right: a checkpointed layer in train mode drops its KV cache (generation then goes wrong), but TRL's
-    `unwrap_model_for_generation` turns checkpointing off around each rollout; a toy run gives the same scores and
-    KL with and without it (benchmarks/NOTES.md).
+    transformers' Trainer turns checkpointing on in its own train(), which the PPO trainer replaces (TRL 1.12's
+    PPOTrainer read the key and never acted on it: benchmarks/NOTES.md). Non-reentrant by default, which needs no
+    gradient on the inputs of a frozen base under LoRA. Rollouts stay right: a checkpointed layer in train mode
+    drops its KV cache, so `PPOTrainer` turns checkpointing off around each rollout; a toy run gives the same
+    scores and KL with and without it (benchmarks/NOTES.md).
     """
     if not training_args.gradient_checkpointing:
         return False
@@ -124,7 +122,7 @@ def reward_is_adapter_on(reward_path: str, sft_path: str) -> bool:
 
 
 def load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conversations):
-    """Stage 2's output as a plain model (TRL reads `.score` off it), wrapped when it has its own tokenizer."""
+    """Stage 2's output as a plain model with its `.score` head, wrapped when it has its own tokenizer."""
     reward_model = load_model(
         training_args.reward_model_path,
         AutoModelForSequenceClassification,
@@ -149,6 +147,14 @@ def load_value_model(reward_model, policy, reward_path: str, sft_path: str, kwar
     return load_model(sft_path, AutoModelForSequenceClassification, classifier_kwargs)
 
 
+def deepspeed_launch() -> bool:
+    """Whether this process runs under DeepSpeed (which steps the optimizer after every backward, so PPO's roles
+    are separate models there: see rlhf_trl.ppo_trainer)."""
+    from accelerate import PartialState
+
+    return PartialState().distributed_type.value == "DEEPSPEED"
+
+
 def main(script_args, training_args, model_args):
     check_stage("ppo", model_args, training_args)
     recipe = getattr(script_args, "recipe", None)
@@ -162,7 +168,7 @@ def main(script_args, training_args, model_args):
         if tokenizer.pad_token_id in stop_token_ids(tokenizer, training_args.sft_model_path):
             which = "its EOS token" if tokenizer.pad_token_id == tokenizer.eos_token_id else "one of its stop tokens"
             print(
-                f"ppo: warning: the policy pads with {which} ({tokenizer.pad_token}), so TRL's PPO cannot reward "
+                f"ppo: warning: the policy pads with {which} ({tokenizer.pad_token}), so PPO cannot reward "
                 "ending an answer with it; train SFT in full (it then adds a pad token) or use a tokenizer with a pad "
                 "token"
             )
@@ -187,8 +193,7 @@ def main(script_args, training_args, model_args):
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
-        fast = training_args.ppo_engine == "fast"
-        shared = fast and training_args.shared_base and model_args.use_peft
+        shared = training_args.shared_base and model_args.use_peft and not deepspeed_launch()
         reward_adapter = None
         if shared and reward_is_adapter_on(training_args.reward_model_path, training_args.sft_model_path):
             reward_adapter = training_args.reward_model_path
@@ -208,8 +213,7 @@ def main(script_args, training_args, model_args):
             )
         enable_gradient_checkpointing(training_args, *[m for m in (policy, value_model) if m is not None])
         training_args.output_dir = str(run.work)
-        trainer_class, extra = (FastPPOTrainer, {"reward_adapter": reward_adapter}) if fast else (PPOTrainer, {})
-        trainer = trainer_class(
+        trainer = PPOTrainer(
             args=training_args,
             processing_class=tokenizer,
             model=policy,
@@ -220,7 +224,7 @@ def main(script_args, training_args, model_args):
             eval_dataset=evaluation,
             peft_config=get_peft_config(model_args),
             callbacks=[MetricsLog()],
-            **extra,
+            reward_adapter=reward_adapter,
         )
         trainer.train(resume_from_checkpoint=run.checkpoint)
         tokenizer.padding_side = "right"  # for whoever loads the policy next; PPO needed left for generation

@@ -1,0 +1,825 @@
+"""PPO for language models: this project's own trainer, on transformers' Trainer and accelerate.
+
+    accelerate launch -m rlhf_trl.ppo --config recipes/demo/ppo.yaml      # make ppo RECIPE=demo
+
+TRL deleted its PPOTrainer in 1.13. This engine runs the same update as TRL 1.12's (same rollouts, rewards, KL
+penalty, GAE, clipped losses, metric names; `make test-reference` checks them step for step against TRL 1.12 in an
+environment of its own) with less memory, resumable checkpoints and several processes. One update, top to bottom
+(`train`):
+
+1. **Rollout** (`rollout`): draw a batch of prompts, sample a response for each with exactly the recipe's settings
+   (`generation.sampling_config`: the temperature, top_k 0, top_p 1, every stop id of the policy, nothing from its
+   generation_config.json), then score each position: the policy's and the reference's log-probs, the value
+   model's values, and the reward model's score of the answer truncated at its first stop token.
+2. **Advantages** (`advantages`): `ppo_math`'s missing-EOS penalty, KL-penalised per-token rewards, GAE and
+   whitening.
+3. **Update** (`update`): `num_ppo_epochs` passes over the batch in shuffled mini-batches, each mini-batch in
+   micro-batches of `per_device_train_batch_size` whose gradients accumulate into one optimizer step; the clipped
+   policy loss and the clipped value loss (`ppo_math`).
+4. **Log, checkpoint**: TRL's metric names through transformers' callbacks (`report_to`, `metrics.jsonl`); a
+   checkpoint holds every trainable tensor, the optimizer, the scheduler, each process's RNG states and the
+   trainer state (written last: its presence means the checkpoint is complete), so `train(resume_from_checkpoint)`
+   ends where a run that never stopped ends.
+
+Roles (`ppo_roles`): with LoRA and `shared_base: true` one base serves policy, reference, value and reward. Each
+micro-batch then runs two backward passes, the policy loss under the "default" adapter and the value loss under
+"value", because a checkpointed layer recomputes its forward in backward with whatever adapter is active then;
+their parameters are disjoint, so the gradients equal those of the single combined loss that separate models use.
+
+Several processes (`multi_cpu.yaml`, `multi_gpu.yaml`): each process samples and scores its own share of the batch,
+and before each optimizer step the trainable gradients are averaged over the processes (`average_gradients`), as
+DistributedDataParallel would average them; the model is not wrapped in DDP, whose hooks expect one forward and one
+backward per step, so the shared base works in any number of processes. DeepSpeed (`zero2.yaml`) owns the optimizer
+and its step: there the model is prepared by accelerate, roles are separate models and each micro-batch runs one
+backward of the combined loss (printed when it happens). Gradient clipping (`max_grad_norm`) is not applied, as in
+TRL's PPO.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, Trainer, TrainerState, TrainingArguments
+from transformers.integrations import get_reporting_integration_callbacks
+from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
+from transformers.trainer_callback import CallbackHandler, ExportableState, PrinterCallback, TrainerControl
+from transformers.trainer_utils import rotate_checkpoints
+
+from . import ppo_math
+from .cli import UserError
+from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
+from .outputs import CHECKPOINT_STATE as TRAINER_STATE
+from .ppo_roles import (
+    HeadOnSharedBase,
+    PolicyAndValue,
+    active_adapter,
+    backbone_of,
+    causal_lm_of,
+    check_logits,
+    chunked_logprobs,
+    disable_dropout,
+    reference_model,
+    reward_scores,
+    sequence_inputs,
+    share_base,
+    trainable_flags_kept,
+)
+from .rewards import CrossTokenizerReward
+
+TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG_STATE = "rng_state_{}.pth"
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """PPO's settings: TRL 1.12's PPOConfig keys and defaults (so recipes written for it keep working), plus this
+    engine's. Batch sizes that end in `batch_size` without `per_device` are computed by the trainer, not set."""
+
+    # Defaults that TRL's trainers change from TrainingArguments'.
+    learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW."})
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every X updates (a fraction below 1: that share of the run)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in backward instead of keeping them (less memory)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; unset: on unless fp16 is set (TRL's default)."}
+    )
+    # The run's size.
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Rollouts to train on in all; unset: num_train_epochs x the prompts."}
+    )
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches (optimizer steps) per rollout batch."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Rollouts per generate call and per scoring forward pass, per process."}
+    )
+    num_sample_generations: int = field(
+        default=10, metadata={"help": "How many times to print a table of sampled eval answers during training."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Unused by PPO; kept for old recipes."})
+    # Rollouts.
+    response_length: int = field(default=53, metadata={"help": "Most tokens sampled per answer."})
+    stop_token: str | None = field(
+        default=None, metadata={"help": "eos: stop answers at the policy's stop ids (its EOS list)."}
+    )
+    stop_token_id: int | None = field(default=None, metadata={"help": "Stop answers at this one token id instead."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts (above 0)."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of an answer that never stops."}
+    )
+    # The roles.
+    sft_model_path: str = field(default="", metadata={"help": "The SFT model: the policy's start (path or hub id)."})
+    reward_model_path: str = field(default="", metadata={"help": "The reward model (path or hub id)."})
+    shared_base: bool = field(
+        default=True,
+        metadata={
+            "help": "With LoRA: policy, reference, value (own adapter and head) and a LoRA reward model on the same "
+            "SFT base share one copy of the base."
+        },
+    )
+    model_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (TRL 1.12 key)."})
+    ref_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (TRL 1.12 key)."})
+    # The loss.
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 or k3 (see ppo_math.kl_penalty)."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Scale per-token rewards to unit variance."})
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
+    # Memory.
+    logprob_chunk_tokens: int = field(
+        default=1024,
+        metadata={
+            "help": "Tokens per pass through the output layer; each pass holds tokens x vocabulary float32 logits "
+            "(0.5 GB at 1024 x 128k; 3 to 4 times that while training computes entropy)."
+        },
+    )
+    rollout_static_cache: bool = field(
+        default=False, metadata={"help": "Generate rollouts with a static KV cache (compiled by transformers on GPU)."}
+    )
+    ds3_gather_for_generation: bool = field(default=True, metadata={"help": "Unused (PPO does not run on ZeRO-3)."})
+    # Retired.
+    ppo_engine: str | None = field(
+        default=None, metadata={"help": "Retired: PPO has one engine. Leave it out of the recipe."}
+    )
+    # Computed by the trainer from the above and the number of processes.
+    world_size: int | None = field(default=None, metadata={"help": "Computed: processes."})
+    num_total_batches: int | None = field(default=None, metadata={"help": "Computed: PPO updates in the run."})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "Computed."})
+    local_batch_size: int | None = field(default=None, metadata={"help": "Computed: rollouts per process."})
+    batch_size: int | None = field(default=None, metadata={"help": "Computed: rollouts per update."})
+    local_mini_batch_size: int | None = field(default=None, metadata={"help": "Computed."})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "Computed."})
+
+    def __post_init__(self):
+        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if self.ppo_engine not in (None, "fast"):
+            raise ValueError(
+                f"ppo_engine: {self.ppo_engine} is retired: PPO now has one engine (rlhf_trl/ppo_trainer.py), "
+                "which runs in several processes too; delete the ppo_engine line from the recipe (TRL 1.12's PPO is "
+                "kept for comparison only: make test-reference, make bench-engines)"
+            )
+        if self.model_adapter_name or self.ref_adapter_name:
+            raise ValueError("model_adapter_name and ref_adapter_name are not supported: leave them out")
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(f"stop_token must be eos or left unset, not {self.stop_token!r}")
+        if self.stop_token and self.stop_token_id is not None:
+            raise ValueError("set stop_token or stop_token_id, not both")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
+        if self.logprob_chunk_tokens < 1:
+            raise ValueError(f"logprob_chunk_tokens must be at least 1, not {self.logprob_chunk_tokens}")
+        # PPO samples its rollouts at `temperature` and computes log-probs and KL at it: 0 would be greedy rollouts
+        # scored as if sampled at 1e-7, with a KL of 0 and no exploration.
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be above 0 for PPO's sampled rollouts, not {self.temperature}")
+        if self.response_length < 1:
+            raise ValueError(f"response_length must be at least 1 token, not {self.response_length}")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            raise ValueError(f"total_episodes must be at least 1 (or left unset), not {self.total_episodes}")
+        for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        super().__post_init__()
+
+
+@dataclass
+class PPOTrainerState(TrainerState):
+    """transformers' TrainerState plus the rollouts trained on so far (saved in each checkpoint)."""
+
+    episode: int = 0
+
+
+def rollout_stop_ids(args, tokenizer, generation_config) -> list[int] | None:
+    """The ids a rollout stops and is truncated at: with `stop_token: eos` every stop id of the policy
+    (`generation.stop_token_ids`: the tokenizer's EOS and the generation_config's eos_token_id list), with
+    `stop_token_id: N` that id alone, else None (every rollout runs the full response_length)."""
+    if args.stop_token == "eos":
+        return stop_token_ids(tokenizer, generation_config)
+    if args.stop_token_id is not None:
+        return [args.stop_token_id]
+    return None
+
+
+def absolute_step_intervals(state, args, total_updates: int) -> None:
+    """logging/eval/save steps given as a fraction of the run made absolute, as transformers' train() does."""
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(state, name, math.ceil(total_updates * value) if value < 1 else value)
+
+
+def average_gradients(parameters, num_processes: int) -> None:
+    """Averages the gradients of `parameters` over all processes in place, in one all-reduce (what DDP does
+    between backward and the optimizer step). A parameter without a gradient counts as zeros, so every process
+    sends the same buffer."""
+    import torch.distributed as dist
+
+    parameters = list(parameters)
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    grads = [parameter.grad for parameter in parameters]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= num_processes
+    for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(averaged)
+
+
+class _SkipFirstBatches:
+    """The prepared dataloader, with its first `skip` batches drawn and dropped so the order carries on."""
+
+    def __init__(self, dataloader, skip: int):
+        self.dataloader = dataloader
+        self.pending = iter(dataloader)
+        for _ in range(skip):
+            try:
+                next(self.pending)
+            except StopIteration:  # the loop cycles through the prompts; so does the replay
+                self.pending = iter(dataloader)
+                next(self.pending)
+
+    def __iter__(self):
+        if self.pending is None:
+            yield from self.dataloader
+        else:
+            pending, self.pending = self.pending, None
+            yield from pending
+
+    def __len__(self):
+        return len(self.dataloader)
+
+
+class PPOTrainer(Trainer):
+    """PPO with a value model against a learned reward model (see the module docstring).
+
+    Args: `args` a PPOConfig; `processing_class` the policy's tokenizer (left padding); `model` the policy (the SFT
+    model); `ref_model` None (with LoRA: the policy with adapters off; a full fine-tune: a frozen copy is made);
+    `reward_model` a sequence-classification model, a `rewards.CrossTokenizerReward`, or None with `reward_adapter`
+    (the path of a LoRA reward adapter on the SFT model, for the shared base); `value_model` a sequence-
+    classification model, or None for the shared base (needs `peft_config`); `train_dataset` and `eval_dataset`
+    tokenized prompts (`input_ids`, and `prompt_index` for a cross-tokenizer reward model); `peft_config` the
+    policy's LoRA; `callbacks` transformers TrainerCallbacks.
+    Raises UserError for a setting this engine cannot run (see `_check_launch`).
+    """
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        processing_class,
+        model,
+        ref_model,
+        reward_model,
+        train_dataset,
+        value_model=None,
+        eval_dataset=None,
+        peft_config=None,
+        callbacks=None,
+        reward_adapter: str | None = None,
+        data_collator=None,
+    ):
+        check_logits(model.config)
+        self.args = args
+        self.processing_class = processing_class
+        policy_config = copy.deepcopy(model.generation_config)
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+        self.is_deepspeed_enabled = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
+        self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
+        self._check_launch()
+        self.shares_base = value_model is None
+        if self.shares_base:
+            if peft_config is None:
+                raise UserError("shared_base: true needs LoRA (use_peft: true): set one or shared_base: false")
+            model, value_model, shared_reward = share_base(model, peft_config, reward_adapter)
+            reward_model = shared_reward or reward_model
+        elif peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.policy_model, self.value_model, self.reward_model = model, value_model, reward_model
+        self.is_peft_model = hasattr(model, "disable_adapter")
+        self.ref_model = ref_model if ref_model is not None or self.is_peft_model else reference_model(model)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.train_dataset_len = len(train_dataset)
+        self._batch_sizes()
+
+        # The rollouts' sampling settings, fixed here so nothing from generation_config.json leaks in.
+        self.stop_token_ids = rollout_stop_ids(args, processing_class, policy_config)
+        self.rollout_config = sampling_config(
+            args.temperature + 1e-7, args.response_length, self.stop_token_ids, processing_class.pad_token_id
+        )
+        self.accelerator.print(
+            settings_line("ppo: rollouts", self.rollout_config, policy_config, processing_class, "the policy's")
+        )
+
+        for role in (self.policy_model, self.ref_model, self.value_model, self.reward_model):
+            if role is not None:
+                disable_dropout(role)
+        self.model = PolicyAndValue(self.policy_model, self.value_model)
+        self.optimizer, self.lr_scheduler, self.optimizer_cls_and_kwargs = None, None, None
+        self.create_optimizer_and_scheduler(num_training_steps=args.num_total_batches)
+        self._callbacks(callbacks)
+        if args.should_save:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+        collator = data_collator or DataCollatorWithPadding(processing_class)
+        self.dataloader = DataLoader(
+            train_dataset, batch_size=args.local_batch_size, shuffle=True, collate_fn=collator, drop_last=True
+        )
+        # The same shuffled order on every process before prepare splits it; then each process its own samples.
+        torch.manual_seed(args.seed)
+        if self.is_deepspeed_enabled:
+            self.model, self.optimizer, self.dataloader = self.accelerator.prepare(
+                self.model, self.optimizer, self.dataloader
+            )
+        else:
+            self.model = self.model.to(self.accelerator.device)
+            self.optimizer, self.dataloader = self.accelerator.prepare(self.optimizer, self.dataloader)
+        torch.manual_seed(args.seed + self.accelerator.process_index * 100003)
+        self.eval_dataloader = None
+        if eval_dataset is not None:
+            eval_loader = DataLoader(
+                eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, drop_last=True
+            )
+            self.eval_dataloader = self.accelerator.prepare(eval_loader)
+        for role in (self.ref_model, self.reward_model):
+            if role is not None:
+                role.to(self.accelerator.device)
+        self.lm_head = causal_lm_of(self.policy_model).get_output_embeddings()
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _check_launch(self) -> None:
+        if self.is_fsdp_enabled:
+            raise UserError(
+                "PPO does not run under FSDP: use recipes/accelerate_configs/multi_gpu.yaml or zero2.yaml for make ppo"
+            )
+        if self.is_deepspeed_enabled:
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise UserError("PPO does not run under DeepSpeed ZeRO-3: use zero2.yaml or multi_gpu.yaml")
+            if self.args.shared_base:
+                self.accelerator.print(
+                    "ppo: DeepSpeed steps the optimizer after every backward, so the shared base (two backward "
+                    "passes per micro-batch) is off: policy, value and reward are separate models"
+                )
+            if self.args.save_strategy != "no":
+                raise UserError(
+                    "PPO checkpoints are not supported under DeepSpeed: set save_strategy: no in the PPO recipe "
+                    "(the run then cannot resume) or use the multi_gpu accelerate config"
+                )
+
+    def _batch_sizes(self) -> None:
+        """TRL 1.12's batch arithmetic: rollouts per update = per_device x accumulation x processes."""
+        args = self.args
+        if args.total_episodes is None:
+            args.total_episodes = int(args.num_train_epochs * self.train_dataset_len)
+        args.world_size = self.accelerator.num_processes
+        args.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        args.micro_batch_size = args.per_device_train_batch_size * args.world_size
+        args.batch_size = args.local_batch_size * args.world_size
+        if args.local_batch_size % args.num_mini_batches:
+            raise UserError(
+                f"per_device_train_batch_size x gradient_accumulation_steps ({args.local_batch_size}) must be a "
+                f"multiple of num_mini_batches ({args.num_mini_batches}): change one of them"
+            )
+        args.mini_batch_size = args.batch_size // args.num_mini_batches
+        args.local_mini_batch_size = args.local_batch_size // args.num_mini_batches
+        if args.batch_size > self.train_dataset_len:  # whole batches only: the prompts would never yield one
+            raise UserError(
+                f"each update draws {args.batch_size} prompts (per_device_train_batch_size x gradient_accumulation_steps"
+                f" x {args.world_size} processes) but the training set has {self.train_dataset_len}: lower one of them"
+            )
+        args.num_total_batches = math.ceil(args.total_episodes / args.batch_size)
+        self.sample_generations_freq = max(1, args.num_total_batches // max(args.num_sample_generations, 1))
+
+    def _callbacks(self, callbacks) -> None:
+        """transformers' callback machinery, as its Trainer sets it up: progress bar, report_to, the caller's."""
+        args = self.args
+        default = DEFAULT_CALLBACKS + get_reporting_integration_callbacks(args.report_to)
+        self.callback_handler = CallbackHandler(
+            default + list(callbacks or []), self.model, self.processing_class, self.optimizer, self.lr_scheduler
+        )
+        self.add_callback(PrinterCallback if args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK)
+        self.control = TrainerControl()
+        self.state = PPOTrainerState(
+            is_local_process_zero=self.is_local_process_zero(),
+            is_world_process_zero=self.is_world_process_zero(),
+            stateful_callbacks=[
+                cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
+            ],
+        )
+        self.current_flos, self.hp_search_backend = 0, None
+
+    # -- the passes -----------------------------------------------------------------------------------------------
+
+    def _logprobs(self, query_responses, responses, context_length, model=None):
+        """(log-probs [B, T], entropy [B, T]) of `responses` under the policy (or `model`: the reference copy of a
+        full fine-tune), at the rollout temperature; entropy only while gradients are on (a training statistic)."""
+        model = self.policy_model if model is None else model
+        lm_head = self.lm_head if model is self.policy_model else causal_lm_of(model).get_output_embeddings()
+        inputs = sequence_inputs(query_responses, self.processing_class.pad_token_id)
+        with self.accelerator.autocast():
+            hidden = backbone_of(model)(**inputs).last_hidden_state[:, context_length - 1 : -1]
+            softcap = getattr(causal_lm_of(model).config, "final_logit_softcapping", None)
+            return chunked_logprobs(
+                hidden,
+                responses,
+                lm_head,
+                self.args.temperature + 1e-7,
+                self.args.logprob_chunk_tokens,
+                torch.is_grad_enabled(),
+                softcap,
+            )
+
+    def _values(self, query_responses, context_length):
+        """The value model's prediction at each response position: [B, T] float32."""
+        value_model = self.value_model
+        backbone = getattr(value_model, value_model.base_model_prefix)
+        inputs = sequence_inputs(query_responses, self.processing_class.pad_token_id)
+        with self.accelerator.autocast(), self._value_adapter():
+            hidden = backbone(**inputs).last_hidden_state
+            return value_model.score(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+
+    def _scores(self, query_responses, context_length):
+        """The reward model's score of each truncated query+response: [B]."""
+        with self.accelerator.autocast():
+            return reward_scores(
+                self.reward_model, query_responses, self.processing_class.pad_token_id, context_length
+            ).float()
+
+    def _value_adapter(self):
+        return active_adapter(self.policy_model, "value") if self.shares_base else nullcontext()
+
+    @contextmanager
+    def _reference(self):
+        """The reference policy: with LoRA the policy with its adapters disabled (peft's `disable_adapter`, which
+        also leaves other adapters frozen on its way out: the trainable flags are put back)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        with trainable_flags_kept(self.policy_model), self.policy_model.disable_adapter():
+            yield self.policy_model
+
+    @contextmanager
+    def _generation_mode(self):
+        """Gradient checkpointing off while generating (a checkpointed layer in train mode drops its KV cache)."""
+        policy = causal_lm_of(self.policy_model)
+        checkpointing = getattr(policy, "is_gradient_checkpointing", False)
+        if checkpointing:
+            policy.gradient_checkpointing_disable()
+        try:
+            yield
+        finally:
+            if checkpointing:
+                kwargs = self.args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @torch.no_grad()
+    def _generate(self, queries, generation_config):
+        """[B, prompt + response] ids: each left-padded prompt in `queries` [B, prompt] and its sampled response,
+        generated in chunks of local_rollout_forward_batch_size and right-padded to one length."""
+        pad_id, context_length = self.processing_class.pad_token_id, queries.shape[1]
+        chunk = self.args.local_rollout_forward_batch_size
+        policy = self.policy_model
+        sequences = []
+        with self._generation_mode(), self.accelerator.autocast(), sampling_with(policy, generation_config):
+            for start in range(0, queries.shape[0], chunk):
+                query = queries[start : start + chunk]
+                attention_mask = query != pad_id
+                output = policy.generate(
+                    input_ids=torch.masked_fill(query, ~attention_mask, 0),
+                    attention_mask=attention_mask,
+                    generation_config=generation_config,
+                )
+                sequences.append(torch.cat((query, output[:, context_length:]), 1))
+        width = max(sequence.shape[1] for sequence in sequences)
+        padded = [torch.nn.functional.pad(s, (0, width - s.shape[1]), value=pad_id) for s in sequences]
+        return torch.cat(padded, 0)
+
+    def _rollout_config(self):
+        config = copy.deepcopy(self.rollout_config)
+        if self.args.rollout_static_cache:
+            config.cache_implementation = "static"
+        return config
+
+    # -- one update -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Samples a response to each of `queries` ([B, prompt] left-padded ids) and scores it; returns [B, T]
+        `responses`, `postprocessed` (truncated at the first stop id), `logprobs`, `ref_logprobs`, `values`, and [B]
+        `scores`, plus `query_responses` [B, prompt + T]."""
+        pad_id, context_length = self.processing_class.pad_token_id, queries.shape[1]
+        chunk = self.args.local_rollout_forward_batch_size
+        query_responses = self._generate(queries, self._rollout_config())
+        parts = {key: [] for key in ("logprobs", "ref_logprobs", "values", "scores", "postprocessed")}
+        for start in range(0, queries.shape[0], chunk):
+            query = queries[start : start + chunk]
+            query_response = query_responses[start : start + chunk]
+            response = query_response[:, context_length:]
+            parts["logprobs"].append(self._logprobs(query_response, response, context_length)[0])
+            with self._reference() as reference:
+                parts["ref_logprobs"].append(self._logprobs(query_response, response, context_length, reference)[0])
+            parts["values"].append(self._values(query_response, context_length))
+            postprocessed = response
+            if self.stop_token_ids:
+                postprocessed = ppo_math.truncate_at_stop(self.stop_token_ids, pad_id, response)
+            parts["scores"].append(self._scores(torch.cat((query, postprocessed), 1), context_length))
+            parts["postprocessed"].append(postprocessed)
+        rollout = {key: torch.cat(value, 0) for key, value in parts.items()}
+        rollout["query_responses"] = query_responses
+        rollout["responses"] = query_responses[:, context_length:]
+        return rollout
+
+    def _stops(self, device) -> torch.Tensor:
+        """The stop ids as a tensor; without a stop token, the tokenizer's EOS (what TRL's EOS check counts)."""
+        return torch.tensor(self.stop_token_ids or [self.processing_class.eos_token_id], device=device)
+
+    @torch.no_grad()
+    def advantages(self, rollout: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rollout plus its KL, per-token rewards, whitened advantages and returns (`ppo_math`, in order)."""
+        args, pad_id = self.args, self.processing_class.pad_token_id
+        postprocessed = rollout["postprocessed"]
+        sequence_lengths, padding_mask, padding_mask_p1 = ppo_math.response_masks(postprocessed, pad_id)
+        # An answer that ends with any stop id (Llama 3's <|eot_id|> as well as its EOS) is not penalised.
+        stopped = torch.isin(postprocessed, self._stops(postprocessed.device)).any(-1)
+        scores = ppo_math.missing_eos_penalty(rollout["scores"], stopped, args.missing_eos_penalty)
+        invalid = ppo_math.INVALID_LOGPROB
+        logprobs = torch.masked_fill(rollout["logprobs"], padding_mask, invalid)
+        ref_logprobs = torch.masked_fill(rollout["ref_logprobs"], padding_mask, invalid)
+        values = torch.masked_fill(rollout["values"], padding_mask_p1, 0)
+        kl = ppo_math.kl_penalty(logprobs, ref_logprobs, args.kl_estimator)
+        rewards, non_score_reward = ppo_math.per_token_rewards(kl, scores, sequence_lengths, args.kl_coef)
+        if args.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
+            rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
+        advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
+        advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, ~padding_mask), padding_mask, 0)
+        return {
+            **rollout,
+            "scores": scores,
+            "logprobs": logprobs,
+            "values": values,
+            "kl": kl,
+            "non_score_reward": non_score_reward,
+            "advantages": advantages,
+            "returns": returns,
+            "padding_mask": padding_mask,
+            "padding_mask_p1": padding_mask_p1,
+        }
+
+    def _train_micro_batch(self, batch, indices, context_length, stats, at):
+        """One micro-batch's clipped policy and value losses, backward, and (at the end of the accumulation) the
+        optimizer step. Shared base: one backward per adapter; separate models: one of the combined loss."""
+        args, accelerator = self.args, self.accelerator
+        query_responses, responses = batch["query_responses"][indices], batch["responses"][indices]
+        padding_mask, padding_mask_p1 = batch["padding_mask"][indices], batch["padding_mask_p1"][indices]
+        with accelerator.accumulate(self.model):
+            new_logprobs, entropy = self._logprobs(query_responses, responses, context_length)
+            new_logprobs = torch.masked_fill(new_logprobs, padding_mask, ppo_math.INVALID_LOGPROB)
+            pg_loss, pg_stats = ppo_math.policy_loss(
+                new_logprobs, batch["logprobs"][indices], batch["advantages"][indices], padding_mask, args.cliprange
+            )
+            if self.shares_base:
+                accelerator.backward(pg_loss)
+            values = torch.masked_fill(self._values(query_responses, context_length), padding_mask_p1, 0)
+            vf_loss, vf_clipfrac = ppo_math.value_loss(
+                values, batch["values"][indices], batch["returns"][indices], padding_mask_p1, args.cliprange_value
+            )
+            if self.shares_base:
+                with self._value_adapter():
+                    accelerator.backward(args.vf_coef * vf_loss)
+            else:
+                accelerator.backward(pg_loss + args.vf_coef * vf_loss)
+            if accelerator.sync_gradients and accelerator.num_processes > 1 and not self.is_deepspeed_enabled:
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                average_gradients(trainable, accelerator.num_processes)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        with torch.no_grad():
+            stats["approxkl"][at] = pg_stats["approxkl"]
+            stats["pg_clipfrac"][at] = pg_stats["clipfrac"]
+            stats["pg_loss"][at] = pg_loss
+            stats["vf_loss"][at] = vf_loss
+            stats["vf_clipfrac"][at] = vf_clipfrac
+            stats["entropy"][at] = entropy.mean()
+            stats["ratio"][at] = pg_stats["ratio"]
+
+    def update(self, batch, context_length: int, stats) -> None:
+        """num_ppo_epochs passes over the rollout batch in shuffled mini-batches of micro-batches."""
+        args = self.args
+        for epoch in range(args.num_ppo_epochs):
+            order = np.random.permutation(args.local_batch_size)
+            for mini_batch, mini_start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
+                mini_indices = order[mini_start : mini_start + args.local_mini_batch_size]
+                micro_starts = range(0, args.local_mini_batch_size, args.per_device_train_batch_size)
+                for micro, micro_start in enumerate(micro_starts):
+                    indices = mini_indices[micro_start : micro_start + args.per_device_train_batch_size]
+                    self._train_micro_batch(batch, indices, context_length, stats, (epoch, mini_batch, micro))
+
+    def _metrics(self, batch, stats, start_time) -> dict:
+        """TRL's metric names and definitions, averaged over processes (the EOS count summed)."""
+        gather = self.accelerator.gather_for_metrics
+        rollout = ppo_math.rollout_metrics(
+            batch["kl"], batch["logprobs"], batch["padding_mask"], batch["non_score_reward"], batch["scores"]
+        )
+        metrics = {"eps": int(self.state.episode / max(time.time() - start_time, 1e-9))}
+        metrics.update({name: gather(value).mean().item() for name, value in rollout.items()})
+        metrics.update({name: gather(stats[key]).mean().item() for key, name in ppo_math.UPDATE_METRICS.items()})
+        metrics["val/ratio_var"] = gather(stats["ratio"]).var().item()
+        eos = torch.isin(batch["responses"], self._stops(batch["responses"].device)).sum()
+        metrics["val/num_eos_tokens"] = int(self.accelerator.reduce(eos, reduction="sum").item())
+        metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics["episode"] = self.state.episode
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | None = None):
+        """Runs PPO to `num_total_batches` updates, from the start or from a complete checkpoint directory."""
+        args, device = self.args, self.accelerator.device
+        total_updates, start_update = args.num_total_batches, 0
+        dataloader = self.dataloader
+        if resume_from_checkpoint is not None:
+            start_update = self._load_checkpoint(Path(resume_from_checkpoint))
+            dataloader = _SkipFirstBatches(self.dataloader, start_update)
+            self._load_rng(Path(resume_from_checkpoint))  # after the replay, which must not shift the sampling RNG
+        else:
+            self.state.global_step, self.state.episode = 0, 0
+        reward = getattr(self.reward_model, "module", self.reward_model)
+
+        def batches():
+            while True:
+                yield from dataloader
+
+        drawn = iter(batches())
+        start_time = time.time()
+        shape = (args.num_ppo_epochs, args.num_mini_batches, args.gradient_accumulation_steps)
+        stats = {name: torch.zeros(shape, device=device) for name in ppo_math.UPDATE_METRICS}
+        self.model.train()
+        self.state.max_steps = total_updates
+        self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
+        absolute_step_intervals(self.state, args, total_updates)
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        with sampling_with(self.policy_model, self.rollout_config):
+            for update in range(start_update + 1, total_updates + 1):
+                self.state.episode += args.batch_size
+                batch = next(drawn)
+                if isinstance(reward, CrossTokenizerReward):
+                    reward.expect(batch)  # the conversations of the rows about to be scored
+                queries = batch["input_ids"].to(device)
+                rollout = self.advantages(self.rollout(queries))
+                self.update(rollout, queries.shape[1], stats)
+                with torch.no_grad():
+                    metrics = self._metrics(rollout, stats, start_time)
+                self.state.epoch = self.state.episode / self.train_dataset_len
+                self.state.global_step += 1
+                self.log(metrics)
+                self.lr_scheduler.step()
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                if self.control.should_save:
+                    self._save_checkpoint(self.model, trial=None)
+                    self.control = self.callback_handler.on_save(args, self.state, self.control)
+                del rollout
+                if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
+                    self.generate_completions()
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        if self.control.should_save:
+            self._save_checkpoint(self.model, trial=None)
+            self.control = self.callback_handler.on_save(args, self.state, self.control)
+
+    @torch.no_grad()
+    def generate_completions(self) -> None:
+        """Prints a table of eval prompts, the policy's near-greedy answers (temperature 0.01) and their scores."""
+        if self.eval_dataloader is None:
+            return
+        pad_id = self.processing_class.pad_token_id
+        config = sampling_config(0.01 + 1e-7, self.args.response_length, self.stop_token_ids, pad_id)
+        batch = next(iter(self.eval_dataloader))
+        reward = getattr(self.reward_model, "module", self.reward_model)
+        if isinstance(reward, CrossTokenizerReward):
+            reward.expect(batch)
+        queries = batch["input_ids"].to(self.accelerator.device)
+        context_length = queries.shape[1]
+        responses = self._generate(queries, config)[:, context_length:]
+        if self.stop_token_ids:
+            responses = ppo_math.truncate_at_stop(self.stop_token_ids, pad_id, responses)
+        scores = self._scores(torch.cat((queries, responses), 1), context_length)
+        if not self.accelerator.is_main_process:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("prompt", "answer", "score", title=f"ppo: eval samples at step {self.state.global_step}")
+        prompts = self.processing_class.batch_decode(queries, skip_special_tokens=True)
+        answers = self.processing_class.batch_decode(responses, skip_special_tokens=True)
+        for prompt, answer, score in list(zip(prompts, answers, scores.tolist(), strict=True))[:5]:
+            table.add_row(prompt, answer, f"{score:.3f}")
+        Console().print(table)
+
+    # -- saving and resuming ----------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Writes the policy alone (with a shared base: its "default" adapter; value and reward served training)."""
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.wait_for_everyone()
+        policy = self.accelerator.unwrap_model(self.model).policy
+        if not self.accelerator.is_main_process:
+            return
+        if self.shares_base:
+            policy.save_pretrained(output_dir, selected_adapters=["default"])
+        else:
+            policy.save_pretrained(output_dir)
+
+    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    def _save_rng(self, checkpoint: Path) -> None:
+        states = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        }
+        torch.save(states, checkpoint / RNG_STATE.format(self.accelerator.process_index))
+
+    def _load_rng(self, checkpoint: Path) -> None:
+        path = checkpoint / RNG_STATE.format(self.accelerator.process_index)
+        if not path.exists():
+            raise UserError(
+                f"{checkpoint} has no RNG state for process {self.accelerator.process_index} (it was written by a "
+                "run with fewer processes): resume with the same accelerate config, or add RESUME=0 to start over"
+            )
+        states = torch.load(path, weights_only=False)
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if states["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+
+    def _save_checkpoint(self, model, trial):
+        from safetensors.torch import save_file
+
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:  # a leftover of a run that died here must not vouch for what is written now
+            (checkpoint / TRAINER_STATE).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        if self.args.should_save:
+            tensors = {
+                name: p.detach().to("cpu").contiguous().clone() for name, p in self._trainable_parameters().items()
+            }
+            save_file(tensors, str(checkpoint / TRAINABLE_WEIGHTS))
+            torch.save(self.optimizer.state_dict(), checkpoint / OPTIMIZER)
+            torch.save(self.lr_scheduler.state_dict(), checkpoint / SCHEDULER)
+        self._save_rng(checkpoint)  # one file per process
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self.state.save_to_json(str(checkpoint / TRAINER_STATE))  # last: marks the checkpoint complete
+            rotate_checkpoints(self.args.output_dir, save_total_limit=self.args.save_total_limit)
+
+    def _load_checkpoint(self, checkpoint: Path) -> int:
+        """Loads a checkpoint's tensors, optimizer, scheduler and progress; returns its update count."""
+        from safetensors.torch import load_file
+
+        saved_state = PPOTrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
+        saved = load_file(str(checkpoint / TRAINABLE_WEIGHTS))
+        parameters = self._trainable_parameters()
+        if set(saved) != set(parameters):
+            raise UserError(
+                f"{checkpoint} holds {len(saved)} trainable tensors but this PPO model has {len(parameters)} "
+                "(a different LoRA or model): add RESUME=0 (--resume false) to start over"
+            )
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(saved[name])
+        # To the CPU: load_state_dict moves each tensor to its parameter's device ("cpu:0" here would fail).
+        self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, map_location="cpu"))
+        self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER))
+        self.state.global_step = saved_state.global_step
+        self.state.episode = saved_state.episode
+        self.state.log_history = saved_state.log_history
+        if self.args.num_sample_generations > 0:
+            self.accelerator.print(
+                "ppo: num_sample_generations > 0: after a resume the sample tables fall on other steps and draw other "
+                "random numbers, so later metrics differ slightly from a run that never stopped"
+            )
+        return saved_state.global_step
