@@ -85,9 +85,7 @@ def truncate_at_stop(stop_ids: Iterable[int], pad_token_id: int, responses: torc
     return torch.masked_fill(responses, positions > first_stop, pad_token_id)
 
 
-def response_masks(
-    postprocessed: torch.Tensor, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def response_masks(postprocessed: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sequence_lengths [B], padding_mask [B, T], padding_mask_p1 [B, T]) of truncated responses.
 
     `sequence_lengths` is the index of each answer's last token before its first pad (-1 for an answer that
@@ -149,9 +147,7 @@ def per_token_rewards(
     return rewards, non_score_reward
 
 
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over response tokens: (advantages [B, T], returns [B, T]).
 
     delta_t = r_t + gamma V_{t+1} - V_t (with V_T = 0 past the last token), A_t = delta_t + gamma lam A_{t+1},

@@ -275,8 +275,6 @@ def share_base(model, peft_config, reward_adapter: str | None):
     return policy, HeadOnSharedBase(policy, "value", value_head), reward_model
 
 
-
-
 def reward_scores(reward_model, query_responses: torch.Tensor, pad_token_id: int, context_length: int) -> torch.Tensor:
     """The reward (or value) model's score of each [B, L] query+response at its last real token: [B] floats.
 

@@ -60,7 +60,6 @@ from .cli import UserError
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
 from .outputs import CHECKPOINT_STATE as TRAINER_STATE
 from .ppo_roles import (
-    HeadOnSharedBase,
     PolicyAndValue,
     active_adapter,
     backbone_of,
@@ -403,8 +402,9 @@ class PPOTrainer(Trainer):
         args.local_mini_batch_size = args.local_batch_size // args.num_mini_batches
         if args.batch_size > self.train_dataset_len:  # whole batches only: the prompts would never yield one
             raise UserError(
-                f"each update draws {args.batch_size} prompts (per_device_train_batch_size x gradient_accumulation_steps"
-                f" x {args.world_size} processes) but the training set has {self.train_dataset_len}: lower one of them"
+                f"each update draws {args.batch_size} prompts (per_device_train_batch_size x "
+                f"gradient_accumulation_steps x {args.world_size} processes) but the training set has "
+                f"{self.train_dataset_len}: lower one of them"
             )
         args.num_total_batches = math.ceil(args.total_episodes / args.batch_size)
         self.sample_generations_freq = max(1, args.num_total_batches // max(args.num_sample_generations, 1))
