@@ -147,26 +147,18 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
                 f"{quantized} keeps a whole quantized base on every GPU, which {sharded} cannot shard: use "
                 f"{CONFIGS}/multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
             )
-    if stage == "ppo" and plan.zero_stage == 3:
-        # TRL 1.12's PPO: a full fine-tune builds its reference with create_reference_model, which raises under
-        # ZeRO-3; with LoRA the reference is the policy with its adapter disabled, a second forward through the same
-        # sharded model that ZeRO-3's parameter prefetching is reported to break on (trl#6237, LlamaFactory#2189).
+    if stage == "ppo" and (plan.zero_stage == 3 or plan.distributed_type == "FSDP"):
+        # Rollouts generate token by token from the policy, and the reference is a second forward through the same
+        # model with its adapter disabled: ZeRO-3 and FSDP would gather every layer's shards at every step of both
+        # (and ZeRO-3's parameter prefetching is reported to break on the second: trl#6237, LlamaFactory#2189).
+        which = "DeepSpeed ZeRO-3" if plan.zero_stage == 3 else "FSDP"
         raise UserError(
-            f"PPO does not run under DeepSpeed ZeRO-3 in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
-            "for `make ppo` (ZeRO-3 remains fine for sft and reward)"
-        )
-    fast = stage == "ppo" and getattr(model_args, "ppo_engine", None) == "fast"
-    if fast and (plan.num_processes > 1 or plan.distributed_type in ("DEEPSPEED", "FSDP")):
-        # rlhf_trl.ppo_fast runs two backward passes per micro-batch (one per adapter): DDP cannot sync them and
-        # DeepSpeed would step the optimizer after each.
-        raise UserError(
-            f"the fast PPO engine runs in one plain process, and this launch is {plan.distributed_type} with "
-            f'{plan.num_processes} process(es): add ARGS="--ppo_engine trl" (TRL\'s own loop) or use '
-            f"{CONFIGS}/single_gpu.yaml for `make ppo`"
+            f"PPO does not run under {which} in this pipeline: use {CONFIGS}/multi_gpu.yaml or zero2.yaml for "
+            f"`make ppo` ({which} remains fine for sft and reward)"
         )
     saves = getattr(model_args, "save_strategy", "no") != "no"  # known before launch only (read from the recipe)
     if stage == "ppo" and saves and plan.distributed_type in ("DEEPSPEED", "FSDP"):
-        # ppo_engine's resumable checkpoints hold whole tensors from rank 0; sharded optimizers (and weights) are not.
+        # PPO's resumable checkpoints hold whole tensors from rank 0; a sharded optimizer is not.
         raise UserError(
             f'PPO checkpoints are not supported under {plan.distributed_type.title()}: add ARGS="--save_strategy no" '
             f"(the run then cannot resume) or use {CONFIGS}/multi_gpu.yaml for `make ppo`"
@@ -207,26 +199,25 @@ def check_stage(stage: str, model_args, training_args=None) -> None:
     # launched together would each come up alone instead of joining one gloo group.
     PartialState(cpu=plan.use_cpu)
     settings = model_args
-    if training_args is not None:  # the trainer-config rules too (PPO's engine and checkpoints), as before launch
+    if training_args is not None:  # the trainer-config rules too (PPO's checkpoints), as before launch
         save_strategy = getattr(training_args, "save_strategy", "no")
         settings = SimpleNamespace(
             load_in_4bit=model_args.load_in_4bit,
             load_in_8bit=model_args.load_in_8bit,
             save_strategy=str(getattr(save_strategy, "value", save_strategy)),
-            ppo_engine=getattr(training_args, "ppo_engine", None),
         )
     check(plan, stage, settings)
 
 
 def recipe_settings(stage_argv: list[str]) -> SimpleNamespace:
-    """load_in_4bit/load_in_8bit, save_strategy and ppo_engine from the stage's `--config` recipe and its
+    """load_in_4bit/load_in_8bit and save_strategy from the stage's `--config` recipe and its
     `--key value` overrides, read without TRL's parser (and the seconds it takes to import), so `check` applies the
     recipe's rules before launch.
     """
     import yaml
 
     values = {"load_in_4bit": False, "load_in_8bit": False}
-    strings = {"save_strategy": "no", "ppo_engine": "fast"}  # the config classes' defaults
+    strings = {"save_strategy": "no"}  # the config classes' defaults
     if "--config" in stage_argv[:-1]:
         try:
             recipe = yaml.safe_load(Path(stage_argv[stage_argv.index("--config") + 1]).read_text(encoding="utf-8"))

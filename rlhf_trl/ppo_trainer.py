@@ -700,10 +700,24 @@ class PPOTrainer(Trainer):
                 del rollout
                 if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
                     self.generate_completions()
+        self._check_replicas_agree()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         if self.control.should_save:
             self._save_checkpoint(self.model, trial=None)
             self.control = self.callback_handler.on_save(args, self.state, self.control)
+
+    @torch.no_grad()
+    def _check_replicas_agree(self) -> None:
+        """Several processes without DeepSpeed: every process must end with the same trained weights (each steps its
+        own optimizer on the averaged gradients). Raises RuntimeError if they drifted apart."""
+        processes = self.accelerator.num_processes
+        if processes == 1 or self.is_deepspeed_enabled:
+            return
+        total = sum(p.detach().double().sum() for p in self._trainable_parameters().values())
+        totals = self.accelerator.gather(total.reshape(1).to(self.accelerator.device))
+        if not torch.allclose(totals, totals[0], rtol=1e-9, atol=0):
+            raise RuntimeError(f"PPO's {processes} processes ended with different weights: {totals.tolist()}")
+        self.accelerator.print(f"ppo: the {processes} processes hold the same trained weights")
 
     @torch.no_grad()
     def generate_completions(self) -> None:

@@ -67,6 +67,8 @@ def test_unknown_command_line_key(paths):
         ("ppo", "response_length", "0", "response_length must be at least 1 token, not 0"),
         ("ppo", "total_episodes", "0", "total_episodes must be at least 1 (or left unset), not 0"),
         ("ppo", "max_prompt_length", "0", "max_prompt_length is 0: it must be at least 1"),
+        ("ppo", "num_ppo_epochs", "0", "num_ppo_epochs must be at least 1, not 0"),
+        ("ppo", "ppo_engine", "trl", "ppo_engine: trl is retired: PPO now has one engine"),
     ],
 )
 def test_settings_that_must_be_positive(paths, stage, key, value, needle):

@@ -2,7 +2,7 @@
 
 The policy pads with its EOS token (a GPT-2 tokenizer under LoRA), and its Alpaca template writes an EOS after an
 earlier assistant turn, so a multi-turn prompt's ids hold an EOS that looks like padding. The reward PPO computes
-for each rollout, through both engines and the sample table, must be `rewards.score_answers` of that rollout's own
+for each rollout, in the update and in the sample table, must be `rewards.score_answers` of that rollout's own
 conversation and decoded answer.
 """
 
@@ -14,8 +14,7 @@ from tests_helpers import build_distilbert, build_encoder_tokenizer, build_gpt2
 
 from rlhf_trl.modeling import load_model, load_tokenizer
 from rlhf_trl.ppo import load_reward_model, load_value_model, tokenize_prompts
-from rlhf_trl.ppo_engine import PPOConfig, PPOTrainer
-from rlhf_trl.ppo_fast import FastPPOTrainer
+from rlhf_trl.ppo_trainer import PPOConfig, PPOTrainer
 from rlhf_trl.rewards import CrossTokenizerReward, score_answers
 
 ALPACA = (Path(__file__).resolve().parents[1] / "recipes/templates/alpaca.jinja").read_text()
@@ -57,8 +56,7 @@ def models(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("engine", ["fast", "trl"])
-def test_ppo_scores_each_rollout_with_its_own_multi_turn_conversation(engine, models, tmp_path, monkeypatch):
+def test_ppo_scores_each_rollout_with_its_own_multi_turn_conversation(models, tmp_path, monkeypatch):
     from peft import LoraConfig
 
     tokenizer = load_tokenizer(models / "policy", padding_side="left")
@@ -73,7 +71,6 @@ def test_ppo_scores_each_rollout_with_its_own_multi_turn_conversation(engine, mo
         output_dir=str(tmp_path),
         sft_model_path=str(models / "policy"),
         reward_model_path=str(models / "reward"),
-        ppo_engine=engine,
         shared_base=False,
         per_device_train_batch_size=2,
         local_rollout_forward_batch_size=1,  # two scoring calls per batch: rows must be taken in order
@@ -102,8 +99,7 @@ def test_ppo_scores_each_rollout_with_its_own_multi_turn_conversation(engine, mo
         return result
 
     monkeypatch.setattr(CrossTokenizerReward, "get_reward", spy)
-    trainer_class = FastPPOTrainer if engine == "fast" else PPOTrainer
-    trainer = trainer_class(
+    trainer = PPOTrainer(
         args=args,
         processing_class=tokenizer,
         model=policy,

@@ -26,7 +26,7 @@ GLOBAL_BATCH = 16
 STAGES = {  # the conftest arguments, shortened further: enough steps to compare, few enough to stay quick
     "sft": (sft_args, ["--max_steps", "10", "--logging_steps", "2"]),
     "reward": (reward_args, ["--max_steps", "6", "--logging_steps", "2"]),
-    "ppo": (ppo_args, ["--total_episodes", "64", "--logging_steps", "1", "--ppo_engine", "trl"]),  # fast: 1 process
+    "ppo": (ppo_args, ["--total_episodes", "64", "--logging_steps", "1"]),
 }
 SUMMARY = {"sft": "sft: held-out loss", "reward": "reward: held-out pairwise accuracy", "ppo": "ppo: saved to"}
 
@@ -73,6 +73,17 @@ def test_two_processes_take_the_same_steps_over_the_same_global_batch(runs, stag
         # Each global batch is split between the ranks, not repeated: the tokens seen (summed over ranks) match.
         tokens = {n: [r["num_tokens"] for r in logged[n] if "num_tokens" in r] for n in (1, 2)}
         assert tokens[1] and tokens[1] == tokens[2]
+
+
+def test_ppo_curves_match_the_one_process_run(runs):
+    """The same prompts per update (the shuffled order is shared, then split), sampled by other random streams:
+    the 2-process curves follow the 1-process ones within sampling noise, and both processes trained the same
+    weights (the trainer checks that its replicas agree at the end, and says so)."""
+    logged = {n: read_metrics(runs[n]["ppo"]) for n in (1, 2)}
+    for key, tolerance in (("objective/scores", 0.5), ("objective/kl", 0.5), ("loss/value_avg", 1.0)):
+        one, two = ([r[key] for r in logged[n]] for n in (1, 2))
+        assert sum(two) / 4 == pytest.approx(sum(one) / 4, abs=tolerance), (key, one, two)
+    assert "ppo: the 2 processes hold the same trained weights" in runs[2]["ppo_stdout"]
 
 
 def test_sft_losses_match_the_one_process_run(runs):

@@ -26,8 +26,8 @@ from rlhf_trl.generation import (
 )
 from rlhf_trl.metrics_log import read_metrics
 from rlhf_trl.modeling import generate, load_model, load_tokenizer, render_prompt
-from rlhf_trl.ppo_engine import rollout_stop_ids
-from rlhf_trl.ppo_fast import FastPPOTrainer, truncate_at_stop
+from rlhf_trl.ppo_math import truncate_at_stop
+from rlhf_trl.ppo_trainer import PPOTrainer, rollout_stop_ids
 
 # The qwen-like file of case C03, written out so the test does not depend on the case folder.
 QWEN_LIKE = {"do_sample": True, "repetition_penalty": 1.3, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
@@ -167,8 +167,7 @@ def test_the_settings_line_names_what_the_models_file_loses():
     )
 
 
-@pytest.mark.parametrize("engine", ["fast", "trl"])
-def test_ppo_takes_the_same_first_update_whatever_the_policys_generation_config(engine, trained, tmp_path):
+def test_ppo_takes_the_same_first_update_whatever_the_policys_generation_config(trained, tmp_path):
     """C03: one update from the same SFT policy, once with Qwen-like sampling defaults in its generation_config.json:
     the same rollouts (so the same scores, KL, losses and trained adapter) and one line naming what was ignored."""
     from safetensors.torch import load_file
@@ -181,7 +180,7 @@ def test_ppo_takes_the_same_first_update_whatever_the_policys_generation_config(
         config_file = sft / "generation_config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **extras}))
         paths = {**trained, "sft": str(sft), "ppo": str(tmp_path / f"ppo_{name}")}
-        extra = ["--ppo_engine", engine, "--total_episodes", "16", "--logging_steps", "1", "--save_strategy", "no"]
+        extra = ["--total_episodes", "16", "--logging_steps", "1", "--save_strategy", "no"]
         result = run_stage("ppo", *ppo_args(paths, *extra))
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name], stdout[name] = read_metrics(paths["ppo"]), result.stdout
@@ -304,11 +303,7 @@ def test_ppo_truncates_at_any_stop_id_and_spares_it_the_missing_eos_penalty():
     responses = torch.tensor([[9, EOT, 9, 9], [9, 9, EOS, 9], [9, 9, 9, 9], [EOT, 9, EOS, 9]])
     truncated = truncate_at_stop([EOS, EOT], pad, responses)
     assert truncated.tolist() == [[9, EOT, 0, 0], [9, 9, EOS, 0], [9, 9, 9, 9], [EOT, 0, 0, 0]]
-    from rlhf_trl.ppo_engine import truncate_response
-
-    assert torch.equal(truncate_at_stop([EOS], pad, responses), truncate_response(EOS, pad, responses))
-
-    trainer = object.__new__(FastPPOTrainer)
+    trainer = object.__new__(PPOTrainer)
     trainer.args = SimpleNamespace(
         missing_eos_penalty=1.0, kl_estimator="k1", kl_coef=0.05, whiten_rewards=False, gamma=1.0, lam=0.95
     )
@@ -323,11 +318,11 @@ def test_ppo_truncates_at_any_stop_id_and_spares_it_the_missing_eos_penalty():
         "ref_logprobs": zeros,
         "values": zeros,
     }
-    batch = trainer._advantages({**rollout, "scores": torch.zeros(4)})
+    batch = trainer.advantages({**rollout, "scores": torch.zeros(4)})
     assert batch["scores"].tolist() == [0.0, 0.0, -1.0, 0.0], "only the answer with no stop id is penalised"
     assert (~batch["padding_mask"]).sum(1).tolist() == [2, 3, 4, 1], "the stop token is the answer's last"
     trainer.stop_token_ids = [EOS]  # the tokenizer's EOS alone (TRL's check): the answers ended by <|eot_id|> lose 1
-    assert trainer._advantages({**rollout, "scores": torch.zeros(4)})["scores"].tolist() == [-1.0, 0.0, -1.0, -1.0]
+    assert trainer.advantages({**rollout, "scores": torch.zeros(4)})["scores"].tolist() == [-1.0, 0.0, -1.0, -1.0]
 
 
 def test_merge_keeps_every_stop_id_and_the_export_stops_in_plain_transformers(llama3_like, tmp_path):

@@ -103,26 +103,21 @@ def test_ppo_under_zero3_is_refused_and_zero2_is_not():
 
 def test_ppo_checkpoints_under_sharding_are_refused_before_launch():
     saving = SimpleNamespace(load_in_4bit=False, load_in_8bit=False, save_strategy="steps")
-    for plan in (Plan(distributed_type="DEEPSPEED", zero_stage=2), Plan(distributed_type="FSDP")):
-        with pytest.raises(UserError, match=r"PPO checkpoints are not supported .*--save_strategy no"):
-            check(plan, "ppo", saving, cuda_devices=2)
+    with pytest.raises(UserError, match=r"PPO checkpoints are not supported .*--save_strategy no"):
+        check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "ppo", saving, cuda_devices=2)
     assert recipe_settings(["--config", "recipes/demo/ppo.yaml"]).save_strategy == "steps"
     assert recipe_settings(["--config", "recipes/demo/ppo.yaml", "--save_strategy", "no"]).save_strategy == "no"
 
 
-def test_the_fast_ppo_engine_in_several_processes_is_refused_before_launch():
-    line = one_line_error(launch("multi_cpu", "--config", "recipes/demo/ppo.yaml", module="rlhf_trl.ppo"))
-    assert "fast PPO engine runs in one plain process" in line and "--ppo_engine trl" in line
-    with pytest.raises(UserError, match="DEEPSPEED with 1 process"):  # DeepSpeed would step the optimizer twice
-        check(
-            Plan(distributed_type="DEEPSPEED", zero_stage=2),
-            "ppo",
-            SimpleNamespace(**vars(NO_QUANT), ppo_engine="fast"),
-        )
-    trl = recipe_settings(["--config", "recipes/demo/ppo.yaml", "--ppo_engine", "trl"])
-    assert trl.ppo_engine == "trl"
-    check(Plan(distributed_type="MULTI_CPU", num_processes=2, use_cpu=True), "ppo", trl)
-    check(Plan(), "ppo", recipe_settings(["--config", "recipes/demo/ppo.yaml"]))
+def test_ppo_runs_in_several_processes_but_not_sharded_by_fsdp():
+    """One engine now: several processes are fine (gradients averaged by hand); FSDP is refused in one line."""
+    demo = recipe_settings(["--config", "recipes/demo/ppo.yaml"])
+    check(Plan(distributed_type="MULTI_CPU", num_processes=2, use_cpu=True), "ppo", demo)
+    check(Plan(), "ppo", demo)
+    with pytest.raises(UserError, match=r"PPO does not run under FSDP in this pipeline: use .*multi_gpu.yaml"):
+        check(Plan(distributed_type="FSDP"), "ppo", NO_QUANT, cuda_devices=2)
+    with pytest.raises(UserError, match=r"PPO does not run under DeepSpeed ZeRO-3"):
+        check(Plan(distributed_type="DEEPSPEED", zero_stage=3), "ppo", NO_QUANT, cuda_devices=2)
 
 
 def test_recipe_settings_reads_the_recipe_and_its_overrides():

@@ -8,7 +8,7 @@ import yaml
 from trl import RewardConfig, SFTConfig
 
 from rlhf_trl.cli import parse, parse_dataclasses
-from rlhf_trl.ppo_engine import PPOConfig
+from rlhf_trl.ppo_trainer import PPOConfig
 from rlhf_trl.prepare import DataArguments
 
 ROOT = Path(__file__).resolve().parents[1]
