@@ -1,6 +1,6 @@
 """Training logs as the stages write them: one JSON object per logged step in `<output_dir>/metrics.jsonl`.
 
-    trainer = SFTTrainer(..., callbacks=[MetricsLog()])      # likewise RewardTrainer and TRL's PPOTrainer
+    trainer = SFTTrainer(..., callbacks=[MetricsLog()])      # likewise RewardTrainer and ppo_trainer.PPOTrainer
 
 Why a callback and a file: every TRL trainer (PPO's too, through `self.log`) hands each logged step to
 `on_log`, whatever `report_to` says, so one small callback covers all three stages with no tensorboard or

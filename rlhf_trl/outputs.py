@@ -32,7 +32,7 @@ from .cli import UserError, storage_failure
 
 MARKER = "rlhf_trl_run.json"
 MANIFEST = "manifest.json"
-# Written last into a checkpoint by TRL/transformers trainers and by ppo_engine: present means complete.
+# Written last into a checkpoint by transformers trainers and by ppo_trainer: present means complete.
 CHECKPOINT_STATE = "trainer_state.json"
 # Settings that may change between a crash and the resume without changing what is trained.
 RESUME_IGNORES = {

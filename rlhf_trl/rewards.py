@@ -1,17 +1,17 @@
 """How a reward model sees a (prompt, answer): one encoding for training and for PPO, any tokenizer.
 
-TRL's PPOTrainer scores rollouts by running the reward model on the policy's own token ids and reading
-`.score` off a decoder backbone. That rules out the seed project's design, a DistilBERT reward model
+PPO (as TRL's PPOTrainer did) scores rollouts by running the reward model on the policy's own token ids and
+reading `.score` off a decoder backbone. That rules out the seed project's design, a DistilBERT reward model
 next to a GPT-2 policy. `CrossTokenizerReward` removes the restriction: it decodes each query and
 response with the policy's tokenizer, re-encodes them with the reward model's tokenizer (through
-`encode_for_reward`, the same function the reward stage trains with) and scores them. `ppo_engine`
-routes TRL's reward call to it. When the reward model shares the policy's tokenizer and is a decoder,
-PPO keeps TRL's direct path, which costs nothing extra.
+`encode_for_reward`, the same function the reward stage trains with) and scores them
+(`ppo_roles.reward_scores` calls it). When the reward model shares the policy's tokenizer and is a decoder,
+PPO keeps the direct path, which costs nothing extra.
 
 The prompt is never recovered from the query's token ids: stripping pad ids also strips every EOS inside a
 multi-turn prompt when pad == EOS (GPT-2, Llama-2 and Mistral tokenizers under LoRA), and the reward model would
 then score another text. Each prompt instead travels with its rollout as an index into the prompt dataset
-(`ppo.tokenize_prompts` writes a `prompt_index` column); `ppo_engine` hands every batch PPO draws to
+(`ppo.tokenize_prompts` writes a `prompt_index` column); `ppo_trainer.PPOTrainer` hands every batch it draws to
 `CrossTokenizerReward.expect`, and the scoring calls that follow take their conversations from it, in order.
 """
 
@@ -181,7 +181,7 @@ class CrossTokenizerReward(nn.Module):
         return [conversation for _, conversation in taken]
 
     def get_reward(self, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
-        """Same contract as trl.experimental.utils.get_reward: (per-token logits, final scores, sequence ends)."""
+        """(per-token logits [B, L, 1], final scores [B], sequence ends [B]): the contract of TRL 1.12's get_reward."""
         queries, responses = query_responses[:, :context_length], query_responses[:, context_length:]
         conversations = self.conversations(queries)
         answers = self.policy_tokenizer.batch_decode(responses, skip_special_tokens=True)
