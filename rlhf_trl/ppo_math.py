@@ -48,7 +48,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = Non
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of `values` over the masked positions; with `unbiased`, Bessel's correction n / (n - 1).
 
-    Raises ValueError when the mask is empty (no variance), and when it holds one position and `unbiased` is set.
+    With `unbiased` (the default, and what `masked_whiten` uses), raises ValueError when the mask is empty or holds
+    one position; with `unbiased=False` an empty mask gives NaN.
     """
     mean = masked_mean(values, mask)
     variance = masked_mean((values - mean) ** 2, mask)
