@@ -571,7 +571,14 @@ class PPOTrainer(Trainer):
             rewards = ppo_math.masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
             rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
         advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
-        advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, ~padding_mask), padding_mask, 0)
+        try:
+            advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, ~padding_mask), padding_mask, 0)
+        except ValueError as error:  # TRL would go on with NaN advantages
+            raise UserError(
+                f"PPO cannot whiten advantages over {int((~padding_mask).sum())} answer token(s) in this process's "
+                f"batch ({error}): raise per_device_train_batch_size or gradient_accumulation_steps (a pad token "
+                "equal to EOS also counts each answer's EOS as padding)"
+            ) from error
         return {
             **rollout,
             "scores": scores,
