@@ -153,7 +153,7 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
         # (and ZeRO-3's parameter prefetching is reported to break on the second: trl#6237, LlamaFactory#2189).
         which = "DeepSpeed ZeRO-3" if plan.zero_stage == 3 else "FSDP"
         raise UserError(
-            f"PPO does not run under {which} in this pipeline: use {CONFIGS}/multi_gpu.yaml or zero2.yaml for "
+            f"PPO does not run under {which} in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml for "
             f"`make ppo` ({which} remains fine for sft and reward)"
         )
     saves = getattr(model_args, "save_strategy", "no") != "no"  # known before launch only (read from the recipe)
