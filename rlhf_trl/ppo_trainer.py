@@ -91,7 +91,7 @@ class PPOConfig(TrainingArguments):
     logging_steps: float = field(
         default=10, metadata={"help": "Log every X updates (a fraction below 1: that share of the run)."}
     )
-    gradient_checkpointing: bool = field(
+    activation_checkpointing: bool | None = field(
         default=True, metadata={"help": "Recompute activations in backward instead of keeping them (less memory)."}
     )
     bf16: bool | None = field(
