@@ -729,7 +729,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def generate_completions(self) -> None:
         """Prints a table of eval prompts, the policy's near-greedy answers (temperature 0.01) and their scores."""
-        if self.eval_dataloader is None:
+        if self.eval_dataloader is None or len(self.eval_dataloader) == 0:  # fewer eval prompts than one batch
             return
         pad_id = self.processing_class.pad_token_id
         config = sampling_config(0.01 + 1e-7, self.args.response_length, self.stop_token_ids, pad_id)
