@@ -650,7 +650,8 @@ class PPOTrainer(Trainer):
         metrics = {"eps": int(self.state.episode / max(time.time() - start_time, 1e-9))}
         metrics.update({name: gather(value).mean().item() for name, value in rollout.items()})
         metrics.update({name: gather(stats[key]).mean().item() for key, name in ppo_math.UPDATE_METRICS.items()})
-        metrics["val/ratio_var"] = gather(stats["ratio"]).var().item()
+        ratios = gather(stats["ratio"])  # one value per micro-batch: a single one has no variance
+        metrics["val/ratio_var"] = ratios.var().item() if ratios.numel() > 1 else float("nan")
         eos = torch.isin(batch["responses"], self._stops(batch["responses"].device)).sum()
         metrics["val/num_eos_tokens"] = int(self.accelerator.reduce(eos, reduction="sum").item())
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
