@@ -129,7 +129,7 @@ all: setup
 	$(MAKE) report RECIPE=$(RECIPE) ARGS=
 
 test: setup
-	$(BIN)/ruff check rlhf_trl tests benchmarks
+	$(BIN)/ruff check rlhf_trl tests benchmarks reference
 	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # The reference: reference/requirements.txt pins TRL 1.12.0 and its stack; the product goes in without its own
@@ -158,13 +158,15 @@ test-distributed: setup
 
 # benchmarks/bench_ppo.py: pipeline against plain TRL 1.12 (PPO and SFT rows) on random weights of a real shape
 # (benchmarks/shapes.py). Without CUDA only SHAPE=toy runs, to check the harness. Writes benchmarks/results/*.json.
-bench: setup
+# TRL's rows run in .venv-reference (built here when missing).
+bench: setup reference-env
 	$(BIN)/python -m benchmarks.bench_ppo --shape $(SHAPE) --mode $(MODE) $(BENCH_ARGS)
 
-# benchmarks/compare_engines.py: do the fast and TRL PPO engines learn alike? Score and KL curves over seeds 0-2,
+# benchmarks/compare_engines.py: do our PPO engine and TRL 1.12's learn alike? Score and KL curves over seeds 0-2,
 # on the recipe's finished SFT and reward outputs (`make sft reward` first); runs go to a temporary folder.
-bench-engines: setup
+# Ours runs in .venv, TRL's (reference/trl_ppo.py) in .venv-reference (built here when missing).
+bench-engines: setup reference-env
 	$(BIN)/python -m benchmarks.compare_engines --recipe $(RECIPE) $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check rlhf_trl tests benchmarks
+	$(BIN)/ruff check rlhf_trl tests benchmarks reference

@@ -1,10 +1,8 @@
-"""The fast PPO engine (rlhf_trl.ppo_fast) against TRL's PPOTrainer, the reference it must agree with.
+"""The fast PPO engine (rlhf_trl.ppo_fast): chunked log-probs, the shared base and its refusals.
 
-With separate models (shared_base: false) the fast engine runs TRL's update on different code paths (chunked
-log-probs from hidden states, rollouts without generation scores, two backward passes): its metrics must equal
-TRL's step for step. With the shared base the value model is parameterised differently (an adapter and a head
-instead of a full copy), so only the first rollout is identical; the later curves are compared in
-benchmarks/NOTES.md across seeds.
+That it equals TRL 1.12's PPOTrainer step for step with separate models is checked in TRL 1.12's own environment
+(reference/test_against_trl.py, `make test-reference`); the shared base's curves against TRL's across seeds by
+`make bench-engines`.
 """
 
 import json
@@ -14,16 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ppo_args, run_stage
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from rlhf_trl.cli import UserError
-from rlhf_trl.metrics_log import read_metrics
 from rlhf_trl.modeling import load_model
 from rlhf_trl.ppo_engine import get_reward
 from rlhf_trl.ppo_fast import FastPPOTrainer, active_adapter, check_fast_engine, chunked_logprobs, share_base
-
-COMPARED = ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg", "loss/policy_avg", "val/ratio")
 
 
 def test_chunked_logprobs_equal_the_full_log_softmax_and_its_gradients():
@@ -127,25 +121,6 @@ def test_a_shared_base_run_publishes_the_policy_adapter_alone(trained):
     assert "adapter_model.safetensors" in published and not {"value", "reward"} & published
     config = json.loads((Path(trained["ppo"]) / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
-
-
-@pytest.mark.parametrize("training", ["lora", "full"])
-def test_the_fast_engine_takes_trls_steps_with_separate_models(training, trained, tmp_path):
-    """Same seed, prompts and models: the fast engine's metrics are TRL's, step for step (a full fine-tune's
-    reference is TRL's frozen copy; a KL stuck at 0 would mean the policy was its own reference)."""
-    runs = {}
-    for engine in ("trl", "fast"):
-        paths = {**trained, "ppo": str(tmp_path / engine)}
-        extra = ["--ppo_engine", engine, "--shared_base", "false", "--logging_steps", "1", "--save_strategy", "no"]
-        extra += ["--use_peft", str(training == "lora").lower()]
-        result = run_stage("ppo", *ppo_args(paths, *extra, "--logprob_chunk_tokens", "100"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[engine] = read_metrics(paths["ppo"])
-    assert len(runs["trl"]) == len(runs["fast"]) == 4
-    assert any(abs(step["objective/kl"]) > 1e-4 for step in runs["fast"]), "the policy moved away from its reference"
-    for step, (trl, fast) in enumerate(zip(runs["trl"], runs["fast"], strict=True), start=1):
-        for key in COMPARED:
-            assert fast[key] == pytest.approx(trl[key], rel=2e-3, abs=2e-4), f"step {step}: {key}"
 
 
 def test_a_reward_adapter_the_shared_base_cannot_take_whole_is_refused(trained, tmp_path):
