@@ -46,8 +46,8 @@ Why it is built this way:
   then never the leftovers of another, and a row that dies (out of memory, the known 4-bit failure of plain
   TRL) is recorded as `failed: <reason>` while the others still run. On CPU the pipeline rows run in this process
   by default, to save the ~7 s each new process spends importing torch and TRL (the trl rows always have their
-  own, in the reference environment); the memory column is then the
-  process's resident size sampled during the row, which includes whatever earlier rows left behind.
+  own, in the reference environment); the memory column is then the process's resident size sampled during the
+  row, which includes whatever earlier rows left behind.
 - Without CUDA torch runs on one thread unless --threads says otherwise: the toy's matrices gain nothing from
   more, and next to another busy process (a test suite) two spinning threads made a toy PPO step 30 times
   slower (24 s against 0.7 s, measured on the 2-core CI machine).
@@ -57,7 +57,7 @@ Known limits:
 - With the shared base the two PPO rows run the same update on different reward models (the pipeline's the
   random LoRA adapter, TRL's the random full classifier its example script loads, with the same score head), so
   their score curves differ. `--no-shared-base` gives both the same reward model; their scores and KL then agree
-  step by step (tests/test_bench.py).
+  step by step, and so do the trained adapters (reference/test_against_trl.py).
 - This row's shared base under 4/8-bit (quantized once, the adapters on top) has not yet run on a GPU.
 - The CPU memory column is the whole process; only the GPU column measures the models.
 With the shared base the pipeline row no longer has the harness's old limit, a full random reward model where a
@@ -136,9 +136,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/<date>-<shape>-<mode>.json)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, e.g. ppo:trl, in this process
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--save-policy", help=argparse.SUPPRESS
-    )  # internal: each PPO row saves its policy in DIR/<impl>
+    # internal: each PPO row saves its trained policy into DIR/<impl> (reference/test_against_trl.py compares them)
+    parser.add_argument("--save-policy", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import torch
 
@@ -536,7 +535,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         value_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
         # The reward's score head is drawn right after the seed, as the pipeline's is (and as this value head is,
         # loading the policy draws nothing): with the same prompts and sampling seed, the two sides' reward and KL
-        # curves can then be compared step by step (tests/test_bench.py, with --no-shared-base).
+        # curves can then be compared step by step (reference/test_against_trl.py, with --no-shared-base).
         set_seed(args.seed)
         reward_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
         from reference.engines import trl_engine  # TRL 1.12: this row runs in the reference environment
