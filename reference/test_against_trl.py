@@ -43,7 +43,7 @@ def test_our_engine_takes_trls_steps_with_separate_models(training, sft_and_rewa
     for engine in ("ours", "trl"):
         paths = {**sft_and_reward, "ppo": str(tmp_path / engine)}
         if engine == "ours":
-            result = run_stage("ppo", *ppo_args(paths, *settings))
+            result = run_stage("ppo", *ppo_args(paths, *settings), timeout=600)  # a busy 2-core machine
         else:
             result = run_reference(
                 "trl_ppo", "--config", str(ROOT / "recipes/demo/ppo.yaml"), *ppo_args(paths, *settings)
