@@ -7,7 +7,8 @@
 #   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (README: More than one GPU)
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
-#   make bench-engines            the fast and TRL PPO engines' score and KL curves over 3 seeds (demo: ~5 min)
+#   make bench-engines            our PPO engine's score and KL curves against TRL 1.12's over 3 seeds (demo: ~5 min)
+#   make test-reference           our PPO engine against TRL 1.12's PPOTrainer, step for step, in .venv-reference
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -31,6 +32,10 @@ PORT ?= 7860
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# TRL 1.12 (the last release with PPO) and the transformers it ran with: the reference our PPO engine is checked
+# against (reference/README.md). Its own environment, never the product's.
+REFERENCE_VENV := .venv-reference
+REFERENCE_BIN := $(REFERENCE_VENV)/bin
 # Offline by design: nothing in the default path may reach the Hub.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -44,10 +49,10 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup data sft reward ppo chat merge eval report label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
+.PHONY: help setup reference-env test-reference data sft reward ppo chat merge eval report label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
 
 help:
-	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,11p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -124,8 +129,22 @@ all: setup
 	$(MAKE) report RECIPE=$(RECIPE) ARGS=
 
 test: setup
-	$(BIN)/ruff check rlhf_trl tests benchmarks
+	$(BIN)/ruff check rlhf_trl tests benchmarks reference
 	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=10
+
+# The reference: reference/requirements.txt pins TRL 1.12.0 and its stack; the product goes in without its own
+# dependencies (--no-deps), so pyproject.toml's TRL 1.16 never enters. Stamped like `setup`: rebuilt when the pins change.
+reference-env: $(REFERENCE_VENV)/.installed
+$(REFERENCE_VENV)/.installed: reference/requirements.txt
+	@test -x $(REFERENCE_BIN)/python || $(PYTHON) -m venv $(REFERENCE_VENV)
+	$(REFERENCE_BIN)/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+	$(REFERENCE_BIN)/python -m pip install -q --disable-pip-version-check -r reference/requirements.txt
+	$(REFERENCE_BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+# Our PPO engine against TRL 1.12's PPOTrainer step for step (LoRA and full fine-tune), in .venv-reference.
+test-reference: reference-env
+	$(REFERENCE_BIN)/python -m pytest -q -x -p no:xdist --durations=5 reference/
 
 # The web page served and driven in Debian's headless Chromium (tests/test_ui.py, marker browser; .ci/run installs
 # chromium and chromium-driver when missing); kept out of `make test` for its run time, like test-distributed.
@@ -139,13 +158,15 @@ test-distributed: setup
 
 # benchmarks/bench_ppo.py: pipeline against plain TRL 1.12 (PPO and SFT rows) on random weights of a real shape
 # (benchmarks/shapes.py). Without CUDA only SHAPE=toy runs, to check the harness. Writes benchmarks/results/*.json.
-bench: setup
+# TRL's rows run in .venv-reference (built here when missing).
+bench: setup reference-env
 	$(BIN)/python -m benchmarks.bench_ppo --shape $(SHAPE) --mode $(MODE) $(BENCH_ARGS)
 
-# benchmarks/compare_engines.py: do the fast and TRL PPO engines learn alike? Score and KL curves over seeds 0-2,
+# benchmarks/compare_engines.py: do our PPO engine and TRL 1.12's learn alike? Score and KL curves over seeds 0-2,
 # on the recipe's finished SFT and reward outputs (`make sft reward` first); runs go to a temporary folder.
-bench-engines: setup
+# Ours runs in .venv, TRL's (reference/trl_ppo.py) in .venv-reference (built here when missing).
+bench-engines: setup reference-env
 	$(BIN)/python -m benchmarks.compare_engines --recipe $(RECIPE) $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check rlhf_trl tests benchmarks
+	$(BIN)/ruff check rlhf_trl tests benchmarks reference

@@ -5,8 +5,8 @@
     make bench SHAPE=llama3.1-8b MODE=4bit BENCH_ARGS="--batch 4"
     python -m benchmarks.bench_ppo --shape toy --steps 2 --batch 4 --out /tmp/bench.json
 
-Rows: `ppo trl` is TRL's own PPOTrainer (`rlhf_trl.ppo_engine.TrlPPOTrainer`) fed the way TRL's example script
-feeds it (separate policy, value and reward loads, plus a reference copy when training in full);
+Rows: `ppo trl` is TRL 1.12's own PPOTrainer (`trl.experimental.ppo`, deleted in TRL 1.13) fed the way TRL's
+example script feeds it (separate policy, value and reward loads, plus a reference copy when training in full);
 `ppo pipeline` is the fast engine, `rlhf_trl.ppo_fast.FastPPOTrainer` (`ppo_engine: fast`), built as
 `rlhf_trl.ppo.main` builds it:
 - with LoRA and `--shared-base` (the default) one base serves the policy (PPO adapter), the reference (adapters
@@ -19,8 +19,12 @@ feeds it (separate policy, value and reward loads, plus a reference copy when tr
   value model a copy of the reward model, the same random full classifier the trl row gets), `shared_base: false`;
 - either way log-probs come from hidden states through the output layer `--logprob-chunk-tokens` at a time, and
   rollouts are generated without `output_scores` (`--static-cache`: with a static KV cache).
-`sft trl` and `sft pipeline` do the same for SFTTrainer (plain load against `rlhf_trl.sft`'s). Each reports the
-median step time over the steps after `--warmup` warm-up steps, its split, peak memory and tokens per second.
+`sft trl` and `sft pipeline` do the same for SFTTrainer (plain load against `rlhf_trl.sft`'s).
+The `trl` rows are the baseline, TRL 1.12: each runs in its own process in the reference environment
+(`.venv-reference`, `make reference-env`; reference/README.md), so the product's environment never imports TRL's
+PPO; the `pipeline` rows run in this environment. Each row records the TRL and transformers it ran with, and
+reports the median step time over the steps after `--warmup` warm-up steps, its split, peak memory and tokens per
+second.
 Each PPO pipeline row records what actually ran: the trainer class, whether the base was shared (and by the
 reward model), the log-prob chunk size and the static cache; the table prints them under the rows.
 The JSON goes to `benchmarks/results/<date>-<shape>-<mode>.json` (`-full` added for --full, `-separate` for
@@ -40,9 +44,10 @@ Why it is built this way:
   On CUDA each mark synchronises first, so the times are the GPU's, not the launch queue's.
 - On a GPU every row runs in its own process (`--isolate`, the default there): the peak memory of one row is
   then never the leftovers of another, and a row that dies (out of memory, the known 4-bit failure of plain
-  TRL) is recorded as `failed: <reason>` while the others still run. On CPU the rows run in this process by
-  default, to save the ~7 s each new process spends importing torch and TRL; the memory column is then the
-  process's resident size sampled during the row, which includes whatever earlier rows left behind.
+  TRL) is recorded as `failed: <reason>` while the others still run. On CPU the pipeline rows run in this process
+  by default, to save the ~7 s each new process spends importing torch and TRL (the trl rows always have their
+  own, in the reference environment); the memory column is then the process's resident size sampled during the
+  row, which includes whatever earlier rows left behind.
 - Without CUDA torch runs on one thread unless --threads says otherwise: the toy's matrices gain nothing from
   more, and next to another busy process (a test suite) two spinning threads made a toy PPO step 30 times
   slower (24 s against 0.7 s, measured on the 2-core CI machine).
@@ -52,7 +57,7 @@ Known limits:
 - With the shared base the two PPO rows run the same update on different reward models (the pipeline's the
   random LoRA adapter, TRL's the random full classifier its example script loads, with the same score head), so
   their score curves differ. `--no-shared-base` gives both the same reward model; their scores and KL then agree
-  step by step (tests/test_bench.py).
+  step by step, and so do the trained adapters (reference/test_against_trl.py).
 - This row's shared base under 4/8-bit (quantized once, the adapters on top) has not yet run on a GPU.
 - The CPU memory column is the whole process; only the GPU column measures the models.
 With the shared base the pipeline row no longer has the harness's old limit, a full random reward model where a
@@ -77,6 +82,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # the stub tokenizer's only tokens; prompts are drawn above them
@@ -129,6 +136,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/<date>-<shape>-<mode>.json)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, e.g. ppo:trl, in this process
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
+    # internal: each PPO row saves its trained policy into DIR/<impl> (reference/test_against_trl.py compares them)
+    parser.add_argument("--save-policy", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import torch
 
@@ -332,9 +341,9 @@ class Clock:
 @contextlib.contextmanager
 def timed_phases(clock: Clock):
     """Wraps TRL's module-level `batch_generation` and `get_reward` while the block runs; restores them after."""
-    from rlhf_trl.ppo_engine import TrlPPOTrainer
+    from reference.engines import trl_engine
 
-    module = sys.modules[TrlPPOTrainer.__module__]  # where TRL's train() looks both up
+    module = sys.modules[trl_engine()[1].__module__]  # where TRL's train() looks both up
     originals = {"batch_generation": module.batch_generation, "get_reward": module.get_reward}
 
     def timed(name: str, phase: str):
@@ -417,7 +426,8 @@ def step_timer(clock: Clock):
             )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            keep = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss")
+            keep = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg")
+            keep += ("loss",)
             self.logs.append({key: float(logs[key]) for key in keep if key in (logs or {})})
 
     return StepTimer()
@@ -509,7 +519,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
     from rlhf_trl.metrics_log import MetricsLog
     from rlhf_trl.modeling import load_model, model_kwargs
     from rlhf_trl.ppo import enable_gradient_checkpointing, load_value_model
-    from rlhf_trl.ppo_engine import PPOConfig, TrlPPOTrainer
+    from rlhf_trl.ppo_engine import PPOConfig
     from rlhf_trl.ppo_fast import FastPPOTrainer, HeadOnSharedBase
 
     set_seed(args.seed)
@@ -525,10 +535,12 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         value_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
         # The reward's score head is drawn right after the seed, as the pipeline's is (and as this value head is,
         # loading the policy draws nothing): with the same prompts and sampling seed, the two sides' reward and KL
-        # curves can then be compared step by step (tests/test_bench.py, with --no-shared-base).
+        # curves can then be compared step by step (reference/test_against_trl.py, with --no-shared-base).
         set_seed(args.seed)
         reward_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
-        trainer_class = TrlPPOTrainer
+        from reference.engines import trl_engine  # TRL 1.12: this row runs in the reference environment
+
+        config_class, trainer_class = trl_engine()
     else:  # as rlhf_trl.ppo.main builds the fast engine
         shared = shares_base(args)
         policy = load_model(str(path), kwargs=kwargs)  # quantized under 4/8-bit; the adapters go on top
@@ -541,16 +553,15 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
             reward_model = load_model(str(path), classifier, classifier_kwargs, live_adapter=quantized)
             value_model = load_value_model(reward_model, policy, str(path), str(path), kwargs)
         engine = {
-            "ppo_engine": "fast",
             "shared_base": shared,
             "logprob_chunk_tokens": args.logprob_chunk_tokens,
             "rollout_static_cache": args.static_cache,
         }
-        trainer_class = FastPPOTrainer
+        config_class, trainer_class = PPOConfig, FastPPOTrainer
         callbacks.append(MetricsLog())
     updates = args.warmup + args.steps
     prompts = Dataset.from_dict({"input_ids": random_ids(args, args.batch * updates, args.prompt_length)})
-    config = PPOConfig(
+    config = config_class(  # one set of settings for both sides; `engine`: ours' own keys
         output_dir=workdir,
         seed=args.seed,
         bf16=args.cuda,
@@ -593,6 +604,8 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
     silence(trainer)
     with (timed_phases if impl == "trl" else timed_fast_phases)(clock):
         trainer.train()
+    if args.save_policy:  # the trained adapter (or model), for comparing the two sides' weights
+        trainer.save_model(str(Path(args.save_policy) / impl))
     row = summarise(timer, args, args.warmup, args.batch * (args.prompt_length + args.response_length))
     row["gradient_checkpointing_active"] = checkpointing(trainer.accelerator.unwrap_model(trainer.model))
     row["trainer"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
@@ -680,7 +693,10 @@ def run_row(task: str, impl: str, args, path: Path) -> dict:
     """One row in this process; an exception becomes `failed: <reason>` so the other rows still run."""
     import gc
 
-    row = {"task": task, "impl": impl}
+    import transformers
+    import trl
+
+    row = {"task": task, "impl": impl, "versions": {"trl": trl.__version__, "transformers": transformers.__version__}}
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench-{task}-{impl}-") as workdir, PeakMemory(args.cuda) as memory:
@@ -698,12 +714,13 @@ def run_row(task: str, impl: str, args, path: Path) -> dict:
     return row
 
 
-def run_isolated(task: str, impl: str, args, argv: list[str], path: Path) -> dict:
-    """One row in a fresh process with the same arguments; a crash (killed for memory, say) becomes `failed`."""
+def run_isolated(task: str, impl: str, args, argv: list[str], path: Path, python: str = sys.executable) -> dict:
+    """One row in a fresh process of `python` (the trl rows: the reference environment's) with the same arguments;
+    a crash (killed for memory, say) becomes `failed`."""
     with tempfile.TemporaryDirectory(prefix="bench-row-") as tmp:
         out = Path(tmp) / "row.json"
         row_args = ["--row", f"{task}:{impl}", "--row-out", str(out)]
-        command = [sys.executable, "-m", "benchmarks.bench_ppo", *argv, *row_args]
+        command = [python, "-m", "benchmarks.bench_ppo", *argv, *row_args]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if out.is_file():
             return json.loads(out.read_text())
@@ -762,6 +779,16 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         if row["task"] == "ppo" and row["impl"] == "pipeline" and row["status"] == "ok" and "shared_base" in row:
             lines.append(f"ppo pipeline: {engine_line(row)}")
+    for impl, where in (("trl", "the reference environment"), ("pipeline", "this environment")):
+        stacks = sorted(
+            {
+                f"TRL {r['versions']['trl']}, transformers {r['versions']['transformers']}"
+                for r in result["rows"]
+                if r["impl"] == impl and "versions" in r
+            }
+        )
+        if stacks:
+            lines.append(f"{impl} rows: {'; '.join(stacks)} ({where})")
     memory = sorted({row["memory"] for row in result["rows"] if "memory" in row})
     if memory:
         lines.append(f"peak GB: {'; '.join(memory)}")
@@ -809,6 +836,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.row_out).write_text(json.dumps(row))
         return
     check(args)
+    # TRL 1.12's rows run in the reference environment: missing, that is one line before anything is built.
+    reference_python = reference.python() if "trl" in split(args.impls) else None
     import peft
     import torch
     import transformers
@@ -817,7 +846,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.shapes import SHAPES, parameter_count
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     print(f"bench: random {args.shape} weights in {args.cache_dir} (written on first use)", flush=True)
     path = checkpoint(args)
     if "ppo" in split(args.tasks) and "pipeline" in split(args.impls) and shares_base(args):
@@ -830,7 +859,9 @@ def main(argv: list[str] | None = None) -> None:
         if task not in split(args.tasks) or impl not in split(args.impls):
             continue
         print(f"bench: {task} {impl} ...", flush=True)
-        if args.isolate:
+        if impl == "trl":
+            rows[task, impl] = run_isolated(task, impl, args, argv, path, reference_python)
+        elif args.isolate:
             rows[task, impl] = run_isolated(task, impl, args, argv, path)
         else:
             rows[task, impl] = run_row(task, impl, args, path)

@@ -1,13 +1,16 @@
-"""Do the two PPO engines learn alike? Reward and KL curves of `ppo_engine: fast` against `trl`, over seeds.
+"""Do our PPO engine and TRL 1.12's learn alike? Reward and KL curves of both, over seeds.
 
     make bench-engines                                   # demo recipe, seeds 0 1 2 (about 5 minutes on 2 CPU cores)
     python -m benchmarks.compare_engines --recipe demo --seeds 0 1 2 [--ppo-args "--total_episodes 960"]
 
-`tests/test_ppo_fast.py` shows that the fast engine computes TRL's update step for step when both hold the same
-models. With the shared base (the recipes' setting) the value model is an adapter and a head instead of a full
-copy, so the runs part after the first update and only a statistical comparison is left: this runs the recipe's
-PPO stage once per engine and seed (same seed, same prompts, same SFT and reward models), and compares each
-engine's mean score and KL over the second half of the updates with the spread between seeds of one engine.
+`reference/test_against_trl.py` (`make test-reference`) shows that our engine computes TRL's update step for step
+when both hold the same models. With the shared base (the recipes' setting) the value model is an adapter and a
+head instead of a full copy, so the runs part after the first update and only a statistical comparison is left:
+this runs the recipe once per engine and seed (same seed, same prompts, same SFT and reward models) and compares
+each engine's mean score and KL over the second half of the updates with the spread between seeds of one engine.
+Ours is the PPO stage (`python -m rlhf_trl.ppo`) in this environment; TRL's is TRL 1.12's PPOTrainer with
+separate models (`python -m reference.trl_ppo`), in the reference environment (`.venv-reference`, built by
+`make reference-env`), since TRL 1.13 deleted PPO.
 "Within noise" means the gap between the engines' means is no larger than the larger of the two engines' seed
 spreads (max - min). The stage outputs go to a temporary folder; the recipe's own outputs are not touched.
 """
@@ -25,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import reference
+from rlhf_trl.cli import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("objective/scores", "objective/kl")
 
@@ -33,7 +39,7 @@ def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--engines", nargs="+", default=["trl", "fast"], choices=["trl", "fast"])
+    parser.add_argument("--engines", nargs="+", default=["trl", "ours"], choices=["trl", "ours"])
     parser.add_argument("--models", default=str(ROOT / "models"), help="where <recipe>/sft and <recipe>/reward are")
     parser.add_argument("--ppo-args", default="", help="extra `--key value` settings for every PPO run")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/<date>-engines-<recipe>.json)")
@@ -97,11 +103,16 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def run_ppo(recipe: str, engine: str, seed: int, output_dir: Path, extra: list[str]) -> tuple[list[dict], float]:
+def run_ppo(
+    recipe: str, engine: str, seed: int, output_dir: Path, extra: list[str], python: str | None = None
+) -> tuple[list[dict], float]:
+    """One PPO run of `engine`: ours, the stage in this environment, or trl, `reference.trl_ppo` run by `python`
+    (the reference environment's interpreter); the logged updates and the wall time in seconds."""
     from rlhf_trl.metrics_log import read_metrics
 
-    command = [sys.executable, "-m", "rlhf_trl.ppo", "--config", f"recipes/{recipe}/ppo.yaml"]
-    command += ["--output_dir", str(output_dir), "--seed", str(seed), "--ppo_engine", engine, "--logging_steps", "1"]
+    module = "reference.trl_ppo" if engine == "trl" else "rlhf_trl.ppo"
+    command = [python or sys.executable, "-m", module, "--config", f"recipes/{recipe}/ppo.yaml"]
+    command += ["--output_dir", str(output_dir), "--seed", str(seed), "--logging_steps", "1"]
     command += ["--save_strategy", "no", "--resume", "false", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
     start = time.perf_counter()
@@ -123,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(args.models) / args.recipe / stage
         if not (folder / "rlhf_trl_run.json").is_file():
             fail(f"{folder} is not finished: run `make {stage} RECIPE={args.recipe}`")
+    # TRL 1.12 runs in the reference environment: missing, that is one line before the first run.
+    try:
+        python = reference.python() if "trl" in args.engines else None
+    except UserError as error:
+        fail(str(error))
     extra = shlex.split(args.ppo_args)
     if Path(args.models) != ROOT / "models":  # the recipe names models/<recipe>/...: point it at the other folder
         models = Path(args.models) / args.recipe
@@ -131,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="engines-") as work:
         for seed in args.seeds:
             for engine in args.engines:  # alternated, so a busy machine slows both alike
-                logs, took = run_ppo(args.recipe, engine, seed, Path(work) / f"{engine}-{seed}", extra)
+                logs, took = run_ppo(args.recipe, engine, seed, Path(work) / f"{engine}-{seed}", extra, python)
                 curves[engine][seed], seconds[f"{engine} {seed}"] = logs, round(took, 1)
                 print(f"engines: {engine} seed {seed}: {len(logs)} updates in {took:.1f} s", flush=True)
     summary = summarise(curves)

@@ -19,9 +19,11 @@ from benchmarks.shapes import SHAPES, parameter_count
 ENV = {**OFFLINE_ENV, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
-def bench(*args: str, timeout: int = 240, module: str = "benchmarks.bench_ppo") -> subprocess.CompletedProcess:
+def bench(
+    *args: str, timeout: int = 240, module: str = "benchmarks.bench_ppo", env: dict | None = None
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", module, *args]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
 TINY = ("--batch", "4", "--prompt-length", "8", "--response-length", "8", "--ppo-epochs", "2", "--steps", "2")
@@ -47,17 +49,50 @@ def check_rows(rows: dict) -> None:
             assert any("objective/kl" in log for log in row["logs"])
 
 
+FAKE_REFERENCE = """#!{python}
+# Stands in for .venv-reference/bin/python: records its arguments and writes the row it was asked for.
+import json, sys
+argv = sys.argv[1:]
+with open({log!r}, "a") as log:
+    log.write(json.dumps(argv) + "\\n")
+task, impl = argv[argv.index("--row") + 1].split(":")
+row = {{"task": task, "impl": impl, "status": "ok", "trainer": "fake TRL", "step_time_s": 1.0, "training_s": 0.5,
+       "tokens_per_s": 64.0, "peak_memory_gb": 0.5, "steps_timed": 2, "step_times_s": [1.0, 1.0, 1.0],
+       "versions": {{"trl": "1.12.0", "transformers": "5.23.0"}}}}
+if task == "ppo":
+    row.update(generation_s=0.2, scoring_s=0.3, logs=[{{"objective/kl": 0.0, "objective/scores": 0.1}}])
+with open(argv[argv.index("--row-out") + 1], "w") as out:
+    json.dump(row, out)
+"""
+
+
+@pytest.fixture
+def fake_reference(tmp_path) -> tuple[dict, Path]:
+    """An environment whose reference interpreter is FAKE_REFERENCE, and the file it logs its calls to."""
+    log, script = tmp_path / "reference-calls.jsonl", tmp_path / "reference-python"
+    script.write_text(FAKE_REFERENCE.format(python=sys.executable, log=str(log)))
+    script.chmod(0o755)
+    return {**ENV, "RLHF_TRL_REFERENCE_PYTHON": str(script)}, log
+
+
 @ON_CPU_ONLY
-def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir):
+def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir, fake_reference):
+    """The pipeline rows run here; TRL's rows (TRL 1.12) run in the reference environment, faked here
+    (reference/test_against_trl.py runs the real one), given the same settings."""
+    env, calls = fake_reference
     out = tmp_path / "bench.json"
-    # With gradient checkpointing asked for: TRL's PPOTrainer ignores the key, the pipeline turns it on.
-    checkpointed = ("--gradient-checkpointing",)
-    result = bench("--shape", "toy", *TINY, *checkpointed, "--cache-dir", str(cache_dir), "--out", str(out))
+    # With gradient checkpointing asked for: the pipeline turns it on.
+    settings = ("--shape", "toy", *TINY, "--gradient-checkpointing", "--cache-dir", str(cache_dir), "--out", str(out))
+    result = bench(*settings, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(row["task"], row["impl"]): row for row in report["rows"]}
     assert set(rows) == {("ppo", "trl"), ("ppo", "pipeline"), ("sft", "trl"), ("sft", "pipeline")}
-    assert rows["ppo", "trl"]["trainer"].endswith("experimental.ppo.ppo_trainer.PPOTrainer")  # TRL's own class
+    asked = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [call[call.index("--row") + 1] for call in asked] == ["ppo:trl", "sft:trl"]
+    for call in asked:
+        assert call[:2] == ["-m", "benchmarks.bench_ppo"] and tuple(call[2 : 2 + len(settings)]) == settings
+    assert rows["ppo", "trl"]["trainer"] == rows["sft", "trl"]["trainer"] == "fake TRL"
     pipeline = rows["ppo", "pipeline"]
     assert pipeline["trainer"] == "rlhf_trl.ppo_fast.FastPPOTrainer"
     check_rows(rows)
@@ -71,44 +106,26 @@ def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir):
     assert adapter.parent == cache_dir and (checkpoint / "config.json").is_file()
     assert adapter_config["task_type"] == "SEQ_CLS" and adapter_config["r"] == 16
     assert Path(adapter_config["base_model_name_or_path"]) == checkpoint.resolve()
-    # Both policies start at their reference (LoRA B = 0), so the first rollout's KL is ~0 on both sides; the
-    # rewards differ (a random LoRA reward against TRL's random classifier, with the same score head): the
-    # adapter's random lora_B weights make it more than the plain classifier.
-    trl_first, pipeline_first = rows["ppo", "trl"]["logs"][0], pipeline["logs"][0]
-    assert trl_first["objective/kl"] == pytest.approx(0, abs=1e-4)
-    assert pipeline_first["objective/kl"] == pytest.approx(0, abs=1e-4)
-    assert pipeline_first["objective/scores"] != pytest.approx(trl_first["objective/scores"], abs=1e-3)
-    assert not rows["ppo", "trl"]["gradient_checkpointing_active"]
-    assert pipeline["gradient_checkpointing_active"]
-    assert rows["sft", "trl"]["gradient_checkpointing_active"]
-    assert report["ratios"]["ppo step time"] > 0 and report["settings"]["batch"] == 4
-    assert report["settings"]["shared_base"] is True
+    # The policy starts at its reference (LoRA B = 0), so the first rollout's KL is ~0.
+    assert pipeline["logs"][0]["objective/kl"] == pytest.approx(0, abs=1e-4)
+    assert pipeline["gradient_checkpointing_active"] and rows["sft", "pipeline"]["gradient_checkpointing_active"]
+    assert report["ratios"]["ppo step time"] == pytest.approx(pipeline["step_time_s"] / 1.0)
+    assert report["settings"]["batch"] == 4 and report["settings"]["shared_base"] is True
     assert "ppo  pipeline" in result.stdout and "tokens/s" in result.stdout and f"wrote {out}" in result.stdout
     assert "ppo pipeline: rlhf_trl.ppo_fast.FastPPOTrainer; policy, reference, value and reward on one base" in (
         result.stdout
     )
+    assert "trl rows: TRL 1.12.0, transformers 5.23.0 (the reference environment)" in result.stdout
 
 
-@ON_CPU_ONLY
-def test_toy_fast_engine_with_separate_models_takes_trls_steps(tmp_path, cache_dir):
-    """--no-shared-base: the fast engine on the trl row's reward model computes TRL's update, step by step."""
-    out = tmp_path / "bench.json"
-    args = ("--no-shared-base", "--tasks", "ppo", "--gradient-checkpointing")
-    result = bench("--shape", "toy", *TINY, *args, "--cache-dir", str(cache_dir), "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {(row["task"], row["impl"]): row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {("ppo", "trl"), ("ppo", "pipeline")}
-    pipeline = rows["ppo", "pipeline"]
-    assert pipeline["trainer"] == "rlhf_trl.ppo_fast.FastPPOTrainer"
-    assert pipeline["shared_base"] is False and pipeline["reward_shared"] is False
-    check_rows(rows)
-    # Same seed, prompts and reward model: the fast engine follows TRL's reward and KL curves step by step
-    # (here with checkpointing on one side only, which must not change what is computed).
-    for trl_log, pipeline_log in zip(rows["ppo", "trl"]["logs"], pipeline["logs"], strict=True):
-        for key in ("objective/scores", "objective/kl"):
-            assert pipeline_log[key] == pytest.approx(trl_log[key], rel=1e-3, abs=1e-5), key
-    assert pipeline["gradient_checkpointing_active"]
-    assert "separate value and reward models; reward: random full classifier" in result.stdout
+def test_trl_rows_without_the_reference_environment_say_what_to_run(tmp_path):
+    missing = tmp_path / "no-venv" / "python"
+    result = bench("--shape", "toy", env={**ENV, "RLHF_TRL_REFERENCE_PYTHON": str(missing)}, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: TRL 1.12's side runs in the reference environment and {missing} does not exist: run "
+        "`make reference-env` first (or set RLHF_TRL_REFERENCE_PYTHON)"
+    )
+    assert "bench:" not in result.stdout, "refused before any checkpoint is built"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA 4-bit is allowed")
@@ -124,18 +141,6 @@ def test_shapes_match_the_published_sizes():
     for name, shape in SHAPES.items():
         if name != "toy":
             assert parameter_count(name) / 1e9 == pytest.approx(shape.billions, rel=0.01), name
-
-
-def test_timed_phases_restores_trl_functions():
-    from benchmarks.bench_ppo import Clock, timed_phases
-    from rlhf_trl.ppo_engine import TrlPPOTrainer
-
-    module = sys.modules[TrlPPOTrainer.__module__]
-    before = (module.batch_generation, module.get_reward)
-    with pytest.raises(RuntimeError), timed_phases(Clock(cuda=False)):
-        assert module.get_reward is not before[1]
-        raise RuntimeError("a failing row")
-    assert (module.batch_generation, module.get_reward) == before
 
 
 def test_timed_fast_phases_restores_the_fast_engine_and_times_rollout_passes_only(monkeypatch):
@@ -196,7 +201,7 @@ def test_engine_comparison_calls_a_gap_within_seed_noise_only_when_it_is():
         return [{"objective/scores": score, "objective/kl": kl} for _ in range(updates)]
 
     close = summarise(
-        {"trl": {0: curve(5.0, 1.0), 1: curve(5.4, 1.2)}, "fast": {0: curve(5.1, 1.1), 1: curve(5.3, 1.0)}}
+        {"trl": {0: curve(5.0, 1.0), 1: curve(5.4, 1.2)}, "ours": {0: curve(5.1, 1.1), 1: curve(5.3, 1.0)}}
     )
     assert close["verdict"]["objective/scores"] == {
         "gap": pytest.approx(0.0),
@@ -204,10 +209,10 @@ def test_engine_comparison_calls_a_gap_within_seed_noise_only_when_it_is():
         "within_noise": True,
     }
     apart = summarise(
-        {"trl": {0: curve(5.0, 1.0), 1: curve(5.1, 1.0)}, "fast": {0: curve(3.0, 1.0), 1: curve(3.1, 1.0)}}
+        {"trl": {0: curve(5.0, 1.0), 1: curve(5.1, 1.0)}, "ours": {0: curve(3.0, 1.0), 1: curve(3.1, 1.0)}}
     )
     assert not apart["verdict"]["objective/scores"]["within_noise"] and apart["verdict"]["objective/kl"]["within_noise"]
-    assert apart["runs"]["fast 1"]["windows"] == ["1-2", "3-6", "7-12"]
+    assert apart["runs"]["ours 1"]["windows"] == ["1-2", "3-6", "7-12"]
 
 
 def test_engine_comparison_without_the_recipes_models_says_what_to_run(tmp_path):
@@ -215,3 +220,17 @@ def test_engine_comparison_without_the_recipes_models_says_what_to_run(tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: {tmp_path}/qwen2.5-0.5b/sft is not finished: run `make sft RECIPE=qwen2.5-0.5b`"
     )
+
+
+def test_engine_comparison_without_the_reference_environment_says_what_to_run(tmp_path):
+    for stage in ("sft", "reward"):  # finished stage outputs, as far as the check looks
+        (tmp_path / "demo" / stage).mkdir(parents=True)
+        (tmp_path / "demo" / stage / "rlhf_trl_run.json").write_text("{}")
+    missing = tmp_path / "no-venv" / "python"
+    env = {**ENV, "RLHF_TRL_REFERENCE_PYTHON": str(missing)}
+    result = bench("--models", str(tmp_path), module="benchmarks.compare_engines", env=env)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: TRL 1.12's side runs in the reference environment and {missing} does not exist: run "
+        "`make reference-env` first (or set RLHF_TRL_REFERENCE_PYTHON)"
+    )
+    assert "engines:" not in result.stdout

@@ -1,6 +1,9 @@
 """The cause of plain TRL's 4-bit PPO failure ("expected scalar type Float but found BFloat16"), shown on CPU.
 
-    PYTHONPATH=. python benchmarks/repro_4bit_dtype.py      # a few seconds; no GPU, no bitsandbytes
+    .venv-reference/bin/python -m reference.repro_4bit_dtype    # a few seconds; no GPU, no bitsandbytes
+
+TRL 1.12 only (`make reference-env`): TRL 1.13 deleted PPO and this cast with it; reference/test_against_trl.py
+runs this and checks what it prints.
 
 When `bf16` is on and the policy is loaded in 4-bit, TRL 1.12's PPOTrainer.__init__ calls
 `peft_module_casting_to_bf16`, which moves every module named "*norm*" to float32. A Llama/Qwen RMSNorm returns
@@ -9,7 +12,8 @@ When `bf16` is on and the policy is loaded in 4-bit, TRL 1.12's PPOTrainer.__ini
 does not see it (its forward goes through the accelerate-prepared wrapper, under autocast when mixed precision is
 on), but `generate` and the reference forward call the policy directly: the run stops in the first generate.
 bitsandbytes does not run on CPU, so this shows the mechanism on a bf16 toy model with the same cast; either fix
-below makes generation work again; the second is what `rlhf_trl.ppo_engine` does (benchmarks/NOTES.md).
+below makes generation work again; the second is what `rlhf_trl.ppo_engine` did for `ppo_engine: trl`
+(benchmarks/NOTES.md).
 """
 
 import torch
