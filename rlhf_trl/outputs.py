@@ -40,6 +40,7 @@ RESUME_IGNORES = {
     "logging_steps", "logging_strategy", "logging_first_step", "log_level", "log_level_replica", "report_to",
     "run_name", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "eval_on_start", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "activation_checkpointing", "activation_checkpointing_kwargs",  # transformers' new names of the two above
     "ddp_timeout", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
 }  # fmt: skip
 # The make target that produces each stage's output, for "run X first" messages.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import trl
 from conftest import ppo_args, reward_args, run_stage, sft_args, stage_paths, start_stage, wait_until
 from safetensors.torch import load_file
 
@@ -111,6 +112,18 @@ def test_changed_settings_or_data_refuse_to_resume(tmp_path):
         resume_point(tmp_path / "absent", "true", config, inputs)
 
 
+def test_turning_activation_checkpointing_off_still_resumes(tmp_path):
+    # transformers 5.23+ mirrors gradient_checkpointing into activation_checkpointing: both names are memory
+    # settings, so switching either after a crash (say, to fit a smaller GPU) must not block the resume.
+    make_checkpoint(tmp_path, 3)
+    config = {"learning_rate": 0.001, "gradient_checkpointing": True, "activation_checkpointing": True}
+    (tmp_path / MANIFEST).write_text(json.dumps({"config": config, "inputs": {}}))
+    changed = {**config, "gradient_checkpointing": False, "activation_checkpointing": False}
+    assert resume_point(tmp_path, "auto", changed, {}) == tmp_path / "checkpoint-3"
+    with pytest.raises(UserError, match=r"learning_rate: 0\.001 -> 0\.01"):
+        resume_point(tmp_path, "auto", {**changed, "learning_rate": 0.01}, {})
+
+
 def test_log_lines_after_the_checkpoint_are_dropped(tmp_path):
     lines = [json.dumps({"step": step, "loss": 1.0}) for step in (5, 10, 15)] + ['{"step": 20, "lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -124,7 +137,7 @@ def test_manifest_records_what_produced_the_output(trained):
     assert manifest["seed"] == 0 and manifest["config"]["learning_rate"] == 3e-3
     data = manifest["inputs"]["dataset_name"]
     assert data["path"].endswith("sft_train.jsonl") and len(data["sha256"]) == 64
-    assert manifest["packages"]["trl"] == "1.12.0" and manifest["hardware"]["cpus"] == os.cpu_count()
+    assert manifest["packages"]["trl"] == trl.__version__ and manifest["hardware"]["cpus"] == os.cpu_count()
     assert manifest["git"] is None or len(manifest["git"]["commit"]) == 40
     assert manifest["wall_time_s"] > 0 and manifest["finished_at"]
 
