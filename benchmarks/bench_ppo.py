@@ -7,8 +7,8 @@
 
 Rows: `ppo trl` is TRL 1.12's own PPOTrainer (`trl.experimental.ppo`, deleted in TRL 1.13) fed the way TRL's
 example script feeds it (separate policy, value and reward loads, plus a reference copy when training in full);
-`ppo pipeline` is the fast engine, `rlhf_trl.ppo_fast.FastPPOTrainer` (`ppo_engine: fast`), built as
-`rlhf_trl.ppo.main` builds it:
+`ppo pipeline` is this project's engine, `rlhf_trl.ppo_trainer.PPOTrainer`, built as `rlhf_trl.ppo.main` builds
+it:
 - with LoRA and `--shared-base` (the default) one base serves the policy (PPO adapter), the reference (adapters
   off), the value model (its own adapter and a float32 head) and the reward model: a random LoRA reward adapter
   (task SEQ_CLS, the row's r/alpha/targets, small seeded random lora_B so it is not a no-op, and a random score
@@ -37,7 +37,7 @@ Why it is built this way:
   token ids and the tokenizer a three-token stub (pad, eos, unk): nothing decodes text here.
 - The split is taken by wrapping functions for the run only. For the trl row, the two TRL's `train()` looks up
   in its own module: `batch_generation` (generation) and `get_reward` (scoring: value and reward forwards). For
-  the pipeline row, FastPPOTrainer's `_generate` (generation) and its `_scores` and `_values` when called without
+  the pipeline row, PPOTrainer's `_generate` (generation) and its `_scores` and `_values` when called without
   gradients, i.e. in the rollout (scoring). The rest of a step is reported as training: the PPO epochs, plus the
   reference forward and the log-prob bookkeeping, and on the pipeline side the rollout's policy log-prob forward
   too (TRL takes those from generate's scores, inside its generation time).
@@ -369,12 +369,12 @@ def timed_phases(clock: Clock):
 
 @contextlib.contextmanager
 def timed_fast_phases(clock: Clock):
-    """The same split for `rlhf_trl.ppo_fast.FastPPOTrainer`, which calls neither of TRL's functions: wraps its
+    """The same split for `rlhf_trl.ppo_trainer.PPOTrainer`, which calls neither of TRL's functions: wraps its
     `_generate` (generation), and its `_scores` and `_values` (scoring) when they run without gradients, as in the
     rollout (the value forward of the PPO epochs is training). Patches the class; restores it after."""
     import torch
 
-    from rlhf_trl.ppo_fast import FastPPOTrainer
+    from rlhf_trl.ppo_trainer import PPOTrainer as FastPPOTrainer
 
     originals = {name: vars(FastPPOTrainer)[name] for name in ("_generate", "_scores", "_values")}
 
@@ -519,8 +519,8 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
     from rlhf_trl.metrics_log import MetricsLog
     from rlhf_trl.modeling import load_model, model_kwargs
     from rlhf_trl.ppo import enable_gradient_checkpointing, load_value_model
-    from rlhf_trl.ppo_engine import PPOConfig
-    from rlhf_trl.ppo_fast import FastPPOTrainer, HeadOnSharedBase
+    from rlhf_trl.ppo_roles import HeadOnSharedBase
+    from rlhf_trl.ppo_trainer import PPOConfig, PPOTrainer
 
     set_seed(args.seed)
     model_args = model_config(args, path)
@@ -541,7 +541,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         from reference.engines import trl_engine  # TRL 1.12: this row runs in the reference environment
 
         config_class, trainer_class = trl_engine()
-    else:  # as rlhf_trl.ppo.main builds the fast engine
+    else:  # as rlhf_trl.ppo.main builds our engine
         shared = shares_base(args)
         policy = load_model(str(path), kwargs=kwargs)  # quantized under 4/8-bit; the adapters go on top
         if shared:  # policy, reference, value and reward on one base: the reward a LoRA adapter on the checkpoint
@@ -557,7 +557,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
             "logprob_chunk_tokens": args.logprob_chunk_tokens,
             "rollout_static_cache": args.static_cache,
         }
-        config_class, trainer_class = PPOConfig, FastPPOTrainer
+        config_class, trainer_class = PPOConfig, PPOTrainer
         callbacks.append(MetricsLog())
     updates = args.warmup + args.steps
     prompts = Dataset.from_dict({"input_ids": random_ids(args, args.batch * updates, args.prompt_length)})
@@ -614,7 +614,7 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
         row["reward_shared"] = isinstance(trainer.reward_model, HeadOnSharedBase)
         row["reward_model"] = "random LoRA adapter" if "reward_adapter" in extra else "random full classifier"
         row["reward_adapter"] = extra.get("reward_adapter")
-        row["logprob_chunk_tokens"] = trainer.chunk_tokens
+        row["logprob_chunk_tokens"] = trainer.args.logprob_chunk_tokens
         row["static_cache"] = trainer.args.rollout_static_cache
     return row
 

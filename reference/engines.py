@@ -10,18 +10,11 @@ out cannot make the two runs differ through a default that differs. Keys only ou
 """
 
 import dataclasses
-import importlib.util
 import warnings
 
 
 def our_engine():
-    """(PPOConfig, PPOTrainer) of our engine: `rlhf_trl.ppo_trainer`'s, or until that module lands, today's fast
-    engine (`rlhf_trl.ppo_engine.PPOConfig`, `rlhf_trl.ppo_fast.FastPPOTrainer`), which takes the same arguments."""
-    if importlib.util.find_spec("rlhf_trl.ppo_trainer") is None:  # until rlhf_trl/ppo_trainer.py lands
-        from rlhf_trl.ppo_engine import PPOConfig
-        from rlhf_trl.ppo_fast import FastPPOTrainer as PPOTrainer
-
-        return PPOConfig, PPOTrainer
+    """(PPOConfig, PPOTrainer) of our engine (`rlhf_trl.ppo_trainer`)."""
     from rlhf_trl.ppo_trainer import PPOConfig, PPOTrainer
 
     return PPOConfig, PPOTrainer

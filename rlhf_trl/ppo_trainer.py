@@ -92,7 +92,11 @@ class PPOConfig(TrainingArguments):
         default=10, metadata={"help": "Log every X updates (a fraction below 1: that share of the run)."}
     )
     activation_checkpointing: bool | None = field(
-        default=True, metadata={"help": "Recompute activations in backward instead of keeping them (less memory)."}
+        default=None,
+        metadata={
+            "help": "Recompute activations in backward instead of keeping them (less memory); unset: on (TRL's "
+            "default), unless the older name gradient_checkpointing says otherwise."
+        },
     )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; unset: on unless fp16 is set (TRL's default)."}
@@ -168,6 +172,8 @@ class PPOConfig(TrainingArguments):
 
     def __post_init__(self):
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # transformers then mirrors it into gradient_checkpointing
         if self.ppo_engine not in (None, "fast"):
             raise ValueError(
                 f"ppo_engine: {self.ppo_engine} is retired: PPO now has one engine (rlhf_trl/ppo_trainer.py), "

@@ -94,7 +94,7 @@ def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir, fake_reference):
         assert call[:2] == ["-m", "benchmarks.bench_ppo"] and tuple(call[2 : 2 + len(settings)]) == settings
     assert rows["ppo", "trl"]["trainer"] == rows["sft", "trl"]["trainer"] == "fake TRL"
     pipeline = rows["ppo", "pipeline"]
-    assert pipeline["trainer"] == "rlhf_trl.ppo_fast.FastPPOTrainer"
+    assert pipeline["trainer"] == "rlhf_trl.ppo_trainer.PPOTrainer"
     check_rows(rows)
     # The default: one base for policy, reference, value and the random LoRA reward adapter written to the cache.
     assert pipeline["shared_base"] is True and pipeline["reward_shared"] is True
@@ -112,7 +112,7 @@ def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir, fake_reference):
     assert report["ratios"]["ppo step time"] == pytest.approx(pipeline["step_time_s"] / 1.0)
     assert report["settings"]["batch"] == 4 and report["settings"]["shared_base"] is True
     assert "ppo  pipeline" in result.stdout and "tokens/s" in result.stdout and f"wrote {out}" in result.stdout
-    assert "ppo pipeline: rlhf_trl.ppo_fast.FastPPOTrainer; policy, reference, value and reward on one base" in (
+    assert "ppo pipeline: rlhf_trl.ppo_trainer.PPOTrainer; policy, reference, value and reward on one base" in (
         result.stdout
     )
     assert "trl rows: TRL 1.12.0, transformers 5.23.0 (the reference environment)" in result.stdout
@@ -145,7 +145,7 @@ def test_shapes_match_the_published_sizes():
 
 def test_timed_fast_phases_restores_the_fast_engine_and_times_rollout_passes_only(monkeypatch):
     from benchmarks.bench_ppo import Clock, timed_fast_phases
-    from rlhf_trl.ppo_fast import FastPPOTrainer
+    from rlhf_trl.ppo_trainer import PPOTrainer as FastPPOTrainer
 
     def busy(self, *args):
         time.sleep(0.01)
