@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, TrainerState, TrainingArguments
 from transformers.integrations import get_reporting_integration_callbacks
@@ -304,7 +305,13 @@ class PPOTrainer(Trainer):
         self.args = args
         self.processing_class = processing_class
         policy_config = copy.deepcopy(model.generation_config)
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+        # Accumulation counts micro-batches only: accelerate's default (sync_with_dataloader) would also step the
+        # optimizer at every micro-batch of the last prompt batch of each pass over the data (the update runs while
+        # the dataloader sits at its end), as TRL 1.12's PPOTrainer did with gradient_accumulation_steps > 1.
+        accumulation = GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        )
+        self.accelerator = Accelerator(gradient_accumulation_plugin=accumulation)
         self.is_deepspeed_enabled = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
         self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
         self._check_launch()
