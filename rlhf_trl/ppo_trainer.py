@@ -199,6 +199,12 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"response_length must be at least 1 token, not {self.response_length}")
         if self.total_episodes is not None and self.total_episodes < 1:
             raise ValueError(f"total_episodes must be at least 1 (or left unset), not {self.total_episodes}")
+        if self.max_steps > 0:  # transformers' key, which PPO's own loop never read
+            raise ValueError(
+                f"max_steps ({self.max_steps}) does not apply to PPO, whose length is total_episodes rollouts (updates "
+                "= total_episodes / (per_device_train_batch_size x gradient_accumulation_steps x processes)): set "
+                "total_episodes instead"
+            )
         for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -367,9 +373,8 @@ class PPOTrainer(Trainer):
         torch.manual_seed(args.seed + self.accelerator.process_index * 100003)
         self.eval_dataloader = None
         if eval_dataset is not None:
-            eval_loader = DataLoader(
-                eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, drop_last=True
-            )
+            # Not drop_last: fewer eval prompts than per_device_eval_batch_size still make a sample table.
+            eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator)
             self.eval_dataloader = self.accelerator.prepare(eval_loader)
         for role in (self.ref_model, self.reward_model):
             if role is not None:
@@ -743,7 +748,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def generate_completions(self) -> None:
         """Prints a table of eval prompts, the policy's near-greedy answers (temperature 0.01) and their scores."""
-        if self.eval_dataloader is None or len(self.eval_dataloader) == 0:  # fewer eval prompts than one batch
+        if self.eval_dataloader is None or len(self.eval_dataloader) == 0:  # no eval prompts
             return
         pad_id = self.processing_class.pad_token_id
         config = sampling_config(0.01 + 1e-7, self.args.response_length, self.stop_token_ids, pad_id)
