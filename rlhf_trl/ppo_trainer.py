@@ -90,7 +90,8 @@ class PPOConfig(TrainingArguments):
     # Defaults that TRL's trainers change from TrainingArguments'.
     learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW."})
     logging_steps: float = field(
-        default=10, metadata={"help": "Log every X updates (a fraction below 1: that share of the run)."}
+        default=10,
+        metadata={"help": "Kept for old recipes: PPO logs its metrics after every update, as TRL's PPOTrainer did."},
     )
     activation_checkpointing: bool | None = field(
         default=None,
@@ -585,17 +586,19 @@ class PPOTrainer(Trainer):
         values = torch.masked_fill(rollout["values"], padding_mask_p1, 0)
         kl = ppo_math.kl_penalty(logprobs, ref_logprobs, args.kl_estimator)
         rewards, non_score_reward = ppo_math.per_token_rewards(kl, scores, sequence_lengths, args.kl_coef)
-        if args.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
-            rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
-        advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
-        try:
-            advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, ~padding_mask), padding_mask, 0)
-        except ValueError as error:  # TRL would go on with NaN advantages
+        what, mask = "rewards", ~padding_mask_p1
+        try:  # TRL would go on with NaN rewards or advantages
+            if args.whiten_rewards:
+                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+                rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
+            advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
+            what, mask = "advantages", ~padding_mask
+            advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, mask), padding_mask, 0)
+        except ValueError as error:
             raise UserError(
-                f"PPO cannot whiten advantages over {int((~padding_mask).sum())} answer token(s) in this process's "
-                f"batch ({error}): raise per_device_train_batch_size or gradient_accumulation_steps (a pad token "
-                "equal to EOS also counts each answer's EOS as padding)"
+                f"PPO cannot whiten {what} over {int(mask.sum())} answer token(s) in this process's batch ({error}): "
+                "raise per_device_train_batch_size or gradient_accumulation_steps (a pad token equal to EOS also "
+                "counts each answer's EOS as padding)"
             ) from error
         return {
             **rollout,

@@ -5,6 +5,7 @@
   update stepped the optimizer (its loss still divided by the accumulation steps).
 - num_sample_generations with fewer eval prompts than per_device_eval_batch_size (8 unless set) printed no table.
 - max_steps, transformers' key, changed nothing.
+- whiten_rewards on a batch with one scored position ended in a traceback.
 """
 
 import pytest
@@ -90,3 +91,29 @@ def test_fewer_eval_prompts_than_an_eval_batch_still_print_the_sample_table(zoo,
 def test_max_steps_is_refused_in_one_line_naming_total_episodes():
     with pytest.raises(UserError, match="max_steps \\(5\\) does not apply to PPO.*set total_episodes instead"):
         parse(PPOConfig, ["--config", "recipes/demo/ppo.yaml", "--max_steps", "5"])
+
+
+@pytest.mark.parametrize(
+    "whiten_rewards, message", [(True, "rewards over 1 answer token"), (False, "advantages over 0")]
+)
+def test_a_batch_too_small_to_whiten_stops_in_one_line(whiten_rewards, message):
+    """One rollout whose answer starts with a pad: one position carries the score (rewards), none an action."""
+    from types import SimpleNamespace
+
+    import torch
+
+    args = SimpleNamespace(
+        missing_eos_penalty=None, kl_estimator="k1", kl_coef=0.1, whiten_rewards=whiten_rewards, gamma=1.0, lam=0.95
+    )
+    trainer = SimpleNamespace(
+        args=args, processing_class=SimpleNamespace(pad_token_id=0), _stops=lambda device: torch.tensor([5])
+    )
+    rollout = {
+        "postprocessed": torch.zeros(1, 3, dtype=torch.long),
+        "scores": torch.ones(1),
+        "logprobs": torch.zeros(1, 3),
+        "ref_logprobs": torch.zeros(1, 3),
+        "values": torch.zeros(1, 3),
+    }
+    with pytest.raises(UserError, match=f"PPO cannot whiten {message}"):
+        PPOTrainer.advantages(trainer, rollout)
