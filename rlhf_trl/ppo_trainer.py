@@ -119,7 +119,8 @@ class PPOConfig(TrainingArguments):
     # Rollouts.
     response_length: int = field(default=53, metadata={"help": "Most tokens sampled per answer."})
     stop_token: str | None = field(
-        default=None, metadata={"help": "eos: stop answers at the policy's stop ids (its EOS list)."}
+        default=None,
+        metadata={"help": "eos: stop answers at the policy's stop ids (its EOS list); none: unset (a recipe's eos)."},
     )
     stop_token_id: int | None = field(default=None, metadata={"help": "Stop answers at this one token id instead."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts (above 0)."})
@@ -184,10 +185,14 @@ class PPOConfig(TrainingArguments):
             )
         if self.model_adapter_name or self.ref_adapter_name:
             raise ValueError("model_adapter_name and ref_adapter_name are not supported: leave them out")
+        if isinstance(self.stop_token, str) and self.stop_token.strip().lower() in ("", "none", "null"):
+            self.stop_token = None  # `--stop_token none` unsets a recipe's `stop_token: eos`
         if self.stop_token not in (None, "eos"):
-            raise ValueError(f"stop_token must be eos or left unset, not {self.stop_token!r}")
+            raise ValueError(f"stop_token must be eos or none, not {self.stop_token!r}")
         if self.stop_token and self.stop_token_id is not None:
-            raise ValueError("set stop_token or stop_token_id, not both")
+            raise ValueError(
+                "set stop_token or stop_token_id, not both (--stop_token none unsets the recipe's stop_token: eos)"
+            )
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
         if self.logprob_chunk_tokens < 1:
@@ -226,6 +231,11 @@ def rollout_stop_ids(args, tokenizer, generation_config) -> list[int] | None:
     if args.stop_token == "eos":
         return stop_token_ids(tokenizer, generation_config)
     if args.stop_token_id is not None:
+        if not 0 <= args.stop_token_id < len(tokenizer):
+            raise UserError(
+                f"stop_token_id {args.stop_token_id} is not a token of the policy's tokenizer (ids 0 to "
+                f"{len(tokenizer) - 1}), so no answer could ever stop: fix it, or use stop_token: eos"
+            )
         return [args.stop_token_id]
     return None
 

@@ -6,6 +6,8 @@
 - num_sample_generations with fewer eval prompts than per_device_eval_batch_size (8 unless set) printed no table.
 - max_steps, transformers' key, changed nothing.
 - whiten_rewards on a batch with one scored position ended in a traceback.
+- a recipe's `stop_token: eos` could not be unset from the command line for a `stop_token_id`, and a
+  stop_token_id outside the vocabulary ran every answer to response_length, penalised.
 """
 
 import pytest
@@ -117,3 +119,22 @@ def test_a_batch_too_small_to_whiten_stops_in_one_line(whiten_rewards, message):
     }
     with pytest.raises(UserError, match=f"PPO cannot whiten {message}"):
         PPOTrainer.advantages(trainer, rollout)
+
+
+def test_stop_token_none_unsets_the_recipes_eos_for_a_stop_token_id():
+    recipe = ["--config", "recipes/demo/ppo.yaml"]  # sets stop_token: eos
+    with pytest.raises(UserError, match="not both \\(--stop_token none unsets the recipe's stop_token: eos\\)"):
+        parse(PPOConfig, [*recipe, "--stop_token_id", "5"])
+    args = parse(PPOConfig, [*recipe, "--stop_token_id", "5", "--stop_token", "none"])[1]
+    assert args.stop_token is None and args.stop_token_id == 5
+
+
+def test_a_stop_token_id_outside_the_vocabulary_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from rlhf_trl.ppo_trainer import rollout_stop_ids
+
+    tokenizer = [None] * 100  # len() is all the check reads: ids 0 to 99
+    assert rollout_stop_ids(SimpleNamespace(stop_token=None, stop_token_id=99), tokenizer, None) == [99]
+    with pytest.raises(UserError, match="stop_token_id 100 is not a token of the policy's tokenizer \\(ids 0 to 99\\)"):
+        rollout_stop_ids(SimpleNamespace(stop_token=None, stop_token_id=100), tokenizer, None)
