@@ -214,6 +214,15 @@ class PPOConfig(TrainingArguments):
         for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.gradient_accumulation_steps > 1 and self.num_mini_batches > 1:
+            # TRL's arithmetic: a mini-batch holds gradient_accumulation_steps / num_mini_batches micro-batches, so an
+            # optimizer step would span several mini-batches and the per-micro-batch statistics, laid out for
+            # gradient_accumulation_steps of them, would average empty slots into loss/policy_avg and the others.
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) and num_mini_batches "
+                f"({self.num_mini_batches}) cannot both be above 1 in PPO (an optimizer step would span mini-batches "
+                "and the logged losses would be diluted): keep one of them at 1"
+            )
         super().__post_init__()
 
 

@@ -5,6 +5,8 @@
   update stepped the optimizer (its loss still divided by the accumulation steps).
 - num_sample_generations with fewer eval prompts than per_device_eval_batch_size (8 unless set) printed no table.
 - max_steps, transformers' key, changed nothing.
+- gradient_accumulation_steps and num_mini_batches both above 1 made optimizer steps span mini-batches and diluted
+  the logged losses with empty slots.
 - whiten_rewards on a batch with one scored position ended in a traceback.
 - a recipe's `stop_token: eos` could not be unset from the command line for a `stop_token_id`, and a
   stop_token_id outside the vocabulary ran every answer to response_length, penalised.
@@ -138,3 +140,10 @@ def test_a_stop_token_id_outside_the_vocabulary_is_refused_in_one_line():
     assert rollout_stop_ids(SimpleNamespace(stop_token=None, stop_token_id=99), tokenizer, None) == [99]
     with pytest.raises(UserError, match="stop_token_id 100 is not a token of the policy's tokenizer \\(ids 0 to 99\\)"):
         rollout_stop_ids(SimpleNamespace(stop_token=None, stop_token_id=100), tokenizer, None)
+
+
+def test_accumulation_and_mini_batches_together_are_refused_in_one_line():
+    recipe = ["--config", "recipes/demo/ppo.yaml"]
+    with pytest.raises(UserError, match="gradient_accumulation_steps \\(2\\) and num_mini_batches \\(2\\) cannot both"):
+        parse(PPOConfig, [*recipe, "--gradient_accumulation_steps", "2", "--num_mini_batches", "2"])
+    assert parse(PPOConfig, [*recipe, "--num_mini_batches", "2"])[1].num_mini_batches == 2
