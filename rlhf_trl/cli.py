@@ -93,6 +93,7 @@ def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> 
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    loaded = {}
     if "--config" in argv:
         if argv.index("--config") + 1 >= len(argv):
             raise UserError("--config needs a recipe file: --config recipes/<recipe>/<stage>.yaml")
@@ -125,7 +126,38 @@ def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> 
         keys = [s.lstrip("-").split("=")[0] for s in unknown if s.startswith("--")] or unknown
         names = "/".join(t.__name__ for t in dataclass_types[1:] or dataclass_types)
         raise UserError(f"unknown key(s) {', '.join(keys)} for {names}: fix the spelling in the recipe or ARGS")
+    check_renamed_checkpointing(loaded, argv, parsed)
     return tuple(parsed)
+
+
+def _given(name: str, loaded: dict, argv: list[str]):
+    """The value `name` is given on the command line (last occurrence; a bare flag is True), else in the YAML,
+    else None."""
+    value = loaded.get(name)
+    for position, token in enumerate(argv):
+        if token == f"--{name}":
+            following = argv[position + 1] if position + 1 < len(argv) else None
+            value = True if following is None or following.startswith("--") else following
+        elif token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    if isinstance(value, str):
+        value = value.strip().lower() in ("true", "yes", "1", "y", "t", "on")
+    return value
+
+
+def check_renamed_checkpointing(loaded: dict, argv: list[str], parsed) -> None:
+    """Raises UserError when `gradient_checkpointing` and `activation_checkpointing` are both given and disagree.
+
+    transformers 5.24 renamed the first to the second and ignores the old name whenever the new one is set, so
+    `ARGS="--gradient_checkpointing true"` on a recipe with `activation_checkpointing: false` did nothing."""
+    old, new = _given("gradient_checkpointing", loaded, argv), _given("activation_checkpointing", loaded, argv)
+    if old is None or new is None or bool(old) == bool(new):
+        return
+    if any(hasattr(config, "activation_checkpointing") for config in parsed):
+        raise UserError(
+            f"gradient_checkpointing: {str(bool(old)).lower()} is the old name of activation_checkpointing, which is "
+            f"{str(bool(new)).lower()} and wins: set activation_checkpointing alone (in the recipe or ARGS)"
+        )
 
 
 def parse(config_class, argv: list[str] | None = None):

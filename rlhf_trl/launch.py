@@ -134,6 +134,9 @@ def plan_from_environment() -> Plan:
     )
 
 
+SHARDED_NAMES = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}  # as users spell them, in messages
+
+
 def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: int | None = None) -> None:
     """Refuses a plan that cannot work here, with what to change. `stage`/`model_args` add the recipe's rules,
     checked first: installing DeepSpeed or finding GPUs would not help a combination that cannot run at all."""
@@ -160,7 +163,8 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
     if stage == "ppo" and saves and plan.distributed_type in ("DEEPSPEED", "FSDP"):
         # PPO's resumable checkpoints hold whole tensors from rank 0; a sharded optimizer is not.
         raise UserError(
-            f'PPO checkpoints are not supported under {plan.distributed_type.title()}: add ARGS="--save_strategy no" '
+            f"PPO checkpoints are not supported under {SHARDED_NAMES[plan.distributed_type]}: "
+            'add ARGS="--save_strategy no" '
             f"(the run then cannot resume) or use {CONFIGS}/multi_gpu.yaml for `make ppo`"
         )
     if plan.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, TrainerState, TrainingArguments
 from transformers.integrations import get_reporting_integration_callbacks
@@ -89,7 +90,8 @@ class PPOConfig(TrainingArguments):
     # Defaults that TRL's trainers change from TrainingArguments'.
     learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW."})
     logging_steps: float = field(
-        default=10, metadata={"help": "Log every X updates (a fraction below 1: that share of the run)."}
+        default=10,
+        metadata={"help": "Kept for old recipes: PPO logs its metrics after every update, as TRL's PPOTrainer did."},
     )
     activation_checkpointing: bool | None = field(
         default=None,
@@ -117,7 +119,8 @@ class PPOConfig(TrainingArguments):
     # Rollouts.
     response_length: int = field(default=53, metadata={"help": "Most tokens sampled per answer."})
     stop_token: str | None = field(
-        default=None, metadata={"help": "eos: stop answers at the policy's stop ids (its EOS list)."}
+        default=None,
+        metadata={"help": "eos: stop answers at the policy's stop ids (its EOS list); none: unset (a recipe's eos)."},
     )
     stop_token_id: int | None = field(default=None, metadata={"help": "Stop answers at this one token id instead."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts (above 0)."})
@@ -182,10 +185,14 @@ class PPOConfig(TrainingArguments):
             )
         if self.model_adapter_name or self.ref_adapter_name:
             raise ValueError("model_adapter_name and ref_adapter_name are not supported: leave them out")
+        if isinstance(self.stop_token, str) and self.stop_token.strip().lower() in ("", "none", "null"):
+            self.stop_token = None  # `--stop_token none` unsets a recipe's `stop_token: eos`
         if self.stop_token not in (None, "eos"):
-            raise ValueError(f"stop_token must be eos or left unset, not {self.stop_token!r}")
+            raise ValueError(f"stop_token must be eos or none, not {self.stop_token!r}")
         if self.stop_token and self.stop_token_id is not None:
-            raise ValueError("set stop_token or stop_token_id, not both")
+            raise ValueError(
+                "set stop_token or stop_token_id, not both (--stop_token none unsets the recipe's stop_token: eos)"
+            )
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
         if self.logprob_chunk_tokens < 1:
@@ -198,9 +205,24 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"response_length must be at least 1 token, not {self.response_length}")
         if self.total_episodes is not None and self.total_episodes < 1:
             raise ValueError(f"total_episodes must be at least 1 (or left unset), not {self.total_episodes}")
+        if self.max_steps > 0:  # transformers' key, which PPO's own loop never read
+            raise ValueError(
+                f"max_steps ({self.max_steps}) does not apply to PPO, whose length is total_episodes rollouts (updates "
+                "= total_episodes / (per_device_train_batch_size x gradient_accumulation_steps x processes)): set "
+                "total_episodes instead"
+            )
         for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.gradient_accumulation_steps > 1 and self.num_mini_batches > 1:
+            # TRL's arithmetic: a mini-batch holds gradient_accumulation_steps / num_mini_batches micro-batches, so an
+            # optimizer step would span several mini-batches and the per-micro-batch statistics, laid out for
+            # gradient_accumulation_steps of them, would average empty slots into loss/policy_avg and the others.
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) and num_mini_batches "
+                f"({self.num_mini_batches}) cannot both be above 1 in PPO (an optimizer step would span mini-batches "
+                "and the logged losses would be diluted): keep one of them at 1"
+            )
         super().__post_init__()
 
 
@@ -218,6 +240,11 @@ def rollout_stop_ids(args, tokenizer, generation_config) -> list[int] | None:
     if args.stop_token == "eos":
         return stop_token_ids(tokenizer, generation_config)
     if args.stop_token_id is not None:
+        if not 0 <= args.stop_token_id < len(tokenizer):
+            raise UserError(
+                f"stop_token_id {args.stop_token_id} is not a token of the policy's tokenizer (ids 0 to "
+                f"{len(tokenizer) - 1}), so no answer could ever stop: fix it, or use stop_token: eos"
+            )
         return [args.stop_token_id]
     return None
 
@@ -304,7 +331,13 @@ class PPOTrainer(Trainer):
         self.args = args
         self.processing_class = processing_class
         policy_config = copy.deepcopy(model.generation_config)
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+        # Accumulation counts micro-batches only: accelerate's default (sync_with_dataloader) would also step the
+        # optimizer at every micro-batch of the last prompt batch of each pass over the data (the update runs while
+        # the dataloader sits at its end), as TRL 1.12's PPOTrainer did with gradient_accumulation_steps > 1.
+        accumulation = GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        )
+        self.accelerator = Accelerator(gradient_accumulation_plugin=accumulation)
         self.is_deepspeed_enabled = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
         self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
         self._check_launch()
@@ -360,9 +393,8 @@ class PPOTrainer(Trainer):
         torch.manual_seed(args.seed + self.accelerator.process_index * 100003)
         self.eval_dataloader = None
         if eval_dataset is not None:
-            eval_loader = DataLoader(
-                eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, drop_last=True
-            )
+            # Not drop_last: fewer eval prompts than per_device_eval_batch_size still make a sample table.
+            eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator)
             self.eval_dataloader = self.accelerator.prepare(eval_loader)
         for role in (self.ref_model, self.reward_model):
             if role is not None:
@@ -573,17 +605,19 @@ class PPOTrainer(Trainer):
         values = torch.masked_fill(rollout["values"], padding_mask_p1, 0)
         kl = ppo_math.kl_penalty(logprobs, ref_logprobs, args.kl_estimator)
         rewards, non_score_reward = ppo_math.per_token_rewards(kl, scores, sequence_lengths, args.kl_coef)
-        if args.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
-            rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
-        advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
-        try:
-            advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, ~padding_mask), padding_mask, 0)
-        except ValueError as error:  # TRL would go on with NaN advantages
+        what, mask = "rewards", ~padding_mask_p1
+        try:  # TRL would go on with NaN rewards or advantages
+            if args.whiten_rewards:
+                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+                rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
+            advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
+            what, mask = "advantages", ~padding_mask
+            advantages = torch.masked_fill(ppo_math.masked_whiten(advantages, mask), padding_mask, 0)
+        except ValueError as error:
             raise UserError(
-                f"PPO cannot whiten advantages over {int((~padding_mask).sum())} answer token(s) in this process's "
-                f"batch ({error}): raise per_device_train_batch_size or gradient_accumulation_steps (a pad token "
-                "equal to EOS also counts each answer's EOS as padding)"
+                f"PPO cannot whiten {what} over {int(mask.sum())} answer token(s) in this process's batch ({error}): "
+                "raise per_device_train_batch_size or gradient_accumulation_steps (a pad token equal to EOS also "
+                "counts each answer's EOS as padding)"
             ) from error
         return {
             **rollout,
@@ -736,7 +770,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def generate_completions(self) -> None:
         """Prints a table of eval prompts, the policy's near-greedy answers (temperature 0.01) and their scores."""
-        if self.eval_dataloader is None or len(self.eval_dataloader) == 0:  # fewer eval prompts than one batch
+        if self.eval_dataloader is None or len(self.eval_dataloader) == 0:  # no eval prompts
             return
         pad_id = self.processing_class.pad_token_id
         config = sampling_config(0.01 + 1e-7, self.args.response_length, self.stop_token_ids, pad_id)

@@ -103,7 +103,7 @@ def test_ppo_under_zero3_is_refused_and_zero2_is_not():
 
 def test_ppo_checkpoints_under_sharding_are_refused_before_launch():
     saving = SimpleNamespace(load_in_4bit=False, load_in_8bit=False, save_strategy="steps")
-    with pytest.raises(UserError, match=r"PPO checkpoints are not supported .*--save_strategy no"):
+    with pytest.raises(UserError, match=r"PPO checkpoints are not supported under DeepSpeed: .*--save_strategy no"):
         check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "ppo", saving, cuda_devices=2)
     assert recipe_settings(["--config", "recipes/demo/ppo.yaml"]).save_strategy == "steps"
     assert recipe_settings(["--config", "recipes/demo/ppo.yaml", "--save_strategy", "no"]).save_strategy == "no"
