@@ -151,7 +151,9 @@ def test_plan_from_the_environment_accelerate_sets(monkeypatch):
 def test_a_stage_refusing_bad_input_exits_2_through_the_launch(config, tmp_path):
     """accelerate maps any failure of the stage to 1; `make` and the README promise 2 for bad input."""
     missing = tmp_path / "missing.jsonl"
-    result = launch(config, "--config", "recipes/demo/sft.yaml", "--dataset_name", str(missing))
+    # Its own output_dir: a finished models/demo/sft in the checkout (after `make all`) must not answer first.
+    output = ["--output_dir", str(tmp_path / "sft")]
+    result = launch(config, "--config", "recipes/demo/sft.yaml", "--dataset_name", str(missing), *output)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert lines and set(lines) == {f"error: data file {missing} does not exist: check dataset_name in the recipe"
