@@ -337,7 +337,12 @@ class PPOTrainer(Trainer):
         accumulation = GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
         )
-        self.accelerator = Accelerator(gradient_accumulation_plugin=accumulation)
+        # The recipe's bf16/fp16, as transformers' Trainer passes them (TrainingArguments.mixed_precision: fp16 or bf16
+        # when set, else the accelerate config's); TRL 1.12's PPOTrainer took the accelerate config's alone, so
+        # `bf16: true` trained in float32 under every config here (they say `mixed_precision: no`).
+        self.accelerator = Accelerator(
+            gradient_accumulation_plugin=accumulation, mixed_precision=getattr(args, "mixed_precision", None)
+        )
         self.is_deepspeed_enabled = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
         self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
         self._check_launch()

@@ -38,9 +38,8 @@ def tiny_trainer(path, tmp_path, **settings) -> PPOTrainer:
         shared_base=False,
         save_strategy="no",
         report_to="none",
-        bf16=False,
         seed=0,
-        **(defaults | settings),
+        **(defaults | {"bf16": False} | settings),
     )
 
     def classifier():
@@ -90,6 +89,25 @@ def test_fewer_eval_prompts_than_an_eval_batch_still_print_the_sample_table(zoo,
     table = capsys.readouterr().out
     assert "eval samples at step 1" in table
     assert "Name the color of the sky." in table and "And the leaf?" in table
+
+
+def test_the_recipes_bf16_reaches_the_accelerator_and_an_update_runs_under_it(zoo, tmp_path):
+    """bf16: true used to leave PPO in float32 (the accelerate configs say mixed_precision: no)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process has one accelerate state; earlier tests set it to "no"
+    try:
+        trainer = tiny_trainer(
+            zoo["qwen2.5-instruct"], tmp_path, bf16=True, use_cpu=True, per_device_train_batch_size=2, total_episodes=2
+        )
+        assert trainer.accelerator.mixed_precision == "bf16"
+        trainer.train()
+        assert trainer.state.global_step == 1
+        assert trainer.state.log_history[-1]["objective/kl"] == trainer.state.log_history[-1]["objective/kl"]  # no NaN
+    finally:
+        AcceleratorState._reset_state()
+    fp32 = tiny_trainer(zoo["qwen2.5-instruct"], tmp_path / "fp32", per_device_train_batch_size=2)
+    assert fp32.accelerator.mixed_precision == "no"
 
 
 def test_max_steps_is_refused_in_one_line_naming_total_episodes():
