@@ -246,7 +246,10 @@ def _close_progress_bars() -> None:
 
 def fail(reason: str) -> None:
     _close_progress_bars()
-    print(f"error: {reason}", file=sys.stderr)
+    # One write, newline included: print() writes the text and its newline apart, and under several processes with
+    # unbuffered output two ranks' lines could then run together on one line.
+    sys.stderr.write(f"error: {reason}\n")
+    sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
 
 
