@@ -591,6 +591,13 @@ class PPOTrainer(Trainer):
         rollout["responses"] = query_responses[:, context_length:]
         return rollout
 
+    def _queries(self, batch: dict) -> torch.Tensor:
+        """A drawn batch's [B, prompt] ids on the device, its rows first shown to a cross-tokenizer reward model (the
+        conversations the next scoring calls are for). The reward model is never wrapped: only moved to the device."""
+        if isinstance(self.reward_model, CrossTokenizerReward):
+            self.reward_model.expect(batch)
+        return batch["input_ids"].to(self.accelerator.device)
+
     def _stops(self, device) -> torch.Tensor:
         """The stop ids as a tensor; without a stop token, the tokenizer's EOS (what TRL's EOS check counts)."""
         return torch.tensor(self.stop_token_ids or [self.processing_class.eos_token_id], device=device)
@@ -716,7 +723,6 @@ class PPOTrainer(Trainer):
             self._load_rng(Path(resume_from_checkpoint))  # after the replay, which must not shift the sampling RNG
         else:
             self.state.global_step, self.state.episode = 0, 0
-        reward = getattr(self.reward_model, "module", self.reward_model)
 
         def batches():
             while True:
@@ -734,10 +740,7 @@ class PPOTrainer(Trainer):
         with sampling_with(self.policy_model, self.rollout_config):
             for update in range(start_update + 1, total_updates + 1):
                 self.state.episode += args.batch_size
-                batch = next(drawn)
-                if isinstance(reward, CrossTokenizerReward):
-                    reward.expect(batch)  # the conversations of the rows about to be scored
-                queries = batch["input_ids"].to(device)
+                queries = self._queries(next(drawn))
                 rollout = self.advantages(self.rollout(queries))
                 self.update(rollout, queries.shape[1], stats)
                 with torch.no_grad():
@@ -779,11 +782,7 @@ class PPOTrainer(Trainer):
             return
         pad_id = self.processing_class.pad_token_id
         config = sampling_config(0.01 + 1e-7, self.args.response_length, self.stop_token_ids, pad_id)
-        batch = next(iter(self.eval_dataloader))
-        reward = getattr(self.reward_model, "module", self.reward_model)
-        if isinstance(reward, CrossTokenizerReward):
-            reward.expect(batch)
-        queries = batch["input_ids"].to(self.accelerator.device)
+        queries = self._queries(next(iter(self.eval_dataloader)))
         context_length = queries.shape[1]
         responses = self._generate(queries, config)[:, context_length:]
         if self.stop_token_ids:

@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .ppo_math import first_true_indices
 from .templates import encode_as_generated
 
 
@@ -186,9 +187,7 @@ class CrossTokenizerReward(nn.Module):
         conversations = self.conversations(queries)
         answers = self.policy_tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = self.score(conversations, answers).to(query_responses.device)
-        is_pad = (responses == pad_token_id).long()
         # TRL marks a response's last token as (index of the first pad) - 1, counted from the sequence start.
-        first_pad = torch.where(is_pad.any(1), is_pad.argmax(1), torch.full_like(is_pad[:, 0], responses.shape[1]))
-        sequence_lengths = first_pad - 1 + context_length
+        sequence_lengths = first_true_indices(responses == pad_token_id) - 1 + context_length
         per_token = scores[:, None, None].expand(-1, query_responses.shape[1], 1)
         return per_token, scores, sequence_lengths
