@@ -49,7 +49,7 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup reference-env test-reference data sft reward ppo chat merge eval report label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
+.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
 
 help:
 	@sed -n '1,11p' Makefile | sed 's/^# \{0,1\}//'
@@ -75,6 +75,11 @@ reward: data
 
 ppo: data
 	$(LAUNCH) -m rlhf_trl.ppo --config recipes/$(RECIPE)/ppo.yaml $(RESUME_FLAG) $(ARGS)
+
+# PPO's successors from the same SFT model (README: Which method?): RLOO and GRPO against the reward model, DPO on
+# the reward stage's preference pairs.
+rloo grpo dpo: data
+	$(LAUNCH) -m rlhf_trl.$@ --config recipes/$(RECIPE)/$@.yaml $(RESUME_FLAG) $(ARGS)
 
 chat: setup
 	$(BIN)/python -m rlhf_trl.chat --recipe $(RECIPE) --stage $(STAGE) $(if $(PROMPT),--prompt "$(PROMPT)") $(ARGS)

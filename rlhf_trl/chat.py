@@ -1,6 +1,6 @@
 """Chat in the terminal with the model of any stage (PPO by default), or answer one prompt and exit.
 
-    python -m rlhf_trl.chat --recipe demo [--stage sft|ppo|export] [--model DIR] [--prompt "..."]
+    python -m rlhf_trl.chat --recipe demo [--stage sft|ppo|rloo|grpo|dpo|export] [--model DIR] [--prompt "..."]
     make chat RECIPE=demo STAGE=sft PROMPT="Tell me about the river."
 
 Answers stream token by token through the model's own chat template (the one its SFT stage trained),
@@ -17,7 +17,7 @@ from . import outputs
 from .cli import UserError, run
 from .modeling import context_length, for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 
-STAGES = ("sft", "ppo", "export")
+STAGES = (*outputs.POLICY_STAGES, "export")
 
 
 def chat_context(model, tokenizer) -> int:

@@ -45,7 +45,7 @@ from . import outputs
 from .cli import UserError
 from .data import load_dataset_for, read_jsonl
 
-STAGES = ("sft", "ppo", "export")
+STAGES = (*outputs.POLICY_STAGES, "export")
 LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (
     "decisions.jsonl",
     "accepted_data.jsonl",
@@ -405,8 +405,8 @@ def is_arena(decision: dict) -> bool:
 # ---------------------------------------------------------------------------------------------- arena
 
 # Pipeline order: a verdict is stated for the later stage over the earlier one ("PPO over SFT"). Stages not
-# listed (later methods) sort between ppo and export, by name.
-STAGE_ORDER = ("base", "sft", "ppo")
+# listed sort between the methods and export, by name.
+STAGE_ORDER = ("base", *outputs.POLICY_STAGES)
 ARENA_CHOICES = {"a": ("prefer", 0), "b": ("prefer", 1), "tie": ("tie", None), "both bad": ("reject", None)}
 
 

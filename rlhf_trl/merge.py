@@ -1,6 +1,6 @@
 """Export: merge the LoRA adapters into a full-precision base and write a standalone model.
 
-    python -m rlhf_trl.merge --recipe demo [--stage ppo] [--output DIR] [--dtype bfloat16] [--overwrite]
+    python -m rlhf_trl.merge --recipe demo [--stage sft|ppo|rloo|grpo|dpo] [--output DIR] [--dtype bfloat16]
     make merge RECIPE=demo
 
 The base is reloaded unquantized even when training used 4/8-bit, because merging into quantized
@@ -24,7 +24,7 @@ from .modeling import check_model_source, is_adapter, load_model, load_tokenizer
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="demo")
-    parser.add_argument("--stage", default="ppo", choices=("sft", "ppo"))
+    parser.add_argument("--stage", default="ppo", choices=outputs.POLICY_STAGES)
     parser.add_argument("--model", type=Path, help="a model or adapter folder; overrides --recipe/--stage")
     parser.add_argument("--output", type=Path, help="default: models/<recipe>/export")
     parser.add_argument(

@@ -43,8 +43,12 @@ RESUME_IGNORES = {
     "activation_checkpointing", "activation_checkpointing_kwargs",  # transformers' new names of the two above
     "ddp_timeout", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
 }  # fmt: skip
+# Stage 3: the methods that turn the SFT model into the assistant, each an adapter on it in models/<recipe>/<method>.
+METHODS = ("ppo", "rloo", "grpo", "dpo")
+# Every stage whose output is a policy that answers: what chat, merge, eval, report and label take as STAGE.
+POLICY_STAGES = ("sft", *METHODS)
 # The make target that produces each stage's output, for "run X first" messages.
-MAKE_TARGET = {"base": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "export": "merge"}
+MAKE_TARGET = {"base": "data", "sft": "sft", "reward": "reward", **{m: m for m in METHODS}, "export": "merge"}
 
 
 def partial_dir(output_dir: str | Path) -> Path:
@@ -142,7 +146,25 @@ def run_shape(trainer) -> dict:
     shape = {"processes": processes, "global_batch": global_batch, "steps": trainer.state.global_step}
     if getattr(trainer.state, "episode", None) is not None:
         shape["episodes"] = trainer.state.episode
-    return shape
+    return {**shape, **peak_memory()}
+
+
+def peak_memory() -> dict:
+    """This process's peak memory so far, in MiB: `peak_memory_mib` and what it counts (`peak_memory_kind`).
+
+    On a GPU, the most torch has had allocated on it (`torch.cuda.max_memory_allocated`: tensors only, not the
+    allocator's cache); on CPU the peak resident set of the process (`getrusage` ru_maxrss, KiB on Linux), which
+    includes Python and the libraries (several hundred MiB before any model)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_memory_kind": "gpu"}
+    return {
+        "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_kind": "cpu_resident",
+    }
 
 
 def require(path: str | Path, stage: str, recipe: str | None = None) -> dict:
