@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trl
 from transformers import TrainerCallback
 from trl import get_peft_config
 
@@ -61,6 +62,18 @@ class RewardModelArguments:
             "would otherwise score as if it had ended."
         },
     )
+
+
+# Defined here rather than in rloo.py / grpo.py: the trainer pickles its config into each checkpoint, and a class
+# defined in the module run as __main__ would not unpickle anywhere else.
+@dataclass
+class RLOOConfig(RewardModelArguments, trl.RLOOConfig):
+    """TRL's RLOOConfig plus where the SFT policy and the reward model are (`RewardModelArguments`)."""
+
+
+@dataclass
+class GRPOConfig(RewardModelArguments, trl.GRPOConfig):
+    """TRL's GRPOConfig plus where the SFT policy and the reward model are (`RewardModelArguments`)."""
 
 
 class TokensGenerated(TrainerCallback):

@@ -11,18 +11,10 @@ a loss term (k3 estimator) as in the paper; TRL's default is 0. Everything but t
 `rlhf_trl.group_rl`.
 """
 
-from dataclasses import dataclass
-
-from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
 from .cli import parse, run
-from .group_rl import RewardModelArguments, main, refuse_unsupported
-
-
-@dataclass
-class GRPOConfig(RewardModelArguments, TRLGRPOConfig):
-    """TRL's GRPOConfig plus where the SFT policy and the reward model are (`group_rl.RewardModelArguments`)."""
+from .group_rl import GRPOConfig, main, refuse_unsupported
 
 
 def train(script_args, training_args, model_args):

@@ -10,18 +10,10 @@ KL to the reference (the SFT model: the policy with its LoRA disabled) is `beta`
 Everything but the trainer is shared with GRPO: `rlhf_trl.group_rl`.
 """
 
-from dataclasses import dataclass
-
-from trl import RLOOConfig as TRLRLOOConfig
 from trl import RLOOTrainer
 
 from .cli import parse, run
-from .group_rl import RewardModelArguments, main, refuse_unsupported
-
-
-@dataclass
-class RLOOConfig(RewardModelArguments, TRLRLOOConfig):
-    """TRL's RLOOConfig plus where the SFT policy and the reward model are (`group_rl.RewardModelArguments`)."""
+from .group_rl import RLOOConfig, main, refuse_unsupported
 
 
 def train(script_args, training_args, model_args):
