@@ -33,7 +33,7 @@ from trl import get_peft_config
 from . import outputs
 from .cli import UserError
 from .data import load_splits
-from .generation import stop_token_ids
+from .generation import generating_model, sampling_config, settings_line, stop_token_ids
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_model_source, context_length, load_model, load_tokenizer, model_kwargs
@@ -119,7 +119,6 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
         train, evaluation = prompts_for(script_args, training_args, tokenizer, stage)
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
-        policy.generation_config.pad_token_id = tokenizer.pad_token_id
         reward_model = load_reward_classifier(training_args.reward_model_path, kwargs, reward_tokenizer)
         reward_model.eval().requires_grad_(False)
         if "quantization_config" not in kwargs:  # a quantized one sits where device_map put it
@@ -131,6 +130,14 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
             print(f"{stage}: the reward model has its own tokenizer; each answer is scored as text, re-encoded for it")
         limit = min(reward_tokenizer.model_max_length, context_length(reward_model) or 10**9)
         stops = stop_token_ids(tokenizer, training_args.sft_model_path)
+        # TRL sets temperature, top_p, top_k, min_p and repetition_penalty from the recipe; transformers fills every
+        # field it leaves unset from the policy's generation_config.json (case C03). A neutral one stops that, and
+        # carries every stop id, which TRL reads from it.
+        neutral = sampling_config(
+            training_args.temperature, training_args.max_completion_length, stops, tokenizer.pad_token_id
+        )
+        print(settings_line(f"{stage}: answers", neutral, policy, tokenizer, "the policy's"))
+        generating_model(policy).generation_config = neutral
         reward = RewardModelFunction(reward_model, reward_tokenizer, stops, training_args.missing_eos_penalty, limit)
         training_args.output_dir = str(run.work)
         evaluating = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"

@@ -170,3 +170,37 @@ def test_lora_target_modules_the_model_lacks_is_one_line(cross, tmp_path):
         and errors[0].startswith("error: lora_target_modules: Target modules")
         and "all-linear" in errors[0]
     )
+
+
+def test_rollouts_ignore_sampling_settings_in_the_policys_generation_config(cross, tmp_path, monkeypatch):
+    """Case C03's kind: TRL leaves every sampling field it does not set to the model's generation_config.json, so a
+    policy shipped with `no_repeat_ngram_size: 1` would never repeat a token of its prompt or answer."""
+    import shutil
+
+    policy = shutil.copytree(cross / "policy", tmp_path / "policy")
+    config = json.loads((policy / "generation_config.json").read_text())
+    (policy / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 1, "top_p": 0.5}))
+    sampled = []
+    original = RewardModelFunction.__call__
+
+    def recorded(self, prompts, completions, completion_ids, **kwargs):
+        sampled.extend(zip(prompts, completion_ids, strict=True))
+        return original(self, prompts, completions, completion_ids, **kwargs)
+
+    monkeypatch.setattr(RewardModelFunction, "__call__", recorded)
+    result = group_run(
+        "rloo", cross, cross / "reward", "--sft_model_path", str(policy), "--output_dir", str(tmp_path / "o")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("rloo: answers sample"))
+    assert "ignored from the policy's generation_config.json:" in line, line
+    assert "no_repeat_ngram_size 1" in line and "top_p 0.5" in line, line
+    tokenizer = load_tokenizer(policy)
+    repeats = 0
+    for prompt, ids in sampled:
+        encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        seen = list(encoded["input_ids"])
+        for token in ids:
+            repeats += token in seen
+            seen.append(token)
+    assert repeats > 0  # no_repeat_ngram_size 1 would have banned every one of these
