@@ -14,10 +14,6 @@ from rlhf_trl import compare, evaluate
 
 # The evaluation settings every run here shares: compare's numbers must equal make eval's for the same ones.
 SETTINGS = ("--max-prompts", "4", "--samples", "2", "--max-new-tokens", "12", "--seed", "3")
-RLOO_LOG = [  # metrics.jsonl lines under the names TRL 1.16's RLOOTrainer logs
-    {"step": s, "reward": 0.5 * s, "kl": 0.01 * s, "entropy": 2.0 - 0.1 * s, "completions/mean_length": 10 + s}
-    for s in range(1, 5)
-]
 
 
 def data_args(trained) -> tuple[str, ...]:
@@ -25,48 +21,11 @@ def data_args(trained) -> tuple[str, ...]:
     return ("--prompts", f"{data}/prompts_eval.jsonl", "--pairs", f"{data}/pairs_eval.jsonl", *SETTINGS)
 
 
-def rewrite_json(path: Path, **changes) -> dict:
-    record = json.loads(path.read_text())
-    record.update(changes)
-    for key in [k for k, v in changes.items() if v is None]:
-        del record[key]
-    path.write_text(json.dumps(record))
-    return record
-
-
 @pytest.fixture(scope="module")
-def methods(trained, tmp_path_factory) -> Path:
-    """models/ holding the session's tiny sft and reward runs and two finished methods, ppo and rloo.
-
-    The methods follow the contract of a method output (an adapter on the SFT model; marker `stage`,
-    `tokens_generated`, peak memory; manifest `wall_time_s`), and nothing here relies on how they were trained: rloo
-    is the tiny PPO run with its marker rewritten and TRL's RLOO metric names in its log (until `make rloo` runs in
-    the test session, a real output can take its place). PPO's marker loses its peak memory and token count: a
-    stage that recorded neither."""
-    models = tmp_path_factory.mktemp("compare") / "models"
-    models.mkdir()
-    for stage in ("sft", "reward"):
-        (models / stage).symlink_to(trained[stage])
-    shutil.copytree(trained["ppo"], models / "ppo")
-    rewrite_json(models / "ppo/rlhf_trl_run.json", peak_memory_mib=None, peak_memory_kind=None, tokens_generated=None)
-    shutil.copytree(trained["ppo"], models / "rloo")
-    rewrite_json(
-        models / "rloo/rlhf_trl_run.json",
-        stage="rloo",
-        peak_memory_mib=812.5,
-        peak_memory_kind="cpu_resident",
-        tokens_generated=4321,
-    )
-    rewrite_json(models / "rloo/manifest.json", stage="rloo", wall_time_s=42.0)
-    (models / "rloo/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RLOO_LOG))
-    return models
-
-
-@pytest.fixture(scope="module")
-def compared(trained, methods) -> SimpleNamespace:
-    result = run_module("compare", "--models", str(methods), *data_args(trained))
+def compared(trained, method_models) -> SimpleNamespace:
+    result = run_module("compare", "--models", str(method_models), *data_args(trained))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    folder = methods / "compare"
+    folder = method_models / "compare"
     return SimpleNamespace(stdout=result.stdout, folder=folder, saved=json.loads((folder / "compare.json").read_text()))
 
 
@@ -78,12 +37,12 @@ def recorded_cost(folder: Path) -> dict:
     return {"wall_time_s": manifest.get("wall_time_s"), **{key: marker.get(key) for key in keys}}
 
 
-def test_compare_prints_the_table_of_every_finished_method_last(compared, methods):
+def test_compare_prints_the_table_of_every_finished_method_last(compared, method_models):
     saved = compared.saved
     assert saved["methods"] == ["ppo", "rloo"] and set(saved["stages"]) == {"sft", "ppo", "rloo"}
     assert saved["missing"] == {"grpo": "make grpo RECIPE=demo", "dpo": "make dpo RECIPE=demo"}
     for method in ("ppo", "rloo"):
-        assert saved["costs"][method] == recorded_cost(methods / method)
+        assert saved["costs"][method] == recorded_cost(method_models / method)
         assert 0 <= saved["stages"][method]["win_rate"] <= 1
     assert saved["costs"]["rloo"]["tokens_generated"] == 4321 and saved["costs"]["ppo"]["tokens_generated"] is None
 
@@ -121,14 +80,16 @@ def test_compare_plot_is_an_image_with_data(compared):
     assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[2])[::7].tolist()}) > 10, "not one flat colour"
 
 
-def test_compare_numbers_equal_make_eval_stage(compared, methods, trained):
+def test_compare_numbers_equal_make_eval_stage(compared, method_models, trained):
     """`make eval STAGE=rloo` with the same settings: the same answers, scores and metrics (one place for each)."""
-    result = run_module("evaluate", "--models", str(methods), "--stage", "rloo", *data_args(trained))
+    result = run_module("evaluate", "--models", str(method_models), "--stage", "rloo", *data_args(trained))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"eval: wrote {methods / 'eval-rloo.json'}" in result.stdout, "a method other than PPO: eval-<stage>.json"
+    assert f"eval: wrote {method_models / 'eval-rloo.json'}" in result.stdout, (
+        "a method other than PPO: eval-<stage>.json"
+    )
     assert result.stdout.splitlines()[[i for i, s in enumerate(result.stdout.splitlines()) if "samples" in s][-1] + 1
                                       ].split() == ["sft", "rloo"]  # fmt: skip
-    alone = json.loads((methods / "eval-rloo.json").read_text())
+    alone = json.loads((method_models / "eval-rloo.json").read_text())
     assert alone["methods"] == ["rloo"] and set(alone["stages"]) == {"sft", "rloo"}
     for stage in ("sft", "rloo"):
         assert alone["stages"][stage] == compared.saved["stages"][stage]
@@ -137,19 +98,19 @@ def test_compare_numbers_equal_make_eval_stage(compared, methods, trained):
     assert alone["reward_accuracy"] == compared.saved["reward_accuracy"]
 
 
-def test_the_compare_folder_is_a_finished_output_but_not_a_stage_to_chat_with(compared, methods, tmp_path):
+def test_the_compare_folder_is_a_finished_output_but_not_a_stage_to_chat_with(compared, method_models, tmp_path):
     from rlhf_trl.ui import Site
 
     assert json.loads((compared.folder / "rlhf_trl_run.json").read_text())["stage"] == "compare"
     assert not compared.folder.with_name("compare.partial").exists()
     args = SimpleNamespace(
-        recipe="demo", models=methods, data=tmp_path, out=tmp_path / "labels", seed=0, max_new_tokens=4,
+        recipe="demo", models=method_models, data=tmp_path, out=tmp_path / "labels", seed=0, max_new_tokens=4,
         temperature=None, label_max_new_tokens=4,
     )  # fmt: skip
     assert Site(args).stages() == ["sft", "ppo", "rloo"]
 
 
-def test_a_compare_that_fails_midway_leaves_the_previous_one(compared, methods, trained, tmp_path, monkeypatch):
+def test_a_compare_that_fails_midway_leaves_the_previous_one(compared, method_models, trained, tmp_path, monkeypatch):
     previous = tmp_path / "compare"
     shutil.copytree(compared.folder, previous)
 
@@ -157,7 +118,7 @@ def test_a_compare_that_fails_midway_leaves_the_previous_one(compared, methods, 
         raise RuntimeError("the disk filled up")
 
     monkeypatch.setattr(compare, "plot", broken_plot)
-    args = compare.parser().parse_args(["--models", str(methods), "--methods", "rloo", "--output", str(previous),
+    args = compare.parser().parse_args(["--models", str(method_models), "--methods", "rloo", "--output", str(previous),
                                         *data_args(trained)])  # fmt: skip
     with pytest.raises(RuntimeError, match="the disk filled up"):
         compare.compare(args, log=lambda line: None)
