@@ -105,7 +105,7 @@ def world(tmp_path_factory) -> Path:
 
 def stage_paths(world: Path, tag: str = "") -> dict[str, str]:
     models = world / f"models{tag}"
-    return {name: str(models / name) for name in ("sft", "reward", "ppo", "export")} | {
+    return {name: str(models / name) for name in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "export")} | {
         "data": str(world / "data"),
         "base": str(world / "models" / "base"),
     }
@@ -166,6 +166,36 @@ def ppo_args(paths, *extra):
         "16",
         *extra,
     )
+
+
+def group_args(stage: str):
+    """Arguments of a brief RLOO or GRPO run (`stage`) on the demo world: 6 steps of 2 prompts x 4 answers."""
+
+    def args(paths, *extra):
+        data = paths["data"]
+        return (
+            *("--sft_model_path", paths["sft"], "--reward_model_path", paths["reward"]),
+            *("--dataset_name", f"{data}/prompts_train.jsonl", "--eval_dataset_name", f"{data}/prompts_eval.jsonl"),
+            *("--output_dir", paths[stage], "--max_steps", "6", "--per_device_train_batch_size", "8"),
+            *("--num_generations", "4", "--max_completion_length", "12", "--logging_steps", "1"),
+            *extra,
+        )
+
+    return args
+
+
+rloo_args, grpo_args = group_args("rloo"), group_args("grpo")
+
+
+@pytest.fixture(scope="session")
+def methods_trained(trained) -> dict[str, str]:
+    """RLOO and GRPO run once, briefly, from the `trained` SFT and reward outputs."""
+    paths = dict(trained)
+    for stage, args in (("rloo", rloo_args), ("grpo", grpo_args)):
+        result = run_stage(stage, *args(paths))
+        assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        paths[f"{stage}_stdout"] = result.stdout
+    return paths
 
 
 @pytest.fixture(scope="session")
