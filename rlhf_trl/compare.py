@@ -219,12 +219,12 @@ def compare(args, log: Callable[[str], None] = print) -> dict:
         )
     for method in missing:
         log(f"compare: {method} is not finished ({models / method}); `{make_hint(method, args.recipe)}` trains it")
-    evaluate.check_settings(args)
     output = args.output or models / "compare"
     outputs.check_writable(output, overwrite=True)  # refuse a folder that is not ours before the long part
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     config["compared"] = [str(models / stage) for stage in ("sft", "reward", *finished)]
-    manifest = outputs.new_manifest("compare", config, outputs.input_fingerprints(config))
+    inputs = outputs.input_fingerprints({"compared": config["compared"]})  # each output's marker: which run it was
+    manifest = outputs.new_manifest("compare", config, inputs)
 
     judge = evaluate.prepare(args, finished, log)
     for method in finished:
