@@ -27,6 +27,7 @@ from pathlib import Path
 
 import trl
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from trl import get_peft_config
 
 from . import outputs
@@ -39,8 +40,6 @@ from .modeling import check_model_source, context_length, load_model, load_token
 from .ppo import prompts_within
 from .rewards import RewardModelFunction, check_bridge, load_reward_classifier, prompt_text
 from .templates import ALPACA_PATH, check_renders
-
-TOKENS_FILE = "rlhf_trl_tokens.json"  # in each checkpoint: the completion tokens sampled up to it
 
 
 @dataclass
@@ -76,21 +75,20 @@ class GRPOConfig(RewardModelArguments, trl.GRPOConfig):
     """TRL's GRPOConfig plus where the SFT policy and the reward model are (`RewardModelArguments`)."""
 
 
-class TokensGenerated(TrainerCallback):
-    """Keeps `RewardModelFunction.tokens_generated` across a crash: written into each checkpoint, read back from the
-    one resumed."""
+class TokensGenerated(TrainerCallback, ExportableState):
+    """Keeps `RewardModelFunction.tokens_generated` across a crash. As an `ExportableState` its count is written into
+    each checkpoint's trainer_state.json (`stateful_callbacks`), the file whose presence marks a checkpoint complete,
+    so a complete checkpoint always has it; it is read back from the checkpoint resumed."""
 
     def __init__(self, reward: RewardModelFunction, resumed_from: str | None):
         self.reward = reward
         if resumed_from:
-            saved = json.loads((Path(resumed_from) / TOKENS_FILE).read_text(encoding="utf-8"))
-            reward.tokens_generated = saved["tokens_generated"]
+            saved = json.loads((Path(resumed_from) / outputs.CHECKPOINT_STATE).read_text(encoding="utf-8"))
+            state = saved["stateful_callbacks"][type(self).__name__]
+            reward.tokens_generated = state["attributes"]["tokens_generated"]
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir, f"checkpoint-{state.global_step}")
-            data = json.dumps({"tokens_generated": self.reward.tokens_generated}).encode()
-            outputs.write_atomically(checkpoint / TOKENS_FILE, data)
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"tokens_generated": self.reward.tokens_generated}}
 
 
 def prompts_for(script_args, training_args, tokenizer, stage: str):

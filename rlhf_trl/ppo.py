@@ -242,6 +242,7 @@ def main(script_args, training_args, model_args):
             "adapter": model_args.use_peft,
             "first_score": scores[0] if scores else None,
             "last_score": scores[-1] if scores else None,
+            "tokens_generated": trainer.state.tokens_generated,
         }
         if outputs.publish(trainer, tokenizer, run.work, final_dir, "ppo", **stage_info):
             if scores:

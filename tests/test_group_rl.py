@@ -157,3 +157,16 @@ def test_missing_eos_penalty_lowers_only_the_answers_cut_off():
     # 2.0 for the answer that ended with EOS; 2.0 - 1.5 = 0.5 for the one that ran into the length limit
     assert reward(prompts, completions, [[5, 6, eos], [5, 6, 7]]) == [2.0, 0.5]
     assert reward.tokens_generated == 6
+
+
+def test_lora_target_modules_the_model_lacks_is_one_line(cross, tmp_path):
+    result = group_run(
+        "grpo", cross, cross / "reward", "--lora_target_modules", "q_proj", "--output_dir", str(tmp_path)
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("error: lora_target_modules: Target modules")
+        and "all-linear" in errors[0]
+    )
