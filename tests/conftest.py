@@ -2,8 +2,10 @@
 
 import contextlib
 import io
+import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import time
@@ -214,3 +216,47 @@ def zoo(tmp_path_factory):
     from zoo import Zoo
 
     return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+# Finished method outputs without training them (tests of eval, report and compare across methods).
+RLOO_LOG = [  # metrics.jsonl lines under the names TRL 1.16's RLOOTrainer logs
+    {"step": s, "reward": 0.5 * s, "kl": 0.01 * s, "entropy": 2.0 - 0.1 * s, "completions/mean_length": 10 + s}
+    for s in range(1, 5)
+]
+
+
+def rewrite_json(path: Path, **changes) -> dict:
+    record = json.loads(path.read_text())
+    record.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del record[key]
+    path.write_text(json.dumps(record))
+    return record
+
+
+@pytest.fixture(scope="session")
+def method_models(trained, tmp_path_factory) -> Path:
+    """models/ holding the session's tiny sft and reward runs and two finished methods, ppo and rloo.
+
+    The methods follow the contract of a method output (an adapter on the SFT model; marker `stage`,
+    `tokens_generated`, peak memory; manifest `wall_time_s`), and nothing here relies on how they were trained: rloo
+    is the tiny PPO run with its marker rewritten and TRL's RLOO metric names in its log (until `make rloo` runs in
+    the test session, a real output can take its place). PPO's marker loses its peak memory and token count: a
+    stage that recorded neither."""
+    models = tmp_path_factory.mktemp("compare") / "models"
+    models.mkdir()
+    for stage in ("sft", "reward"):
+        (models / stage).symlink_to(trained[stage])
+    shutil.copytree(trained["ppo"], models / "ppo")
+    rewrite_json(models / "ppo/rlhf_trl_run.json", peak_memory_mib=None, peak_memory_kind=None, tokens_generated=None)
+    shutil.copytree(trained["ppo"], models / "rloo")
+    rewrite_json(
+        models / "rloo/rlhf_trl_run.json",
+        stage="rloo",
+        peak_memory_mib=812.5,
+        peak_memory_kind="cpu_resident",
+        tokens_generated=4321,
+    )
+    rewrite_json(models / "rloo/manifest.json", stage="rloo", wall_time_s=42.0)
+    (models / "rloo/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RLOO_LOG))
+    return models
