@@ -8,7 +8,8 @@
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
 #   make bench-engines            our PPO engine's score and KL curves against TRL 1.12's over 3 seeds (demo: ~5 min)
-#   make compare                  ppo, rloo, grpo and dpo side by side (trains missing ones); make eval STAGE=rloo: one
+#   make rloo / grpo / dpo        PPO's successors from the same SFT model (make chat|eval|report|merge STAGE=rloo ...)
+#   make compare                  ppo, rloo, grpo and dpo judged side by side (trains the missing ones)
 #   make test-reference           our PPO engine against TRL 1.12's PPOTrainer, step for step, in .venv-reference
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -53,7 +54,7 @@ RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,
 .PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
 
 help:
-	@sed -n '1,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '/^#/!q;p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
