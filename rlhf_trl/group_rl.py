@@ -138,7 +138,9 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
         )
         print(settings_line(f"{stage}: answers", neutral, policy, tokenizer, "the policy's"))
         generating_model(policy).generation_config = neutral
-        reward = RewardModelFunction(reward_model, reward_tokenizer, stops, training_args.missing_eos_penalty, limit)
+        reward = RewardModelFunction(
+            reward_model, reward_tokenizer, stops, training_args.missing_eos_penalty, limit, policy
+        )
         training_args.output_dir = str(run.work)
         evaluating = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
         trainer = trainer_class(

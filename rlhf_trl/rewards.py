@@ -181,14 +181,17 @@ class RewardModelFunction:
     the reward tokenizer's chat template as one text, which for an encoder such as DistilBERT (no template; trained on
     [CLS] prompt [SEP] answer [SEP]) fails or scores another encoding than the one trained.
 
-    `tokens_generated` counts the completion tokens scored, over every process (each call gathers the counts).
+    `tokens_generated` counts the completion tokens scored while `policy` (the model being trained) is in training
+    mode, over every process (each call gathers the counts): the trainers also score the rollouts of their periodic
+    evaluation (`eval_strategy`), sampled with the policy in eval mode, which are no training rollouts (PPO counts
+    none either).
     """
 
     __name__ = "reward_model"  # TRL names the logged columns after it (rewards/reward_model/mean)
 
     def __init__(self, model, tokenizer, stop_ids: list[int], missing_eos_penalty: float | None = None,
-                 max_length: int | None = None):  # fmt: skip
-        self.model, self.tokenizer = model, tokenizer
+                 max_length: int | None = None, policy=None):  # fmt: skip
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.stop_ids = set(stop_ids)
         self.missing_eos_penalty = missing_eos_penalty
         self.max_length = max_length
@@ -200,6 +203,8 @@ class RewardModelFunction:
         if self.missing_eos_penalty:
             ended = [bool(self.stop_ids.intersection(ids)) for ids in completion_ids]
             scores = [s if end else s - self.missing_eos_penalty for s, end in zip(scores, ended, strict=True)]
+        if self.policy is not None and not self.policy.training:
+            return scores  # an evaluation's rollouts (TRL: mode "eval" when the policy is not training)
         from accelerate.utils import gather
 
         device = next(self.model.parameters()).device

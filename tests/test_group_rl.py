@@ -139,15 +139,18 @@ def test_a_reward_tokenizer_that_cannot_read_the_policys_text_is_refused(cross, 
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+class Constant(torch.nn.Module):
+    """A reward model that scores every sequence 2.0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": torch.full((input_ids.shape[0], 1), 2.0)})()
+
+
 def test_missing_eos_penalty_lowers_only_the_answers_cut_off():
-    class Constant(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, input_ids, attention_mask=None):
-            return type("Out", (), {"logits": torch.full((input_ids.shape[0], 1), 2.0)})()
-
     tokenizer = gpt2_like_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
@@ -157,6 +160,20 @@ def test_missing_eos_penalty_lowers_only_the_answers_cut_off():
     # 2.0 for the answer that ended with EOS; 2.0 - 1.5 = 0.5 for the one that ran into the length limit
     assert reward(prompts, completions, [[5, 6, eos], [5, 6, 7]]) == [2.0, 0.5]
     assert reward.tokens_generated == 6
+
+
+def test_tokens_generated_counts_training_rollouts_not_an_evaluations():
+    """TRL scores its eval_strategy evaluation's rollouts with the same reward function, the policy in eval mode:
+    those are no training cost (a demo run with eval_steps 1 counted 10631 tokens for 636 sampled in training)."""
+    tokenizer = gpt2_like_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    policy = torch.nn.Linear(1, 1)
+    reward = RewardModelFunction(Constant(), tokenizer, [tokenizer.eos_token_id], policy=policy)
+    completions = [[{"role": "assistant", "content": "blue"}]]
+    reward([SINGLE], completions, [[5, 6, 7]])
+    policy.eval()
+    reward([SINGLE], completions, [[5, 6, 7, 8]])
+    assert reward.tokens_generated == 3
 
 
 def test_lora_target_modules_the_model_lacks_is_one_line(cross, tmp_path):
