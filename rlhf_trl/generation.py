@@ -163,8 +163,12 @@ def describe(config, tokenizer=None) -> str:
     """`sample with temperature 0.7, top_k 0, top_p 1.0, up to 28 new tokens, stopping at <|end|> (1)`."""
     if config.do_sample:
         how = f"sample with temperature {config.temperature:g}, top_k {config.top_k}, top_p {float(config.top_p)}"
+        if config.min_p:
+            how += f", min_p {config.min_p:g}"
     else:
         how = "decode greedily (temperature 0)"
+    if config.repetition_penalty not in (None, 1.0):
+        how += f", repetition_penalty {config.repetition_penalty:g}"
     how += f", up to {config.max_new_tokens} new tokens"
     stops = as_id_list(config.eos_token_id)
     if not stops:

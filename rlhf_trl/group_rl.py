@@ -105,6 +105,17 @@ def prompts_for(script_args, training_args, tokenizer, stage: str):
     ]
 
 
+def rollout_config(training_args, stops: list[int], pad_token_id: int | None):
+    """The GenerationConfig the rollouts sample with, made the policy's own: TRL sets temperature, top_p, top_k,
+    min_p and repetition_penalty from the recipe, and transformers fills every field it leaves unset from the
+    policy's generation_config.json (case C03). A neutral config (`generation.sampling_config`) with the recipe's
+    five stops that, carries every stop id (which TRL reads from it) and is what the stage's settings line shows."""
+    config = sampling_config(training_args.temperature, training_args.max_completion_length, stops, pad_token_id)
+    for key in ("top_p", "top_k", "min_p", "repetition_penalty"):
+        setattr(config, key, getattr(training_args, key))
+    return config
+
+
 def main(stage: str, trainer_class, script_args, training_args, model_args):
     """Trains `trainer_class` (TRL's RLOOTrainer or GRPOTrainer) as the module docstring says; `stage` is its name."""
     check_stage(stage, model_args, training_args)
@@ -130,12 +141,7 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
             print(f"{stage}: the reward model has its own tokenizer; each answer is scored as text, re-encoded for it")
         limit = min(reward_tokenizer.model_max_length, context_length(reward_model) or 10**9)
         stops = stop_token_ids(tokenizer, training_args.sft_model_path)
-        # TRL sets temperature, top_p, top_k, min_p and repetition_penalty from the recipe; transformers fills every
-        # field it leaves unset from the policy's generation_config.json (case C03). A neutral one stops that, and
-        # carries every stop id, which TRL reads from it.
-        neutral = sampling_config(
-            training_args.temperature, training_args.max_completion_length, stops, tokenizer.pad_token_id
-        )
+        neutral = rollout_config(training_args, stops, tokenizer.pad_token_id)
         print(settings_line(f"{stage}: answers", neutral, policy, tokenizer, "the policy's"))
         generating_model(policy).generation_config = neutral
         reward = RewardModelFunction(

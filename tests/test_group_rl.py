@@ -221,3 +221,16 @@ def test_rollouts_ignore_sampling_settings_in_the_policys_generation_config(cros
             repeats += token in seen
             seen.append(token)
     assert repeats > 0  # no_repeat_ngram_size 1 would have banned every one of these
+
+
+def test_rollout_settings_line_shows_the_recipes_top_p_top_k_min_p_and_repetition_penalty():
+    """TRL samples with the recipe's top_p, top_k, min_p and repetition_penalty; the stage's line said top_k 0,
+    top_p 1.0 whatever the recipe set."""
+    from rlhf_trl.generation import describe
+    from rlhf_trl.group_rl import RLOOConfig, rollout_config
+
+    args = RLOOConfig(
+        output_dir="unused", bf16=False, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1
+    )
+    line = describe(rollout_config(args, [2], 0))
+    assert "temperature 0.7, top_k 20, top_p 0.9, min_p 0.05, repetition_penalty 1.1" in line, line
