@@ -55,7 +55,8 @@ def stage_cost(folder: Path) -> dict:
     """What a finished stage's training cost, from its marker and manifest; None for what it did not record.
 
     Returns {"wall_time_s": seconds, "peak_memory_mib": MiB, "peak_memory_kind": "gpu" | "cpu_resident",
-    "tokens_generated": completion tokens sampled while training}."""
+    "tokens_generated": completion tokens sampled while training, "attempts": starts of the run (more than 1: it
+    was resumed, and `wall_time_s`, which `outputs.finish` takes from the last start, leaves the earlier ones out)}."""
     marker = _read_json(folder / outputs.MARKER)
     manifest = _read_json(folder / marker.get("manifest", outputs.MANIFEST))
 
@@ -68,7 +69,26 @@ def stage_cost(folder: Path) -> dict:
         "peak_memory_mib": number(marker, "peak_memory_mib"),
         "peak_memory_kind": marker.get("peak_memory_kind") if number(marker, "peak_memory_mib") is not None else None,
         "tokens_generated": number(marker, "tokens_generated"),
+        "attempts": len(manifest["attempts"]) if isinstance(manifest.get("attempts"), list) else None,
     }
+
+
+def wall_time_cell(cost: dict) -> str:
+    """The wall time, marked `*` when it is a resumed run's last attempt only (the note under the table says so)."""
+    resumed = (cost.get("attempts") or 0) > 1 and cost["wall_time_s"] is not None
+    return evaluate.fmt(cost["wall_time_s"], 0) + ("*" if resumed else "")
+
+
+def started_elsewhere(models: Path, method: str) -> str | None:
+    """The input of `method`'s run (sft_model_path, reward_model_path) whose recorded fingerprint is not the current
+    models/<recipe>/sft or reward output's (retrained since), or None. Such a method is judged against an SFT model
+    or reward model it was not trained with."""
+    inputs = _read_json(models / method / outputs.MANIFEST).get("inputs") or {}
+    for key, stage in (("sft_model_path", "sft"), ("reward_model_path", "reward")):
+        recorded = (inputs.get(key) or {}).get("sha256")
+        if recorded and (models / stage).is_dir() and recorded != outputs.fingerprint(models / stage):
+            return key
+    return None
 
 
 def memory_cell(cost: dict) -> str:
@@ -85,7 +105,7 @@ def cost_rows(costs: dict, methods: Sequence[str]) -> list[tuple[str, list[str]]
         return ["-", *[render(costs[m]) for m in methods]]
 
     return [
-        ("training wall time (s)", cells(lambda c: evaluate.fmt(c["wall_time_s"], 0))),
+        ("training wall time (s)", cells(wall_time_cell)),
         ("peak memory (MiB; cpu resident / gpu)", cells(memory_cell)),
         (
             "tokens generated in training",
@@ -110,6 +130,18 @@ def notes(summary: dict) -> list[str]:
         f"{evaluate.fmt(shared['sft']['wall_time_s'], 0)} s) and all but DPO score with the reward model (reward: "
         f"{evaluate.fmt(shared['reward']['wall_time_s'], 0)} s)"
     )
+    resumed = [m for m in summary["methods"] if wall_time_cell(summary["costs"][m]).endswith("*")]
+    if resumed:
+        lines.append(
+            f"* {', '.join(resumed)}: resumed after an interruption; the wall time is the last attempt's only "
+            "(each attempt is in its manifest.json)"
+        )
+    for method, key in summary.get("stale", {}).items():
+        lines.append(
+            f"warning: {evaluate.name(method)} was trained from another {key} than the one compared against (retrained "
+            f"since): its numbers do not measure what it gained; `make {outputs.MAKE_TARGET[method]} "
+            f"RECIPE={summary['recipe']} ARGS=--overwrite` retrains it"
+        )
     if summary["missing"]:
         lines.append(
             "missing (not finished): " + ", ".join(f"{m} (run `{hint}`)" for m, hint in summary["missing"].items())
@@ -234,6 +266,7 @@ def compare(args, log: Callable[[str], None] = print) -> dict:
         "costs": {m: stage_cost(models / m) for m in finished},
         "shared_costs": {stage: stage_cost(models / stage) for stage in ("sft", "reward")},
         "missing": {m: make_hint(m, args.recipe) for m in missing},
+        "stale": {m: key for m in finished if (key := started_elsewhere(models, m))},
     }
     with outputs.stage_output(output, overwrite=True) as work:
         outputs.write_atomically(work / outputs.MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, run_here, run_module
 from test_bad_inputs import assert_one_line_error
 
-from rlhf_trl import compare, evaluate
+from rlhf_trl import compare, evaluate, outputs
 
 # The evaluation settings every run here shares: compare's numbers must equal make eval's for the same ones.
 SETTINGS = ("--max-prompts", "4", "--samples", "2", "--max-new-tokens", "12", "--seed", "3")
@@ -34,7 +34,8 @@ def recorded_cost(folder: Path) -> dict:
     marker = json.loads((folder / "rlhf_trl_run.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
     keys = ("peak_memory_mib", "peak_memory_kind", "tokens_generated")
-    return {"wall_time_s": manifest.get("wall_time_s"), **{key: marker.get(key) for key in keys}}
+    attempts = len(manifest["attempts"])
+    return {"wall_time_s": manifest.get("wall_time_s"), **{key: marker.get(key) for key in keys}, "attempts": attempts}
 
 
 def test_compare_prints_the_table_of_every_finished_method_last(compared, method_models):
@@ -159,8 +160,41 @@ def test_truth_notes_name_each_method_that_did_not_beat_sft():
 def test_a_stage_that_recorded_no_cost_reads_as_unknown(tmp_path):
     (tmp_path / "rlhf_trl_run.json").write_text(json.dumps({"stage": "dpo", "manifest": "manifest.json"}))
     cost = compare.stage_cost(tmp_path)  # no manifest at all
-    assert cost == {"wall_time_s": None, "peak_memory_mib": None, "peak_memory_kind": None, "tokens_generated": None}
+    assert cost == {"wall_time_s": None, "peak_memory_mib": None, "peak_memory_kind": None, "tokens_generated": None,
+                    "attempts": None}  # fmt: skip
     assert [cells for _, cells in compare.cost_rows({"dpo": cost}, ["dpo"])] == [["-", "-"]] * 3
+
+
+def test_a_resumed_runs_wall_time_is_marked_as_its_last_attempts_only(tmp_path):
+    """outputs.finish takes wall_time_s from the last start: a run resumed at step 40 of 60 showed a third of its
+    cost, as if it were the fastest method."""
+    (tmp_path / "rlhf_trl_run.json").write_text(json.dumps({"stage": "grpo", "manifest": "manifest.json"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"wall_time_s": 9.0, "attempts": [{}, {"resumed_from": "c"}]}))
+    cost = compare.stage_cost(tmp_path)
+    assert compare.cost_rows({"grpo": cost}, ["grpo"])[0][1] == ["-", "9*"]
+    summary = {"stages": {"sft": {"ground_truth": None}, "grpo": {}}, "methods": ["grpo"], "warnings": [],
+               "costs": {"grpo": cost}, "missing": {}, "shared_costs": {"sft": cost, "reward": cost}}  # fmt: skip
+    assert any(line.startswith("* grpo: resumed") for line in compare.notes(summary))
+
+
+def test_a_method_trained_from_an_older_sft_model_is_flagged(tmp_path):
+    """`make sft ARGS=--overwrite` after `make rloo`: compare kept rloo and judged it against the new SFT model."""
+    for stage in ("sft", "reward", "rloo"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "rlhf_trl_run.json").write_text(json.dumps({"stage": stage, "run": 1}))
+    recorded = {key: {"path": "x", "sha256": outputs.fingerprint(tmp_path / stage)}
+                for key, stage in (("sft_model_path", "sft"), ("reward_model_path", "reward"))}  # fmt: skip
+    (tmp_path / "rloo/manifest.json").write_text(json.dumps({"inputs": recorded}))
+    assert compare.started_elsewhere(tmp_path, "rloo") is None
+    (tmp_path / "sft/rlhf_trl_run.json").write_text(json.dumps({"stage": "sft", "run": 2}))  # retrained
+    assert compare.started_elsewhere(tmp_path, "rloo") == "sft_model_path"
+    cost = compare.stage_cost(tmp_path / "rloo")
+    summary = {"stages": {"sft": {"ground_truth": None}, "rloo": {}}, "methods": ["rloo"], "warnings": [],
+               "costs": {"rloo": cost}, "missing": {}, "shared_costs": {"sft": cost, "reward": cost},
+               "recipe": "demo", "stale": {"rloo": "sft_model_path"}}  # fmt: skip
+    assert any(
+        line.startswith("warning: RLOO was trained from another sft_model_path") for line in compare.notes(summary)
+    )
 
 
 def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
