@@ -33,7 +33,7 @@ from trl import get_peft_config
 from . import outputs
 from .cli import UserError
 from .data import load_splits
-from .generation import generating_model, sampling_config, settings_line, stop_token_ids
+from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_model_source, context_length, load_model, load_tokenizer, model_kwargs
@@ -143,23 +143,25 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
         stops = stop_token_ids(tokenizer, training_args.sft_model_path)
         neutral = rollout_config(training_args, stops, tokenizer.pad_token_id)
         print(settings_line(f"{stage}: answers", neutral, policy, tokenizer, "the policy's"))
-        generating_model(policy).generation_config = neutral
         reward = RewardModelFunction(
             reward_model, reward_tokenizer, stops, training_args.missing_eos_penalty, limit, policy
         )
         training_args.output_dir = str(run.work)
         evaluating = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
-        trainer = trainer_class(
-            model=policy,
-            reward_funcs=reward,
-            args=training_args,
-            train_dataset=train,
-            eval_dataset=evaluation if evaluating else None,
-            processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
-            callbacks=[MetricsLog(), TokensGenerated(reward, run.checkpoint)],
-        )
-        trainer.train(resume_from_checkpoint=run.checkpoint)
+        # The neutral config is the policy's own while TRL reads (eos ids) and samples from it; the policy's
+        # generation_config.json is put back before a full model is saved with it.
+        with sampling_with(policy, neutral):
+            trainer = trainer_class(
+                model=policy,
+                reward_funcs=reward,
+                args=training_args,
+                train_dataset=train,
+                eval_dataset=evaluation if evaluating else None,
+                processing_class=tokenizer,
+                peft_config=get_peft_config(model_args),
+                callbacks=[MetricsLog(), TokensGenerated(reward, run.checkpoint)],
+            )
+            trainer.train(resume_from_checkpoint=run.checkpoint)
         tokenizer.padding_side = "right"  # for whoever loads the policy next
         scores = [log["reward"] for log in trainer.state.log_history if "reward" in log]
         stage_info = {

@@ -191,7 +191,8 @@ def test_lora_target_modules_the_model_lacks_is_one_line(cross, tmp_path):
 
 def test_rollouts_ignore_sampling_settings_in_the_policys_generation_config(cross, tmp_path, monkeypatch):
     """Case C03's kind: TRL leaves every sampling field it does not set to the model's generation_config.json, so a
-    policy shipped with `no_repeat_ngram_size: 1` would never repeat a token of its prompt or answer."""
+    policy shipped with `no_repeat_ngram_size: 1` would never repeat a token of its prompt or answer. The rollouts'
+    settings stay out of a full model's saved generation_config.json (a plain `generate` would stop at 6 tokens)."""
     import shutil
 
     policy = shutil.copytree(cross / "policy", tmp_path / "policy")
@@ -206,9 +207,13 @@ def test_rollouts_ignore_sampling_settings_in_the_policys_generation_config(cros
 
     monkeypatch.setattr(RewardModelFunction, "__call__", recorded)
     result = group_run(
-        "rloo", cross, cross / "reward", "--sft_model_path", str(policy), "--output_dir", str(tmp_path / "o")
-    )
+        "rloo", cross, cross / "reward", "--sft_model_path", str(policy), "--output_dir", str(tmp_path / "o"),
+        "--use_peft", "false",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # A full model is saved with the policy's own generation_config.json, not the rollouts' (max_new_tokens 6)
+    saved = json.loads((tmp_path / "o/generation_config.json").read_text())
+    assert saved["no_repeat_ngram_size"] == 1 and saved["top_p"] == 0.5 and "max_new_tokens" not in saved, saved
     line = next(line for line in result.stdout.splitlines() if line.startswith("rloo: answers sample"))
     assert "ignored from the policy's generation_config.json:" in line, line
     assert "no_repeat_ngram_size 1" in line and "top_p 0.5" in line, line
