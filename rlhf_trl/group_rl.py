@@ -182,5 +182,12 @@ def refuse_unsupported(training_args) -> None:
     """Settings of TRL's configs this pipeline cannot honour here, refused in one line."""
     if getattr(training_args, "use_vllm", False):
         raise UserError("use_vllm: true needs vLLM and a GPU, which this pipeline does not set up: remove it")
+    if training_args.temperature <= 0:
+        raise UserError(
+            f"temperature must be above 0 for sampled rollouts (TRL samples each group's answers), not "
+            f"{training_args.temperature}"
+        )
+    if training_args.max_completion_length < 1:
+        raise UserError(f"max_completion_length must be at least 1 token, not {training_args.max_completion_length}")
     if training_args.missing_eos_penalty is not None and training_args.missing_eos_penalty < 0:
         raise UserError("missing_eos_penalty must be 0 or more: it is subtracted from cut-off answers' scores")

@@ -239,3 +239,17 @@ def test_rollout_settings_line_shows_the_recipes_top_p_top_k_min_p_and_repetitio
     )
     line = describe(rollout_config(args, [2], 0))
     assert "temperature 0.7, top_k 20, top_p 0.9, min_p 0.05, repetition_penalty 1.1" in line, line
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "value", "needle"),
+    [
+        ("grpo", "temperature", "0", "temperature must be above 0 for sampled rollouts"),
+        ("rloo", "max_completion_length", "0", "max_completion_length must be at least 1 token, not 0"),
+    ],
+)
+def test_settings_no_rollout_can_sample_with_are_one_line(stage, key, value, needle, tmp_path):
+    """Each ended in a traceback from transformers' generate, after the models were loaded (exit 1)."""
+    result = run_here(stage, "--config", f"recipes/demo/{stage}.yaml", f"--{key}", value, "--output_dir", str(tmp_path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {needle}"), result.stderr
