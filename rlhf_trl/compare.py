@@ -56,7 +56,8 @@ def stage_cost(folder: Path) -> dict:
 
     Returns {"wall_time_s": seconds, "peak_memory_mib": MiB, "peak_memory_kind": "gpu" | "cpu_resident",
     "tokens_generated": completion tokens sampled while training, "attempts": starts of the run (more than 1: it
-    was resumed, and `wall_time_s`, which `outputs.finish` takes from the last start, leaves the earlier ones out)}."""
+    was resumed, and `wall_time_s`, which `outputs.finish` takes from the last start, leaves the earlier ones out),
+    "processes": how many processes trained (peak memory is the main one's)}."""
     marker = _read_json(folder / outputs.MARKER)
     manifest = _read_json(folder / marker.get("manifest", outputs.MANIFEST))
 
@@ -70,6 +71,7 @@ def stage_cost(folder: Path) -> dict:
         "peak_memory_kind": marker.get("peak_memory_kind") if number(marker, "peak_memory_mib") is not None else None,
         "tokens_generated": number(marker, "tokens_generated"),
         "attempts": len(manifest["attempts"]) if isinstance(manifest.get("attempts"), list) else None,
+        "processes": number(marker, "processes"),
     }
 
 
@@ -95,7 +97,9 @@ def memory_cell(cost: dict) -> str:
     if cost.get("peak_memory_mib") is None:
         return "-"
     kind = {"gpu": "gpu", "cpu_resident": "cpu"}.get(cost.get("peak_memory_kind"), "?")
-    return f"{cost['peak_memory_mib']:.0f} {kind}"
+    # the main process's peak (outputs.peak_memory): a run over N processes (or GPUs) held about N times that
+    processes = cost.get("processes") or 1
+    return f"{cost['peak_memory_mib']:.0f} {kind}" + (f" x{processes:.0f}" if processes > 1 else "")
 
 
 def cost_rows(costs: dict, methods: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -181,7 +185,7 @@ def markdown(summary: dict) -> str:
         "Win rate: the share of answers the reward model scores above SFT's answer to the same prompt and sample "
         "(a tie counts half). KL: log-probability under the method minus under SFT, summed over each answer's "
         "tokens, averaged over the method's own answers. Peak memory: the GPU's allocated peak (gpu) or the "
-        "training process's resident set (cpu).",
+        "training process's resident set (cpu), of one process; xN: the run had N processes, each about as large.",
         "",
         *[f"- {line.replace('warning: ', '**Warning:** ')}" for line in notes(summary)],
         "",

@@ -35,7 +35,8 @@ def recorded_cost(folder: Path) -> dict:
     manifest = json.loads((folder / "manifest.json").read_text())
     keys = ("peak_memory_mib", "peak_memory_kind", "tokens_generated")
     attempts = len(manifest["attempts"])
-    return {"wall_time_s": manifest.get("wall_time_s"), **{key: marker.get(key) for key in keys}, "attempts": attempts}
+    return {"wall_time_s": manifest.get("wall_time_s"), **{key: marker.get(key) for key in keys}, "attempts": attempts,
+            "processes": marker["processes"]}  # fmt: skip
 
 
 def test_compare_prints_the_table_of_every_finished_method_last(compared, method_models):
@@ -161,17 +162,22 @@ def test_a_stage_that_recorded_no_cost_reads_as_unknown(tmp_path):
     (tmp_path / "rlhf_trl_run.json").write_text(json.dumps({"stage": "dpo", "manifest": "manifest.json"}))
     cost = compare.stage_cost(tmp_path)  # no manifest at all
     assert cost == {"wall_time_s": None, "peak_memory_mib": None, "peak_memory_kind": None, "tokens_generated": None,
-                    "attempts": None}  # fmt: skip
+                    "attempts": None, "processes": None}  # fmt: skip
     assert [cells for _, cells in compare.cost_rows({"dpo": cost}, ["dpo"])] == [["-", "-"]] * 3
 
 
-def test_a_resumed_runs_wall_time_is_marked_as_its_last_attempts_only(tmp_path):
+def test_a_resumed_runs_wall_time_and_a_multi_process_runs_memory_say_what_they_count(tmp_path):
     """outputs.finish takes wall_time_s from the last start: a run resumed at step 40 of 60 showed a third of its
     cost, as if it were the fastest method."""
     (tmp_path / "rlhf_trl_run.json").write_text(json.dumps({"stage": "grpo", "manifest": "manifest.json"}))
     (tmp_path / "manifest.json").write_text(json.dumps({"wall_time_s": 9.0, "attempts": [{}, {"resumed_from": "c"}]}))
     cost = compare.stage_cost(tmp_path)
     assert compare.cost_rows({"grpo": cost}, ["grpo"])[0][1] == ["-", "9*"]
+    # peak memory is the main process's: a 2-process run says so (it held about twice that)
+    assert compare.memory_cell({**cost, "peak_memory_mib": 579.0, "peak_memory_kind": "cpu_resident"}) == "579 cpu"
+    assert compare.memory_cell({"peak_memory_mib": 579.0, "peak_memory_kind": "cpu_resident", "processes": 2}) == (
+        "579 cpu x2"
+    )
     summary = {"stages": {"sft": {"ground_truth": None}, "grpo": {}}, "methods": ["grpo"], "warnings": [],
                "costs": {"grpo": cost}, "missing": {}, "shared_costs": {"sft": cost, "reward": cost}}  # fmt: skip
     assert any(line.startswith("* grpo: resumed") for line in compare.notes(summary))
