@@ -87,7 +87,7 @@ chat: setup
 	$(BIN)/python -m rlhf_trl.chat --recipe $(RECIPE) --stage $(STAGE) $(if $(PROMPT),--prompt "$(PROMPT)") $(ARGS)
 
 merge: setup
-	$(BIN)/python -m rlhf_trl.merge --recipe $(RECIPE) $(ARGS)
+	$(BIN)/python -m rlhf_trl.merge --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
 
 # SFT against STAGE (ppo, rloo, grpo, dpo) on held-out prompts, judged by the reward model (and for demo the ground
 # truth): writes eval.json (ppo) or eval-$(STAGE).json.

@@ -204,7 +204,7 @@ def test_a_method_trained_from_an_older_sft_model_is_flagged(tmp_path):
 
 
 def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
-    """`make -n` in a scratch project: eval/report get STAGE; compare keeps finished stages and trains the rest."""
+    """`make -n` in a scratch project: eval/report/merge get STAGE; compare keeps finished stages and trains the rest."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("Makefile", "pyproject.toml"):
@@ -222,6 +222,8 @@ def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
     assert "-m rlhf_trl.evaluate --recipe demo --stage rloo" in dry("eval", "STAGE=rloo")
     assert "-m rlhf_trl.report --recipe demo --stage dpo" in dry("report", "STAGE=dpo")
     assert "-m rlhf_trl.report --recipe demo --stage ppo" in dry("report")
+    assert "-m rlhf_trl.merge --recipe demo --stage grpo" in dry("merge", "STAGE=grpo")  # make help's advice
+    assert "-m rlhf_trl.merge --recipe demo --stage ppo" in dry("merge")
     planned = dry("compare")
     assert "ppo: models/demo/ppo is finished; kept" in planned and "-m rlhf_trl.ppo" not in planned
     for method in ("rloo", "grpo", "dpo"):
