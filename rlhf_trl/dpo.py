@@ -1,0 +1,151 @@
+"""Stage 3 by DPO: the SFT model trained straight on the reward stage's preference pairs.
+
+    accelerate launch -m rlhf_trl.dpo --config recipes/demo/dpo.yaml [--key value ...]
+    make dpo RECIPE=demo
+
+TRL's DPOTrainer does the work: no reward model and no rollouts (so `tokens_generated` is 0). Here:
+- the policy is the SFT output (an SFT adapter is merged into its base first) with a fresh LoRA on top, so the
+  reference model is the same model with its adapter disabled (TRL does this with `peft_config` and no
+  `ref_model`): no second copy in memory. Without LoRA, TRL keeps a frozen copy as the reference;
+- the pairs are the reward stage's (`dataset_name`, `eval_dataset_name`), with human labels mixed in as
+  `label_mix` says (`data.load_splits`, the same code the reward stage uses), as conversational
+  prompt/chosen/rejected records that TRL renders with the SFT model's chat template;
+- pairs that cannot teach anything are left out, with the count printed (`usable_pairs`): the same answer on both
+  sides, a prompt that alone fills `max_length` (TRL drops those without a count), and two answers that are the
+  same once cut to `max_length` (TRL would train on them: loss ln 2, zero gradient).
+The summary line gives TRL's implicit-reward accuracy and margin (beta x the policy's log-ratio to the reference,
+chosen minus rejected) at the first and the last logged step, and the held-out DPO loss.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trl
+from trl import DPOTrainer, get_peft_config
+
+from . import outputs
+from .cli import UserError, parse, run
+from .data import load_splits
+from .launch import check_stage
+from .metrics_log import MetricsLog
+from .modeling import check_context, check_model_source, load_model, load_tokenizer, model_kwargs
+from .rewards import describe_pairs
+from .templates import ALPACA_PATH, check_renders
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """TRL's DPOConfig plus the model DPO starts from."""
+
+    sft_model_path: str = field(
+        default="",
+        metadata={"help": "The SFT model: the policy's start and, with its LoRA off, the reference (path or Hub id)."},
+    )
+
+
+def distinct_pairs(dataset, source: str, split: str = "training"):
+    """`dataset` without the pairs whose chosen and rejected answers are the same, and their counts.
+
+    Returns (kept pairs, Counter with "read" and "identical", the keys `rewards.describe_pairs` reads). Raises
+    UserError, naming `source`, when no pair is left."""
+    counts = Counter(read=len(dataset))
+    keep = [i for i, pair in enumerate(dataset) if pair["chosen"] != pair["rejected"]]
+    counts["identical"] = len(dataset) - len(keep)
+    if not keep:
+        raise UserError(
+            f"dpo: no usable {split} pair in {source}: every chosen answer equals its rejected one "
+            f"({len(dataset)} pairs); give each prompt two different answers, the preferred one as chosen"
+        )
+    return (dataset.select(keep) if counts["identical"] else dataset), counts
+
+
+def usable_pairs(tokenized, counts: Counter, max_length: int | None, source: str, split: str = "training"):
+    """TRL's tokenized pairs (prompt_ids, chosen_ids, rejected_ids) without those that differ in nothing DPO sees,
+    printing what was dropped and truncated (`rewards.describe_pairs`).
+
+    `counts` comes from `distinct_pairs`, whose kept pairs TRL tokenized; those TRL left out (its prompt alone
+    fills `max_length`) are counted as "prompt_fills". TRL's collator cuts prompt + answer to `max_length`
+    (keep_start): a pair whose two sides are the same after that cut is dropped ("identical_encoded") and a kept
+    pair with a side cut is counted as "truncated". Raises UserError when no pair is left.
+    """
+    counts["prompt_fills"] = counts["read"] - counts["identical"] - len(tokenized)
+    keep = []
+    for index, pair in enumerate(tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])):
+        sides = [pair["prompt_ids"] + pair[side] for side in ("chosen_ids", "rejected_ids")]
+        if max_length is not None and sides[0][:max_length] == sides[1][:max_length]:
+            counts["identical_encoded"] += 1
+            continue
+        counts["truncated"] += max_length is not None and max(map(len, sides)) > max_length
+        keep.append(index)
+    print(f"dpo: {split} pairs: {describe_pairs(counts, max_length)}")
+    if not keep:
+        raise UserError(
+            f"dpo: no usable {split} pair in {source}: none differs within max_length={max_length} tokens "
+            "(prompt + answer); raise max_length or shorten the prompts"
+        )
+    return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
+def main(script_args, training_args, model_args):
+    check_stage("dpo", model_args, training_args)
+    recipe = getattr(script_args, "recipe", None)
+    check_model_source(training_args.sft_model_path, "sft_model_path", f"sft{' RECIPE=' + recipe if recipe else ''}")
+    final_dir = training_args.output_dir
+    with outputs.training_run("dpo", script_args, training_args, model_args) as run:
+        train, evaluation = load_splits(script_args, "reward", training_args.seed, stage="dpo")
+        sources = {"training": script_args.dataset_name, "eval": script_args.eval_dataset_name or "the held-out cut"}
+        train, train_counts = distinct_pairs(train, sources["training"])
+        evaluation, eval_counts = distinct_pairs(evaluation, sources["eval"], "eval")
+        tokenizer = load_tokenizer(training_args.sft_model_path)
+        fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
+        named = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]
+        for split in (train, evaluation):
+            check_renders(split, tokenizer, training_args.sft_model_path, "reward", named, fix)
+        model = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
+        check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
+        training_args.output_dir = str(run.work)
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,  # with LoRA: the adapter-off model; without: TRL's frozen copy of the SFT model
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=[MetricsLog()],
+        )
+        limit = training_args.max_length
+        trainer.train_dataset = usable_pairs(trainer.train_dataset, train_counts, limit, sources["training"])
+        trainer.eval_dataset = usable_pairs(trainer.eval_dataset, eval_counts, limit, sources["eval"], "eval")
+        trainer.train(resume_from_checkpoint=run.checkpoint)
+        loss = trainer.evaluate().get("eval_loss", float("nan"))
+        accuracy, margin = logged(trainer, "rewards/accuracies"), logged(trainer, "rewards/margins")
+        stage_info = {
+            "base": training_args.sft_model_path,
+            "adapter": model_args.use_peft,
+            "tokens_generated": 0,  # DPO samples nothing: it scores the given answers
+            "eval_loss": loss,
+            "eval_pairs": len(trainer.eval_dataset),
+            "first_reward_accuracy": accuracy[0] if accuracy else None,
+            "last_reward_accuracy": accuracy[-1] if accuracy else None,
+            "first_reward_margin": margin[0] if margin else None,
+            "last_reward_margin": margin[-1] if margin else None,
+        }
+        if outputs.publish(trainer, tokenizer, run.work, final_dir, "dpo", **stage_info):
+            trend = (
+                f"reward accuracy {accuracy[0]:.2f} -> {accuracy[-1]:.2f}, margin {margin[0]:.3f} -> {margin[-1]:.3f} "
+                "(first -> last logged step); "
+                if accuracy and margin
+                else ""
+            )
+            print(
+                f"dpo: {trend}held-out DPO loss {loss:.3f} on {len(trainer.eval_dataset)} pairs -> saved to {final_dir}"
+            )
+
+
+if __name__ == "__main__":
+    run(lambda: main(*parse(DPOConfig)))
