@@ -14,7 +14,7 @@ TRL's DPOTrainer does the work: no reward model and no rollouts (so `tokens_gene
   sides, a prompt that alone fills `max_length` (TRL drops those without a count), and two answers that are the
   same once cut to `max_length` (TRL would train on them: loss ln 2, zero gradient).
 The summary line gives TRL's implicit-reward accuracy and margin (beta x the policy's log-ratio to the reference,
-chosen minus rejected) at the first and the last logged step, and the held-out DPO loss.
+chosen minus rejected) at the first and the last logged step, and the held-out loss (the recipe's `loss_type`).
 """
 
 from collections import Counter
@@ -143,7 +143,7 @@ def main(script_args, training_args, model_args):
                 else ""
             )
             print(
-                f"dpo: {trend}held-out DPO loss {loss:.3f} on {len(trainer.eval_dataset)} pairs -> saved to {final_dir}"
+                f"dpo: {trend}held-out loss {loss:.3f} on {len(trainer.eval_dataset)} pairs -> saved to {final_dir}"
             )
 
 
