@@ -142,9 +142,7 @@ def main(script_args, training_args, model_args):
                 if accuracy and margin
                 else ""
             )
-            print(
-                f"dpo: {trend}held-out loss {loss:.3f} on {len(trainer.eval_dataset)} pairs -> saved to {final_dir}"
-            )
+            print(f"dpo: {trend}held-out loss {loss:.3f} on {len(trainer.eval_dataset)} pairs -> saved to {final_dir}")
 
 
 if __name__ == "__main__":

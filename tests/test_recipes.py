@@ -8,11 +8,12 @@ import yaml
 from trl import RewardConfig, SFTConfig
 
 from rlhf_trl.cli import parse, parse_dataclasses
+from rlhf_trl.dpo import DPOConfig
 from rlhf_trl.ppo_trainer import PPOConfig
 from rlhf_trl.prepare import DataArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+STAGE_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate_configs")
 
 
@@ -42,7 +43,7 @@ def test_recipe_parses(recipe):
 def test_every_real_recipe_has_all_four_files():
     for folder in (ROOT / "recipes").iterdir():
         if folder.name not in ("accelerate_configs", "templates", "demo"):
-            assert {p.stem for p in folder.glob("*.yaml")} == {"data", "sft", "reward", "ppo"}, folder.name
+            assert {p.stem for p in folder.glob("*.yaml")} == {"data", *STAGE_CONFIGS}, folder.name
 
 
 ACCELERATE_CONFIGS = sorted((ROOT / "recipes/accelerate_configs").glob("*.yaml"))
