@@ -19,6 +19,7 @@ chosen minus rejected) at the first and the last logged step, and the held-out l
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trl
 from trl import DPOTrainer, get_peft_config
@@ -86,6 +87,14 @@ def usable_pairs(tokenized, counts: Counter, max_length: int | None, source: str
     return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
 
+def training_sources(script_args) -> str:
+    """The files the training pairs came from, as `label_mix` chose them (`data.load_splits`), for messages."""
+    files = [] if script_args.label_mix == "human" else [script_args.dataset_name]
+    if script_args.label_mix != "generated":
+        files += [source for source in script_args.human_labels if Path(source).exists()]
+    return ", ".join(files)
+
+
 def logged(trainer, key: str) -> list[float]:
     return [log[key] for log in trainer.state.log_history if key in log]
 
@@ -97,7 +106,10 @@ def main(script_args, training_args, model_args):
     final_dir = training_args.output_dir
     with outputs.training_run("dpo", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed, stage="dpo")
-        sources = {"training": script_args.dataset_name, "eval": script_args.eval_dataset_name or "the held-out cut"}
+        sources = {
+            "training": training_sources(script_args),
+            "eval": script_args.eval_dataset_name or "the held-out cut",
+        }
         train, train_counts = distinct_pairs(train, sources["training"])
         evaluation, eval_counts = distinct_pairs(evaluation, sources["eval"], "eval")
         tokenizer = load_tokenizer(training_args.sft_model_path)

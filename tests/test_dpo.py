@@ -131,6 +131,15 @@ def test_a_pairs_file_without_usable_pairs_is_one_line(dpo, tmp_path, lines, nee
     assert read_marker(tmp_path / "dpo") is None and not (tmp_path / "dpo").exists()
 
 
+def test_dpo_mixes_human_labels_as_the_reward_stage_does(dpo, tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"prompt": "p", "chosen": "same", "rejected": "same"}\n' * 3)
+    args = dpo_args(dpo, tmp_path / "dpo", "--human_labels", str(labels), "--label_mix", "human")
+    result = dpo_here(*args)
+    assert "dpo: training on 3 human pairs (label_mix: human)" in result.stdout
+    one_line_error(result, f"no usable training pair in {labels}: every chosen answer equals its rejected")
+
+
 def test_unusable_pairs_are_counted_and_left_out(capsys):
     from datasets import Dataset
 
