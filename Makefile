@@ -8,6 +8,8 @@
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
 #   make bench-engines            our PPO engine's score and KL curves against TRL 1.12's over 3 seeds (demo: ~5 min)
+#   make rloo / grpo / dpo        PPO's successors from the same SFT model (make chat|eval|report|merge STAGE=rloo ...)
+#   make compare                  ppo, rloo, grpo and dpo judged side by side (trains the missing ones)
 #   make test-reference           our PPO engine against TRL 1.12's PPOTrainer, step for step, in .venv-reference
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -49,10 +51,10 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
+.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
 
 help:
-	@sed -n '1,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '/^#/!q;p' Makefile | sed 's/^# \{0,1\}//'
 
 # The stamp makes `setup` idempotent: it reinstalls only when pyproject.toml changes.
 # torch is pinned first so pip takes the CPU build on disk instead of fetching a multi-GB CUDA one.
@@ -87,13 +89,26 @@ chat: setup
 merge: setup
 	$(BIN)/python -m rlhf_trl.merge --recipe $(RECIPE) $(ARGS)
 
-# SFT against PPO on held-out prompts, judged by the reward model (and for demo the ground truth): writes eval.json.
+# SFT against STAGE (ppo, rloo, grpo, dpo) on held-out prompts, judged by the reward model (and for demo the ground
+# truth): writes eval.json (ppo) or eval-$(STAGE).json.
 eval: setup
-	$(BIN)/python -m rlhf_trl.evaluate --recipe $(RECIPE) $(ARGS)
+	$(BIN)/python -m rlhf_trl.evaluate --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
 
-# models/<recipe>/report/: report.md, samples.md and plots; reruns eval first when eval.json is missing or stale.
+# models/<recipe>/report/ (ppo) or report-$(STAGE)/: report.md, samples.md and plots; reruns eval first when its
+# file is missing or stale.
 report: setup
-	$(BIN)/python -m rlhf_trl.report --recipe $(RECIPE) $(ARGS)
+	$(BIN)/python -m rlhf_trl.report --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
+
+# Every method from the same SFT model (README: Which method?): trains what is missing (a finished output is kept;
+# `make <method> ARGS=--overwrite` redoes one), then judges SFT and all of them on eval's prompts and samples and
+# writes models/<recipe>/compare/ (compare.md, compare.json, compare.png). ARGS reach rlhf_trl.compare only.
+compare: setup
+	@for stage in sft reward ppo rloo grpo dpo; do \
+	  if [ -f models/$(RECIPE)/$$stage/rlhf_trl_run.json ]; then \
+	    echo "$$stage: models/$(RECIPE)/$$stage is finished; kept (make $$stage ARGS=--overwrite redoes it)"; \
+	  else $(MAKE) $$stage RECIPE=$(RECIPE) ARGS=; fi; \
+	done
+	$(BIN)/python -m rlhf_trl.compare --recipe $(RECIPE) $(ARGS)
 
 # Human feedback into data/labels/$(RECIPE)/ (accepted_data, rejected_data, pairs.jsonl). Answers come from the SFT model
 # unless STAGE= is given on the command line (STAGE's own default, ppo, is chat's).

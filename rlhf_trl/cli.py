@@ -231,10 +231,20 @@ def run(main: Callable[[], None]) -> None:
         # interpreter shutdown after an interrupt mid-training was seen to end in SIGINT (-2) instead of 130.
         os._exit(130)
     except Exception as error:
-        reason = storage_failure(error)
+        reason = storage_failure(error) or settings_failure(error)
         if reason is None:
             raise
         fail(reason)
+
+
+def settings_failure(error: BaseException) -> str | None:
+    """A one-line reason and fix for a library's error that a recipe key caused, else None."""
+    if type(error).__name__ == "NoMatchingPeftModuleError":  # peft: lora_target_modules names no module of the model
+        return (
+            f"lora_target_modules: {str(error).splitlines()[0]} Name modules this model has, or use all-linear "
+            "(every linear layer but the output layer)"
+        )
+    return None
 
 
 def _close_progress_bars() -> None:

@@ -158,4 +158,8 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    run(lambda: main(*parse(DPOConfig)))
+    # The trainer pickles its config into every checkpoint and the output (training_args.bin): the class must be
+    # rlhf_trl.dpo's, which unpickles anywhere, not this __main__ module's (group_rl keeps RLOO's and GRPO's apart).
+    from rlhf_trl import dpo
+
+    run(lambda: dpo.main(*parse(dpo.DPOConfig)))

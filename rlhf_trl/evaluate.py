@@ -1,25 +1,30 @@
-"""Did RLHF help? SFT and PPO answer the same held-out prompts, and the reward model and the ground truth judge.
+"""Did RLHF help? SFT and a stage-3 method answer the same held-out prompts; the reward model and ground truth judge.
 
-    python -m rlhf_trl.evaluate --recipe demo [--prompts FILE] [--pairs FILE] [--samples 4]   # `make eval`
+    python -m rlhf_trl.evaluate --recipe demo [--stage ppo|rloo|grpo|dpo] [--prompts FILE] [--samples 4]  # `make eval`
 
-Prints one table and writes `models/<recipe>/eval.json` (read by `make report`):
+Prints one table and writes `models/<recipe>/eval.json` for PPO (read by `make report` and the web page) or
+`models/<recipe>/eval-<stage>.json` for another method (read by `make report STAGE=<stage>`), with the same keys:
 - the reward model's pairwise accuracy on held-out preference pairs (chosen scored above rejected), without the
   pairs whose two sides encode to the same ids (`rewards.encode_pairs`: a tie no model can win; counted, printed);
-- for SFT and PPO: the mean reward-model score, the win rate of PPO over SFT (the same prompt and sample
-  index, judged by the reward model; a tie counts half), the KL divergence of PPO from SFT, the mean answer
-  length in tokens and the share of answers that end with EOS (any of the model's stop ids: the tokenizer's EOS
-  and its generation_config's eos_token_id, e.g. Llama 3's <|eot_id|>); for `demo`, the ground-truth score
+- for SFT and the method: the mean reward-model score, the win rate of the method over SFT (the same prompt and
+  sample index, judged by the reward model; a tie counts half), the KL divergence of the method from SFT, the mean
+  answer length in tokens and the share of answers that end with EOS (any of the model's stop ids: the tokenizer's
+  EOS and its generation_config's eos_token_id, e.g. Llama 3's <|eot_id|>); for `demo`, the ground-truth score
   (`demo.ground_truth_score`, a rule in code);
 - a warning when the reward rises while the ground truth or the EOS rate falls, the usual sign of reward
   hacking (the reward model scores answers through the chat template, which closes every answer with EOS,
   so an answer cut off at the token limit can still score well: the EOS rate shows it).
 
+`make compare` (rlhf_trl.compare) judges SFT and every finished method in one run through the same functions
+(`prepare`, then `judge_method` per method): SFT's answers are sampled once, and each method's numbers equal the
+ones `make eval STAGE=<method>` gives with the same settings.
+
 The metrics are pure functions of lists and tensors, so tests check them on inputs whose answer is known;
 `main` only loads the models (through `modeling`), samples and calls them.
 
-KL: the PPO answers are sampled from the full distribution (top-k off) at `--temperature` T, then scored
-teacher-forced under the PPO policy and under the SFT model, both with logits / T; the log-ratio summed
-over the answer's tokens and averaged over answers is an unbiased estimate of KL(PPO_T || SFT_T) in nats
+KL: the method's answers are sampled from the full distribution (top-k off) at `--temperature` T, then scored
+teacher-forced under the method's policy and under the SFT model, both with logits / T; the log-ratio summed
+over the answer's tokens and averaged over answers is an unbiased estimate of KL(policy_T || SFT_T) in nats
 per answer. That is the quantity TRL's `objective/kl` tracks during PPO (it samples and scores at the
 recipe's temperature too); with `--temperature 1` it is the KL between the models themselves.
 """
@@ -27,9 +32,11 @@ recipe's temperature too); with `--temperature 1` it is the KL between the model
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,21 +143,22 @@ def kl_divergence(
     return float((policy_logp - reference_logp).mean()) if len(responses) else float("nan")
 
 
-def hacking_warnings(sft: dict, ppo: dict, eos_drop: float = 0.05) -> list[str]:
-    """Reward up while the ground truth or the EOS rate goes down: PPO likely found a hole in the reward model."""
-    if not ppo["reward_score"] > sft["reward_score"]:
+def hacking_warnings(sft: dict, policy: dict, eos_drop: float = 0.05, name: str = "PPO") -> list[str]:
+    """Reward up while the ground truth or the EOS rate goes down: the method `name` (its metrics in `policy`)
+    likely found a hole in the reward model. Each warning starts with `name`."""
+    if not policy["reward_score"] > sft["reward_score"]:
         return []
-    rise = f"the reward-model score rose ({sft['reward_score']:.3f} -> {ppo['reward_score']:.3f})"
+    rise = f"{name}: the reward-model score rose ({sft['reward_score']:.3f} -> {policy['reward_score']:.3f})"
     found = []
-    if sft.get("ground_truth") is not None and ppo.get("ground_truth") is not None:
-        if ppo["ground_truth"] < sft["ground_truth"]:
+    if sft.get("ground_truth") is not None and policy.get("ground_truth") is not None:
+        if policy["ground_truth"] < sft["ground_truth"]:
             found.append(
-                f"{rise} but the ground truth fell ({sft['ground_truth']:.3f} -> {ppo['ground_truth']:.3f}): "
+                f"{rise} but the ground truth fell ({sft['ground_truth']:.3f} -> {policy['ground_truth']:.3f}): "
                 "likely reward hacking"
             )
-    if ppo["eos_rate"] < sft["eos_rate"] - eos_drop:
+    if policy["eos_rate"] < sft["eos_rate"] - eos_drop:
         found.append(
-            f"{rise} but fewer answers end with EOS ({sft['eos_rate']:.2f} -> {ppo['eos_rate']:.2f}): "
+            f"{rise} but fewer answers end with EOS ({sft['eos_rate']:.2f} -> {policy['eos_rate']:.2f}): "
             "likely reward hacking (answers run into the token limit)"
         )
     return found
@@ -218,7 +226,10 @@ def default_data(recipe: str, name: str, given: Path | None, flag: str) -> Path:
 
 def sample_stage(model, tokenizer, prompts: list[list[dict]], args) -> tuple[list[str], list[list[int]]]:
     """`samples` answers per prompt, from the full distribution at the temperature (top-k and top-p off, nothing
-    taken from the model's generation_config.json: see KL above and `generation.sampling_config`)."""
+    taken from the model's generation_config.json: see KL above and `generation.sampling_config`).
+
+    `generate` seeds torch with `args.seed` before sampling, so a model's answers do not depend on which models
+    were sampled before it: `make eval STAGE=x` and `make compare` give method x the same answers."""
     return generate(
         model,
         tokenizer,
@@ -231,130 +242,263 @@ def sample_stage(model, tokenizer, prompts: list[list[dict]], args) -> tuple[lis
     )
 
 
-def evaluate(args, log: Callable[[str], None] = print) -> dict:
-    """Runs the whole evaluation for parsed `args` and returns what eval.json holds."""
+def name(stage: str) -> str:
+    """How tables and warnings name a stage: SFT, PPO, RLOO, GRPO, DPO."""
+    return stage.upper()
+
+
+@dataclass
+class Judge:
+    """What every method is judged against: the held-out prompts, the reward model and the SFT model's answers.
+
+    Built once by `prepare`; `judge_method` adds one method's answers and metrics to `stages` and `answers`
+    (keyed by stage, SFT's first), and `result` turns it into what eval.json holds."""
+
+    args: argparse.Namespace
+    models: Path
+    prompts_file: Path
+    pairs_file: Path
+    prompts: list  # held-out conversations
+    expanded: list  # each prompt `samples` times, in generate's order
+    prompt_ids: list  # the rendered prompt's token ids, per answer
+    reward_model: object
+    reward_tokenizer: object
+    tokenizer: object
+    sft_model: object
+    accuracy: float
+    pair_counts: dict
+    stages: dict = field(default_factory=dict)  # stage -> metrics, with per-answer "scores" and "truth"
+    answers: dict = field(default_factory=dict)  # stage -> decoded answers
+
+    @property
+    def with_truth(self) -> bool:
+        return self.args.recipe == "demo"
+
+    @property
+    def methods(self) -> list[str]:
+        return [stage for stage in self.stages if stage != "sft"]
+
+
+def check_settings(args) -> None:
     if args.samples < 1 or args.max_new_tokens < 1:
         raise UserError("--samples and --max-new-tokens must be at least 1")
     if args.temperature <= 0:
         raise UserError("--temperature must be above 0: the KL estimate needs sampled answers")
+
+
+def prepare(args, methods: Sequence[str], log: Callable[[str], None] = print) -> Judge:
+    """Checks that sft, reward and every one of `methods` are finished (else names the make target), loads the
+    held-out data and the reward model, measures its pairwise accuracy and samples and judges SFT's answers."""
+    check_settings(args)
     models = args.models or Path("models", args.recipe)
-    paths = {stage: models / stage for stage in ("sft", "reward", "ppo")}
-    for stage, path in paths.items():
-        outputs.require(path, stage, args.recipe)
+    for stage in ("sft", "reward", *methods):
+        outputs.require(models / stage, stage, args.recipe)
     prompts_file = default_data(args.recipe, "prompts", args.prompts, "--prompts")
     pairs_file = default_data(args.recipe, "pairs", args.pairs, "--pairs")
     prompts = [row["prompt"] for row in load_dataset_for(str(prompts_file), "prompts")]
     pairs = load_dataset_for(str(pairs_file), "reward")
     if args.max_prompts:
         prompts, pairs = prompts[: args.max_prompts], pairs[: args.max_prompts * 4]
-    with_truth = args.recipe == "demo"
 
-    reward_model, reward_tokenizer = load_reward_model(paths["reward"])
+    reward_model, reward_tokenizer = load_reward_model(models / "reward")
     accuracy, pair_counts = reward_accuracy(reward_model, reward_tokenizer, pairs, log)
-
-    tokenizer = load_tokenizer(paths["sft"])
-    pad = tokenizer.pad_token_id
+    tokenizer = load_tokenizer(models / "sft")
     expanded = [p for p in prompts for _ in range(args.samples)]  # generate's order: each prompt's samples together
-    prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in expanded]
-    sft_model = for_inference(load_model(paths["sft"], what="sft model"))
-    stages: dict[str, dict] = {}
-    answers: dict[str, list[str]] = {}
-    for stage in ("sft", "ppo"):
-        model = sft_model if stage == "sft" else for_inference(load_model(paths["ppo"], what="ppo model"))
-        log(sampling_line(f"eval: {stage} answers", model, tokenizer, args.max_new_tokens, args.temperature))
-        answers[stage], ids = sample_stage(model, tokenizer, prompts, args)
-        stops = stop_token_ids(tokenizer, model)
-        scores = score_answers(reward_model, reward_tokenizer, expanded, answers[stage])
-        truth = (
-            [demo.ground_truth_score(p[-1]["content"], a) for p, a in zip(expanded, answers[stage], strict=True)]
-            if with_truth
-            else None
-        )
-        stages[stage] = {
-            "reward_score": mean(scores),
-            "length": mean_length(ids, stops),
-            "eos_rate": eos_rate(ids, stops),
-            "ground_truth": mean(truth) if truth is not None else None,
-            "scores": scores,
-            "truth": truth,
-        }
-        if stage == "ppo":
-            stages["ppo"]["kl"] = kl_divergence(model, sft_model, prompt_ids, ids, pad, args.temperature)
-            stages["sft"]["kl"] = 0.0
-    stages["ppo"]["win_rate"] = win_rate(stages["ppo"]["scores"], stages["sft"]["scores"])
+    judge = Judge(
+        args=args,
+        models=models,
+        prompts_file=prompts_file,
+        pairs_file=pairs_file,
+        prompts=prompts,
+        expanded=expanded,
+        prompt_ids=[tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in expanded],
+        reward_model=reward_model,
+        reward_tokenizer=reward_tokenizer,
+        tokenizer=tokenizer,
+        sft_model=for_inference(load_model(models / "sft", what="sft model")),
+        accuracy=accuracy,
+        pair_counts=pair_counts,
+    )
+    judge.stages["sft"], _ = judge_answers(judge, "sft", judge.sft_model, log)
+    judge.stages["sft"]["kl"] = 0.0
+    return judge
 
-    result = {
+
+def judge_answers(judge: Judge, stage: str, model, log: Callable[[str], None]) -> tuple[dict, list[list[int]]]:
+    """Samples `model`'s answers to the held-out prompts and scores them: (metrics, answer token ids)."""
+    args = judge.args
+    log(sampling_line(f"eval: {stage} answers", model, judge.tokenizer, args.max_new_tokens, args.temperature))
+    answers, ids = sample_stage(model, judge.tokenizer, judge.prompts, args)
+    judge.answers[stage] = answers
+    stops = stop_token_ids(judge.tokenizer, model)
+    scores = score_answers(judge.reward_model, judge.reward_tokenizer, judge.expanded, answers)
+    truth = (
+        [demo.ground_truth_score(p[-1]["content"], a) for p, a in zip(judge.expanded, answers, strict=True)]
+        if judge.with_truth
+        else None
+    )
+    metrics = {
+        "reward_score": mean(scores),
+        "length": mean_length(ids, stops),
+        "eos_rate": eos_rate(ids, stops),
+        "ground_truth": mean(truth) if truth is not None else None,
+        "scores": scores,
+        "truth": truth,
+    }
+    return metrics, ids
+
+
+def judge_method(judge: Judge, method: str, log: Callable[[str], None] = print) -> dict:
+    """One method's answers judged against SFT's on the same prompts and seed: reward score, win rate over SFT,
+    KL from SFT, length, EOS rate, ground truth. Stored in `judge.stages[method]` and returned; the method's model is
+    freed afterwards (a comparison loads one method at a time)."""
+    model = for_inference(load_model(judge.models / method, what=f"{method} model"))
+    metrics, ids = judge_answers(judge, method, model, log)
+    pad = judge.tokenizer.pad_token_id
+    metrics["kl"] = kl_divergence(model, judge.sft_model, judge.prompt_ids, ids, pad, judge.args.temperature)
+    metrics["win_rate"] = win_rate(metrics["scores"], judge.stages["sft"]["scores"])
+    judge.stages[method] = metrics
+    del model
+    gc.collect()
+    return metrics
+
+
+def result(judge: Judge) -> dict:
+    """What eval.json holds (and compare.json's shared part): the settings, the reward model's accuracy, each
+    stage's metrics, warnings, per-answer scores and the generations side by side."""
+    args, stages = judge.args, judge.stages
+    return {
         "recipe": args.recipe,
-        "models": str(models),
-        "prompts_file": str(prompts_file),
-        "pairs_file": str(pairs_file),
-        "prompts": len(prompts),
+        "models": str(judge.models),
+        "prompts_file": str(judge.prompts_file),
+        "pairs_file": str(judge.pairs_file),
+        "prompts": len(judge.prompts),
         "samples": args.samples,
         "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
-        "reward_accuracy": accuracy,
-        "pairs": pair_counts["kept"],
-        "identical_pairs_left_out": pair_counts["read"] - pair_counts["kept"],
+        "reward_accuracy": judge.accuracy,
+        "pairs": judge.pair_counts["kept"],
+        "identical_pairs_left_out": judge.pair_counts["read"] - judge.pair_counts["kept"],
+        "methods": judge.methods,
         "stages": {stage: {k: v for k, v in s.items() if k not in ("scores", "truth")} for stage, s in stages.items()},
-        "warnings": hacking_warnings(stages["sft"], stages["ppo"]),
+        "warnings": [w for m in judge.methods for w in hacking_warnings(stages["sft"], stages[m], name=name(m))],
         "scores": {stage: s["scores"] for stage, s in stages.items()},
         "generations": [
             {
                 "prompt": prompt[-1]["content"],
                 **{
                     stage: {
-                        "answer": answers[stage][i],
+                        "answer": judge.answers[stage][i],
                         "score": stages[stage]["scores"][i],
-                        "ground_truth": stages[stage]["truth"][i] if with_truth else None,
+                        "ground_truth": stages[stage]["truth"][i] if judge.with_truth else None,
                     }
-                    for stage in ("sft", "ppo")
+                    for stage in stages
                 },
             }
-            for i, prompt in enumerate(expanded)
+            for i, prompt in enumerate(judge.expanded)
         ],
     }
-    output = args.output or models / "eval.json"
+
+
+def eval_file(models: Path, stage: str) -> Path:
+    """Where `make eval STAGE=<stage>` writes: eval.json for PPO (what `make report` and the web page read since
+    before there were other methods), eval-<stage>.json for the others."""
+    return models / ("eval.json" if stage == "ppo" else f"eval-{stage}.json")
+
+
+def evaluate(args, log: Callable[[str], None] = print) -> dict:
+    """Runs the whole evaluation of SFT against `args.stage` (default ppo) and returns what its eval file holds."""
+    stage = getattr(args, "stage", "ppo")
+    judge = prepare(args, [stage], log)
+    judge_method(judge, stage, log)
+    evaluation = result(judge)
+    output = args.output or eval_file(judge.models, stage)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    for line in table(result):
+    outputs.write_atomically(output, (json.dumps(evaluation, indent=2) + "\n").encode("utf-8"))
+    for line in table(evaluation):
         log(line)
     log(f"eval: wrote {output}")
-    return result
+    return evaluation
+
+
+def methods_of(result: dict) -> list[str]:
+    """The methods an evaluation judged (an eval.json written before `methods` existed holds PPO only)."""
+    return result.get("methods") or [stage for stage in result["stages"] if stage != "sft"]
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table cell; "-" when it is missing."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def metric_rows(stages: dict, methods: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The evaluation's table body, one (metric, [SFT's cell, each method's cell]) per row: what `make eval`,
+    `make report` and `make compare` print."""
+    sft, judged = stages["sft"], [stages[m] for m in methods]
+
+    def row(title: str, key: str, digits: int, sft_cell: str | None = None):
+        return (title, [sft_cell or fmt(sft.get(key), digits), *[fmt(s.get(key), digits) for s in judged]])
+
+    rows = [
+        row("mean reward-model score", "reward_score", 3),
+        row("win rate over SFT (reward model)", "win_rate", 2, "-"),
+        row("KL from SFT (nats per answer)", "kl", 3, "0"),
+        row("mean length (tokens)", "length", 1),
+        row("answers ending with EOS", "eos_rate", 2),
+    ]
+    if sft.get("ground_truth") is not None:
+        rows.append(row("ground truth (demo rule)", "ground_truth", 2))
+    return rows
+
+
+def truth_notes(stages: dict, methods: Sequence[str]) -> list[str]:
+    """Each method's ground truth against SFT's, in words, and a warning for each that did not beat SFT on it."""
+    sft = stages["sft"]
+    if sft.get("ground_truth") is None:
+        return []
+    lines = []
+    for method in methods:
+        truth = stages[method].get("ground_truth")
+        lines.append(f"ground truth: sft {fmt(sft['ground_truth'], 2)} -> {method} {fmt(truth, 2)}")
+        if truth is None or truth <= sft["ground_truth"]:
+            lines.append(f"warning: {name(method)} did not beat SFT on the ground truth: it did not help this run")
+    return lines
+
+
+def text_table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], indent: str = "  ") -> list[str]:
+    """Rows of (title, cells) as aligned text lines under `header` (the cells' column names)."""
+    title_width = max([34, *(len(title) for title, _ in rows)])
+    widths = [max([8, len(h), *(len(cells[i]) for _, cells in rows)]) for i, h in enumerate(header)]
+    lines = [indent + f"{'':{title_width}} " + " ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True))]
+    for title, cells in rows:
+        lines.append(
+            indent + f"{title:{title_width}} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        )
+    return lines
 
 
 def table(result: dict) -> list[str]:
-    """The printed summary: reward-model accuracy, then SFT and PPO side by side, then any warnings."""
-    sft, ppo = result["stages"]["sft"], result["stages"]["ppo"]
-    rows = [
-        ("mean reward-model score", f"{sft['reward_score']:.3f}", f"{ppo['reward_score']:.3f}"),
-        ("win rate over SFT (reward model)", "-", f"{ppo['win_rate']:.2f}"),
-        ("KL from SFT (nats per answer)", "0", f"{ppo['kl']:.3f}"),
-        ("mean length (tokens)", f"{sft['length']:.1f}", f"{ppo['length']:.1f}"),
-        ("answers ending with EOS", f"{sft['eos_rate']:.2f}", f"{ppo['eos_rate']:.2f}"),
-    ]
-    if sft.get("ground_truth") is not None:
-        rows.append(("ground truth (demo rule)", f"{sft['ground_truth']:.2f}", f"{ppo['ground_truth']:.2f}"))
+    """The printed summary: reward-model accuracy, then SFT and each judged method side by side, then warnings."""
+    methods = methods_of(result)
     lines = [
         f"eval: reward model pairwise accuracy {result['reward_accuracy']:.3f} on {result['pairs']} held-out pairs",
         f"eval: {result['prompts']} held-out prompts x {result['samples']} samples "
         f"(temperature {result['temperature']}, up to {result['max_new_tokens']} new tokens)",
-        f"  {'':34} {'sft':>8} {'ppo':>8}",
+        *text_table(["sft", *methods], metric_rows(result["stages"], methods)),
+        *truth_notes(result["stages"], methods),
     ]
-    lines += [f"  {name:34} {a:>8} {b:>8}" for name, a, b in rows]
-    if sft.get("ground_truth") is not None:
-        lines.append(f"ground truth: sft {sft['ground_truth']:.2f} -> ppo {ppo['ground_truth']:.2f}")
-        if ppo["ground_truth"] <= sft["ground_truth"]:
-            lines.append("warning: PPO did not beat SFT on the ground truth: RLHF did not help this run")
-    lines += [f"warning: {warning}" for warning in result["warnings"]]
-    return lines
+    return lines + [f"warning: {warning}" for warning in result["warnings"]]
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The held-out data and sampling settings `make eval` and `make compare` share (so they judge alike)."""
     parser.add_argument("--recipe", default="demo")
     parser.add_argument(
-        "--models", type=Path, default=None, help="folder holding sft/, reward/, ppo/ (default: models/<recipe>)"
+        "--models",
+        type=Path,
+        default=None,
+        help="folder holding sft/, reward/ and the methods' outputs (default: models/<recipe>)",
     )
     parser.add_argument(
         "--prompts",
@@ -375,7 +519,17 @@ def parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.7, help="sampling temperature (the KL is measured at it)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=None, help="default: <models>/eval.json")
+    return parser
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = add_sampling_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument(
+        "--stage", default="ppo", choices=outputs.METHODS, help="the method judged against SFT (default: ppo)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="default: <models>/eval.json (ppo), <models>/eval-<stage>.json"
+    )
     return parser
 
 

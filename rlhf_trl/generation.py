@@ -185,7 +185,7 @@ def settings_line(prefix: str, config, model, tokenizer=None, whose: str = "the 
     return line
 
 
-def _generating_model(model):
+def generating_model(model):
     """The transformers model whose `generate` runs: a PeftModel's base model, else the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -197,7 +197,7 @@ def sampling_with(model, config):
     The model's token ids that select nothing (bos, decoder start) are carried over when `config` leaves them None;
     the model's generation_config is put back on exit (saved models keep their file's settings).
     """
-    target = _generating_model(model)
+    target = generating_model(model)
     original = target.generation_config
     config = copy.deepcopy(config)
     for key in _KEPT_FROM_MODEL:

@@ -43,20 +43,20 @@ from .modeling import (
     model_kwargs,
 )
 from .ppo_trainer import PPOConfig, PPOTrainer
-from .rewards import CrossTokenizerReward, needs_cross_tokenizer
+from .rewards import (
+    CrossTokenizerReward,
+    check_bridge,
+    load_reward_classifier,
+    needs_cross_tokenizer,
+    prompt_text,
+)
 from .templates import ALPACA_PATH, check_renders
 
 
-def tokenize_prompts(
-    dataset, tokenizer, max_prompt_length: int, conversations: list | None = None, split: str = "training"
-):
-    """input_ids of each prompt through the policy's chat template.
-
-    Prompts longer than `max_prompt_length` tokens are left out, and how many is printed. Given a `conversations`
-    list, each kept prompt's conversation is appended to it and its position there is written as the `prompt_index`
-    column, which travels with the rollout so a reward model with its own tokenizer scores that very conversation
-    (`rewards.CrossTokenizerReward`).
-    """
+def prompts_within(dataset, tokenizer, max_prompt_length: int, split: str = "training", stage: str = "ppo"):
+    """`dataset` with an `input_ids` column (each prompt through the policy's chat template, generation prompt added),
+    without the prompts longer than `max_prompt_length` tokens, whose number is printed. Raises UserError when none
+    is left."""
 
     def render(example):
         encoded = tokenizer.apply_chat_template(
@@ -70,9 +70,22 @@ def tokenize_prompts(
         raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens: raise it")
     if len(kept) < len(tokenized):
         print(
-            f"ppo: left out {len(tokenized) - len(kept)} of {len(tokenized)} {split} prompts longer than "
+            f"{stage}: left out {len(tokenized) - len(kept)} of {len(tokenized)} {split} prompts longer than "
             f"max_prompt_length={max_prompt_length} tokens"
         )
+    return kept
+
+
+def tokenize_prompts(
+    dataset, tokenizer, max_prompt_length: int, conversations: list | None = None, split: str = "training"
+):
+    """input_ids of each prompt through the policy's chat template (`prompts_within`).
+
+    Given a `conversations` list, each kept prompt's conversation is appended to it and its position there is written
+    as the `prompt_index` column, which travels with the rollout so a reward model with its own tokenizer scores that
+    very conversation (`rewards.CrossTokenizerReward`).
+    """
+    kept = prompts_within(dataset, tokenizer, max_prompt_length, split)
     if conversations is not None:
         kept = kept.add_column("prompt_index", range(len(conversations), len(conversations) + len(kept)))
         conversations.extend(kept["prompt"])
@@ -123,15 +136,9 @@ def reward_is_adapter_on(reward_path: str, sft_path: str) -> bool:
 
 def load_reward_model(training_args, kwargs, reward_tokenizer, tokenizer, conversations):
     """Stage 2's output as a plain model with its `.score` head, wrapped when it has its own tokenizer."""
-    reward_model = load_model(
-        training_args.reward_model_path,
-        AutoModelForSequenceClassification,
-        {**kwargs, "num_labels": 1},
-        "reward_model_path",
-        live_adapter="quantization_config" in kwargs,
-    )
-    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    reward_model = load_reward_classifier(training_args.reward_model_path, kwargs, reward_tokenizer)
     if needs_cross_tokenizer(reward_model, reward_tokenizer, tokenizer):
+        check_bridge(reward_tokenizer, [prompt_text(c) for c in conversations[:64]])
         limit = min(reward_tokenizer.model_max_length, context_length(reward_model) or 512)
         print("ppo: the reward model has its own tokenizer; each rollout is decoded and re-encoded for it")
         return CrossTokenizerReward(reward_model, reward_tokenizer, tokenizer, conversations, limit)
@@ -235,6 +242,7 @@ def main(script_args, training_args, model_args):
             "adapter": model_args.use_peft,
             "first_score": scores[0] if scores else None,
             "last_score": scores[-1] if scores else None,
+            "tokens_generated": trainer.state.tokens_generated,
         }
         if outputs.publish(trainer, tokenizer, run.work, final_dir, "ppo", **stage_info):
             if scores:

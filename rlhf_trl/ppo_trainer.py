@@ -228,9 +228,11 @@ class PPOConfig(TrainingArguments):
 
 @dataclass
 class PPOTrainerState(TrainerState):
-    """transformers' TrainerState plus the rollouts trained on so far (saved in each checkpoint)."""
+    """transformers' TrainerState plus the rollouts trained on so far and their answer tokens, up to and including the
+    stop token, over every process (saved in each checkpoint)."""
 
     episode: int = 0
+    tokens_generated: int = 0
 
 
 def rollout_stop_ids(args, tokenizer, generation_config) -> list[int] | None:
@@ -722,7 +724,7 @@ class PPOTrainer(Trainer):
             dataloader = _SkipFirstBatches(self.dataloader, start_update)
             self._load_rng(Path(resume_from_checkpoint))  # after the replay, which must not shift the sampling RNG
         else:
-            self.state.global_step, self.state.episode = 0, 0
+            self.state.global_step, self.state.episode, self.state.tokens_generated = 0, 0, 0
 
         def batches():
             while True:
@@ -742,6 +744,8 @@ class PPOTrainer(Trainer):
                 self.state.episode += args.batch_size
                 queries = self._queries(next(drawn))
                 rollout = self.advantages(self.rollout(queries))
+                answer_tokens = (~rollout["padding_mask"]).sum()
+                self.state.tokens_generated += int(self.accelerator.reduce(answer_tokens, reduction="sum").item())
                 self.update(rollout, queries.shape[1], stats)
                 with torch.no_grad():
                     metrics = self._metrics(rollout, stats, start_time)
@@ -882,6 +886,7 @@ class PPOTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER))
         self.state.global_step = saved_state.global_step
         self.state.episode = saved_state.episode
+        self.state.tokens_generated = saved_state.tokens_generated
         self.state.log_history = saved_state.log_history
         if self.args.num_sample_generations > 0:
             self.accelerator.print(

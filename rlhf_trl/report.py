@@ -1,19 +1,23 @@
 """The RLHF report: `models/<recipe>/report/` with report.md, training plots and sample generations.
 
-    python -m rlhf_trl.report --recipe demo [--models DIR] [--output DIR]     # `make report`, end of `make all`
+    python -m rlhf_trl.report --recipe demo [--stage ppo|rloo|grpo|dpo] [--models DIR] [--output DIR]
+    # `make report [STAGE=rloo]`; `make all` ends with the PPO one
 
-Reads two things and recomputes nothing it can reuse:
-- `models/<recipe>/eval.json` from `rlhf_trl.evaluate`; it is run first (and prints its table) when that
-  file is missing or older than a stage output, so the report never describes other models than those on disk;
+The report of SFT against one stage-3 method (`--stage`, default ppo). Reads two things and recomputes nothing it
+can reuse:
+- the method's evaluation from `rlhf_trl.evaluate` (`models/<recipe>/eval.json` for PPO, `eval-<stage>.json`
+  for the others); it is run first (and prints its table) when that file is missing or older than a stage output,
+  so the report never describes other models than those on disk;
 - each stage's `metrics.jsonl` (written while it trained by `rlhf_trl.metrics_log`).
 
-Writes report.md (the evaluation tables, warnings, the human verdict when the web page's arena has votes in
-data/labels/<recipe>/ (`--labels`): the human win rate of each voted pair of stages with its Wilson 95% interval,
-and the plots inline), samples.md (SFT and PPO answers to
-the same prompts side by side, with their reward-model and ground-truth scores), and PNGs drawn with
-matplotlib's Agg backend (no display needed): sft_loss.png, reward_accuracy.png, ppo_training.png (reward,
-KL, entropy, value loss per step) and reward_distribution.png. A stage trained without a metrics log gets
-a note in report.md instead of its plot.
+Writes into `models/<recipe>/report/` (PPO) or `report-<stage>/`: report.md (the evaluation tables, warnings, the
+human verdict when the web page's arena has votes in data/labels/<recipe>/ (`--labels`): the human win rate of
+each voted pair of stages with its Wilson 95% interval, and the plots inline), samples.md (SFT's and the method's
+answers to the same prompts side by side, with their reward-model and ground-truth scores), and PNGs drawn with
+matplotlib's Agg backend (no display needed): sft_loss.png, reward_accuracy.png, <stage>_training.png (PPO:
+reward, KL, entropy, value loss per step; RLOO and GRPO: reward, KL, entropy, completion length; DPO: loss,
+implicit reward accuracy and margin, log-probability of the chosen answers) and reward_distribution.png. A stage
+trained without a metrics log gets a note in report.md instead of its plot.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 from . import evaluate, labels
 from .cli import UserError, run
 from .metrics_log import FILENAME, read_metrics
-from .outputs import MARKER
+from .outputs import MARKER, METHODS
 
 PPO_PANELS = (
     ("objective/scores", "mean reward-model score"),
@@ -33,15 +37,39 @@ PPO_PANELS = (
     ("objective/entropy", "policy entropy"),
     ("loss/value_avg", "value loss"),
 )
+# TRL 1.16's RLOOTrainer and GRPOTrainer log the same names (their `_metrics`); DPOTrainer its implicit rewards.
+SAMPLED_PANELS = (
+    ("reward", "mean reward (reward model)"),
+    ("kl", "KL from the reference (SFT)"),
+    ("entropy", "policy entropy"),
+    ("completions/mean_length", "mean completion length (tokens)"),
+)
+TRAINING_PANELS = {
+    "ppo": PPO_PANELS,
+    "rloo": SAMPLED_PANELS,
+    "grpo": SAMPLED_PANELS,
+    "dpo": (
+        ("loss", "DPO loss"),
+        ("rewards/accuracies", "implicit reward accuracy (chosen above rejected)"),
+        ("rewards/margins", "implicit reward margin"),
+        ("logps/chosen", "log-probability of the chosen answers"),
+    ),
+}
+TRAINING_TITLES = {
+    "ppo": "PPO reward, KL, entropy and value loss",
+    "rloo": "RLOO reward, KL, entropy and completion length",
+    "grpo": "GRPO reward, KL, entropy and completion length",
+    "dpo": "DPO loss, implicit reward accuracy and margin",
+}
 SAMPLE_ROWS = 24
 
 
-def eval_is_stale(eval_file: Path, models: Path) -> bool:
-    """True when eval.json is missing or older than any stage output it describes."""
+def eval_is_stale(eval_file: Path, models: Path, stage: str = "ppo") -> bool:
+    """True when the evaluation file is missing or older than any stage output it describes (sft, reward, `stage`)."""
     if not eval_file.is_file():
         return True
     built = eval_file.stat().st_mtime
-    markers = [models / stage / MARKER for stage in ("sft", "reward", "ppo")]
+    markers = [models / name / MARKER for name in ("sft", "reward", stage)]
     return any(marker.is_file() and marker.stat().st_mtime > built for marker in markers)
 
 
@@ -96,9 +124,10 @@ def save(plt, figure, path: Path, axis=None, title: str = "", xlabel: str = "") 
     return True
 
 
-def plot_ppo(path: Path, records: list[dict]) -> bool:
+def plot_training(path: Path, records: list[dict], method: str = "ppo") -> bool:
+    """The method's training curves (`TRAINING_PANELS`), 2 x 2 panels; False when its log has none of them."""
     x_key = "episode" if any("episode" in r for r in records) else "step"
-    data = [(title, *series(records, key, x_key)) for key, title in PPO_PANELS]
+    data = [(title, *series(records, key, x_key)) for key, title in TRAINING_PANELS[method]]
     if not any(y for _, _, y in data):
         return False
     plt = _pyplot()
@@ -108,25 +137,25 @@ def plot_ppo(path: Path, records: list[dict]) -> bool:
         axis.set_title(title)
         axis.set_xlabel(x_key)
         axis.grid(alpha=0.3)
-    figure.suptitle("PPO training")
+    figure.suptitle(f"{evaluate.name(method)} training")
     return save(plt, figure, path)
 
 
-def plot_distribution(path: Path, scores: dict[str, list[float]]) -> bool:
-    if not scores.get("sft") or not scores.get("ppo"):
+def plot_distribution(path: Path, scores: dict[str, list[float]], method: str = "ppo") -> bool:
+    if not scores.get("sft") or not scores.get(method):
         return False
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
-    low = min(min(scores["sft"]), min(scores["ppo"]))
-    high = max(max(scores["sft"]), max(scores["ppo"]))
+    low = min(min(scores["sft"]), min(scores[method]))
+    high = max(max(scores["sft"]), max(scores[method]))
     bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
-    for stage, color in (("sft", "tab:blue"), ("ppo", "tab:orange")):
+    for stage, color in (("sft", "tab:blue"), (method, "tab:orange")):
         axis.hist(
             scores[stage],
             bins=bins,
             alpha=0.6,
             color=color,
-            label=f"{stage.upper()} (mean {evaluate.mean(scores[stage]):.2f})",
+            label=f"{evaluate.name(stage)} (mean {evaluate.mean(scores[stage]):.2f})",
         )
     axis.set_ylabel("answers")
     return save(plt, figure, path, axis, "Reward-model score of held-out answers", "reward-model score")
@@ -137,39 +166,38 @@ def cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip() or "(empty)"
 
 
-def fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def markdown_table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """`evaluate.metric_rows`-shaped rows as a markdown table: the metric, then one right-aligned column each."""
+    return [
+        "| " + " | ".join(["metric", *header]) + " |",
+        "|---|" + "---:|" * len(header),
+        *[f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows],
+    ]
 
 
 def eval_section(result: dict) -> list[str]:
-    sft, ppo = result["stages"]["sft"], result["stages"]["ppo"]
-    rows = [
-        ("mean reward-model score", fmt(sft["reward_score"]), fmt(ppo["reward_score"])),
-        ("win rate of PPO over SFT (reward model; ties count half)", "-", fmt(ppo["win_rate"], 2)),
-        ("KL from SFT (nats per answer)", "0", fmt(ppo["kl"])),
-        ("mean response length (tokens)", fmt(sft["length"], 1), fmt(ppo["length"], 1)),
-        ("answers ending with EOS", fmt(sft["eos_rate"], 2), fmt(ppo["eos_rate"], 2)),
-    ]
-    if sft.get("ground_truth") is not None:
-        rows.append(
-            ("ground truth (`demo.ground_truth_score`)", fmt(sft["ground_truth"], 2), fmt(ppo["ground_truth"], 2))
-        )
+    methods = evaluate.methods_of(result)
+    judged = ", ".join(evaluate.name(m) for m in methods)
     lines = [
         "## Held-out evaluation",
         "",
         f"{result['prompts']} held-out prompts from `{result['prompts_file']}`, {result['samples']} answers each "
         f"(temperature {result['temperature']}, top-k off, up to {result['max_new_tokens']} new tokens, seed "
-        f"{result['seed']}); the same prompts and seed for SFT and PPO.",
+        f"{result['seed']}); the same prompts and seed for SFT and {judged}.",
         "",
         f"Reward model pairwise accuracy: **{result['reward_accuracy']:.3f}** on {result['pairs']} held-out pairs "
         f"from `{result['pairs_file']}` (chosen scored strictly above rejected).",
         "",
-        "| metric | SFT | PPO |",
-        "|---|---:|---:|",
-        *[f"| {name} | {a} | {b} |" for name, a, b in rows],
+        *markdown_table(["SFT", *map(evaluate.name, methods)], evaluate.metric_rows(result["stages"], methods)),
         "",
-        "The KL is estimated on PPO's own answers: the log-probability under PPO minus that under SFT, summed "
-        "over the answer's tokens (both at the sampling temperature), averaged over answers.",
+        "The win rate counts a tie half. The KL is estimated on each method's own answers: the log-probability "
+        "under the method minus that under SFT, summed over the answer's tokens (both at the sampling temperature), "
+        "averaged over answers.",
+        "",
+        *[
+            f"- {line.replace('warning: ', '**Warning:** ')}"
+            for line in evaluate.truth_notes(result["stages"], methods)
+        ],
         "",
     ]
     if result["warnings"]:
@@ -182,7 +210,9 @@ def eval_section(result: dict) -> list[str]:
     return lines
 
 
-def samples_page(result: dict, rows: int = SAMPLE_ROWS) -> str:
+def samples_page(result: dict, rows: int = SAMPLE_ROWS, method: str | None = None) -> str:
+    method = method or evaluate.methods_of(result)[0]
+    upper = evaluate.name(method)
     with_truth = result["stages"]["sft"].get("ground_truth") is not None
     truth = " / ground truth" if with_truth else ""
     lines = [
@@ -191,17 +221,17 @@ def samples_page(result: dict, rows: int = SAMPLE_ROWS) -> str:
         f"The first answer to each of the first {min(rows, result['prompts'])} of {result['prompts']} held-out "
         f"prompts (same seed for both models); scores are reward-model score{truth}.",
         "",
-        f"| prompt | SFT | score{truth} | PPO | score{truth} |",
+        f"| prompt | SFT | score{truth} | {upper} | score{truth} |",
         "|---|---|---:|---|---:|",
     ]
     for g in result["generations"][:: result["samples"]][:rows]:  # the first answer to each prompt
         scores = {
-            stage: fmt(g[stage]["score"], 2) + (f" / {g[stage]['ground_truth']:.0f}" if with_truth else "")
-            for stage in ("sft", "ppo")
+            stage: evaluate.fmt(g[stage]["score"], 2) + (f" / {g[stage]['ground_truth']:.0f}" if with_truth else "")
+            for stage in ("sft", method)
         }
         lines.append(
             f"| {cell(g['prompt'])} | {cell(g['sft']['answer'])} | {scores['sft']} | "
-            f"{cell(g['ppo']['answer'])} | {scores['ppo']} |"
+            f"{cell(g[method]['answer'])} | {scores[method]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -221,15 +251,20 @@ def human_section(verdicts: list[dict]) -> list[str]:
     ]
 
 
-def build(models: Path, result: dict, output: Path, verdicts: list[dict] | None = None) -> list[Path]:
+def build(
+    models: Path, result: dict, output: Path, verdicts: list[dict] | None = None, method: str | None = None
+) -> list[Path]:
     """Writes report.md, samples.md and the plots into `output`; returns the PNGs written.
 
-    `verdicts` (`labels.human_verdicts` of the labels folder) adds the human verdict section.
+    `method` is the stage-3 method reported against SFT (default: the evaluation's first). `verdicts`
+    (`labels.human_verdicts` of the labels folder) adds the human verdict section.
     """
+    method = method or evaluate.methods_of(result)[0]
+    upper = evaluate.name(method)
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob("*.png"):
         stale.unlink()
-    logs = {stage: read_metrics(models / stage) for stage in ("sft", "reward", "ppo")}
+    logs = {stage: read_metrics(models / stage) for stage in ("sft", "reward", method)}
     sft, reward = logs["sft"], logs["reward"]
     accuracy = result["reward_accuracy"]
     plots = {
@@ -257,11 +292,15 @@ def build(models: Path, result: dict, output: Path, verdicts: list[dict] | None 
                 "step",
             ),
         ),
-        "ppo_training.png": ("PPO reward, KL, entropy and value loss", "ppo", lambda path: plot_ppo(path, logs["ppo"])),
+        f"{method}_training.png": (
+            TRAINING_TITLES[method],
+            method,
+            lambda path: plot_training(path, logs[method], method),
+        ),
         "reward_distribution.png": (
-            "Reward distribution, SFT against PPO",
+            f"Reward distribution, SFT against {upper}",
             None,
-            lambda path: plot_distribution(path, result.get("scores", {})),
+            lambda path: plot_distribution(path, result.get("scores", {}), method),
         ),
     }
     written, sections = [], ["## Plots", ""]
@@ -278,12 +317,13 @@ def build(models: Path, result: dict, output: Path, verdicts: list[dict] | None 
                 f"trained before stages wrote metrics logs has none); `make {stage} ARGS=--overwrite` redoes it.",
                 "",
             ]
-    (output / "samples.md").write_text(samples_page(result), encoding="utf-8")
+    (output / "samples.md").write_text(samples_page(result, method=method), encoding="utf-8")
     report = [
         f"# RLHF report: {result['recipe']}",
         "",
-        f"Models in `{models}`; written by `make report` (rlhf_trl.report) from `eval.json` and each stage's "
-        f"`{FILENAME}`. Sample generations, SFT and PPO side by side: [samples.md](samples.md).",
+        f"Models in `{models}`; written by `make report` (rlhf_trl.report) from "
+        f"`{evaluate.eval_file(models, method).name}` and each stage's `{FILENAME}`. Sample generations, SFT and "
+        f"{upper} side by side: [samples.md](samples.md).",
         "",
         *eval_section(result),
         *human_section(verdicts or []),
@@ -293,24 +333,40 @@ def build(models: Path, result: dict, output: Path, verdicts: list[dict] | None 
     return written
 
 
+def report_dir(models: Path, stage: str) -> Path:
+    """Where `make report STAGE=<stage>` writes: report/ for PPO (what the web page shows), report-<stage>/ else."""
+    return models / ("report" if stage == "ppo" else f"report-{stage}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="demo")
     parser.add_argument(
-        "--models", type=Path, default=None, help="folder holding sft/, reward/, ppo/ (default: models/<recipe>)"
+        "--models",
+        type=Path,
+        default=None,
+        help="folder holding sft/, reward/ and the methods' outputs (default: models/<recipe>)",
     )
-    parser.add_argument("--eval", type=Path, default=None, help="eval.json to read (default: <models>/eval.json)")
-    parser.add_argument("--output", type=Path, default=None, help="default: <models>/report")
+    parser.add_argument(
+        "--stage", default="ppo", choices=METHODS, help="the method reported against SFT (default: ppo)"
+    )
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        help="evaluation to read (default: <models>/eval.json for ppo, <models>/eval-<stage>.json)",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="default: <models>/report (ppo), report-<stage>")
     parser.add_argument(
         "--labels", type=Path, default=None, help="labels folder with arena votes (default: data/labels/<recipe>)"
     )
     args = parser.parse_args(argv)
     models = args.models or Path("models", args.recipe)
-    eval_file = args.eval or models / "eval.json"
-    if eval_is_stale(eval_file, models):
+    eval_file = args.eval or evaluate.eval_file(models, args.stage)
+    if eval_is_stale(eval_file, models, args.stage):
         print(f"report: {eval_file} is missing or older than the stage outputs; running the evaluation first")
         eval_args = evaluate.parser().parse_args(
-            ["--recipe", args.recipe, "--models", str(models), "--output", str(eval_file)]
+            ["--recipe", args.recipe, "--models", str(models), "--stage", args.stage, "--output", str(eval_file)]
         )
         result = evaluate.evaluate(eval_args)
     else:
@@ -324,14 +380,19 @@ def main(argv=None) -> None:
             raise UserError(
                 f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"
             ) from None
+        if args.stage not in evaluate.methods_of(result):
+            raise UserError(
+                f"{eval_file} judges {', '.join(evaluate.methods_of(result))}, not {args.stage}: give the --eval of "
+                f"`make eval STAGE={args.stage}` ({evaluate.eval_file(models, args.stage)})"
+            )
         for line in lines:
             print(line)
-    output = args.output or models / "report"
+    output = args.output or report_dir(models, args.stage)
     verdicts = labels.human_verdicts(labels.read_decisions(args.labels or Path("data", "labels", args.recipe)))
     for verdict in verdicts:
         print(f"report: {labels.verdict_line(verdict)}")
     try:
-        written = build(models, result, output, verdicts)
+        written = build(models, result, output, verdicts, args.stage)
     except (KeyError, TypeError) as error:
         raise UserError(
             f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"

@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .cli import UserError
 from .ppo_math import first_true_indices
 from .templates import encode_as_generated
 
@@ -130,6 +131,84 @@ def score_answers(
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         scores.extend(logits[:, 0].float().tolist())
     return scores
+
+
+def load_reward_classifier(path: str, kwargs: dict, tokenizer, what: str = "reward_model_path"):
+    """Stage 2's output as a plain sequence classifier (one score per sequence, read from its `.score` head), padding
+    with `tokenizer`'s pad id. A LoRA reward model is merged into its base; on a 4-bit base it stays a live
+    adapter inside it (`modeling.load_model`: merging would round it into quantized weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import load_model
+
+    model = load_model(
+        path,
+        AutoModelForSequenceClassification,
+        {**kwargs, "num_labels": 1},
+        what,
+        live_adapter="quantization_config" in kwargs,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def check_bridge(reward_tokenizer, texts: list[str], what: str = "the policy's prompts") -> None:
+    """Raises UserError when `reward_tokenizer` cannot represent `texts`: a reward model with its own tokenizer
+    scores each rollout re-encoded as text, and when most of that text becomes the unknown token (another alphabet,
+    a vocabulary built for another language) it would score [UNK]s, not the answer. Over half the tokens unknown is
+    refused; no re-encoding can bridge that."""
+    unk = reward_tokenizer.unk_token_id
+    if unk is None or not texts:
+        return
+    ids = [i for text in texts for i in reward_tokenizer(text, add_special_tokens=False)["input_ids"]]
+    unknown = sum(i == unk for i in ids)
+    if ids and unknown * 2 > len(ids):
+        raise UserError(
+            f"the reward model's tokenizer reads {unknown} of {len(ids)} tokens of {what} as its unknown token "
+            f"{reward_tokenizer.unk_token}: it cannot score this policy's text; train the reward model on a tokenizer "
+            "that covers it (make reward with model_name_or_path: the SFT model)"
+        )
+
+
+class RewardModelFunction:
+    """The reward model as a TRL reward function: scores each (prompt, completion) through `score_answers`, the
+    encoding the reward stage trained with (`encode_for_reward`), whatever the reward model's tokenizer.
+
+    TRL 1.16's RLOOTrainer and GRPOTrainer call it with `prompts` (each the prompt's own messages, from the dataset:
+    the conversation the policy saw, never recovered from token ids), `completions` (each `[{"role": "assistant",
+    "content": text}]`, decoded without special tokens) and `completion_ids` (each the sampled ids, up to and
+    including the first stop id). It returns one float per completion: the reward-model score, minus
+    `missing_eos_penalty` for a completion that ran into the length limit without a stop id (PPO's rule, TRL 1.12's
+    `missing_eos_penalty`: the chat template closes every answer, so a cut-off answer would otherwise score as if it
+    had ended). TRL's own path for a reward model (`reward_processing_classes`) renders prompt and completion through
+    the reward tokenizer's chat template as one text, which for an encoder such as DistilBERT (no template; trained on
+    [CLS] prompt [SEP] answer [SEP]) fails or scores another encoding than the one trained.
+
+    `tokens_generated` counts the completion tokens scored, over every process (each call gathers the counts).
+    """
+
+    __name__ = "reward_model"  # TRL names the logged columns after it (rewards/reward_model/mean)
+
+    def __init__(self, model, tokenizer, stop_ids: list[int], missing_eos_penalty: float | None = None,
+                 max_length: int | None = None):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_ids = set(stop_ids)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.max_length = max_length
+        self.tokens_generated = 0
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        answers = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scores = score_answers(self.model, self.tokenizer, prompts, answers, self.max_length)
+        if self.missing_eos_penalty:
+            ended = [bool(self.stop_ids.intersection(ids)) for ids in completion_ids]
+            scores = [s if end else s - self.missing_eos_penalty for s, end in zip(scores, ended, strict=True)]
+        from accelerate.utils import gather
+
+        device = next(self.model.parameters()).device
+        count = torch.tensor([sum(len(ids) for ids in completion_ids)], device=device)
+        self.tokens_generated += int(gather(count).sum())
+        return scores
 
 
 def needs_cross_tokenizer(reward_model, reward_tokenizer, policy_tokenizer) -> bool:

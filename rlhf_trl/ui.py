@@ -44,6 +44,8 @@ from .cli import UserError, run
 
 DEFAULT_PORT = 7860
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Stage outputs that answer prompts (chat, arena): the labels' pipeline order plus the merged export.
+GENERATING = (*labels.STAGE_ORDER, "export")
 ARENA_CHOICES = ("a", "b", "tie", "both bad")
 LABEL_KEYS = {"A": "a", "B": "b", "C": "c", "D": "d", "tie": "t", "accept all": "y", "reject all": "n", "skip": "s"}
 
@@ -129,12 +131,13 @@ class Site:
     # ------------------------------------------------------------------ what exists
 
     def stages(self) -> list[str]:
-        """Finished stage outputs that generate (every one but the reward model), in pipeline order."""
+        """Finished stage outputs that generate (base, sft, the methods, export), in pipeline order: not the reward
+        model, nor `make compare`'s folder (its marker says stage compare)."""
         found = []
         if self.models.is_dir():
             for folder in self.models.iterdir():
                 marker = outputs.read_marker(folder) if folder.is_dir() else None
-                if marker is not None and marker.get("stage", folder.name) != "reward" and folder.name != "reward":
+                if marker is not None and marker.get("stage", folder.name) in GENERATING and folder.name != "reward":
                     found.append(folder.name)
         return sorted(found, key=labels.stage_rank)
 

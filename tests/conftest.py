@@ -2,8 +2,10 @@
 
 import contextlib
 import io
+import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import time
@@ -103,7 +105,7 @@ def world(tmp_path_factory) -> Path:
 
 def stage_paths(world: Path, tag: str = "") -> dict[str, str]:
     models = world / f"models{tag}"
-    return {name: str(models / name) for name in ("sft", "reward", "ppo", "export")} | {
+    return {name: str(models / name) for name in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "export")} | {
         "data": str(world / "data"),
         "base": str(world / "models" / "base"),
     }
@@ -166,6 +168,36 @@ def ppo_args(paths, *extra):
     )
 
 
+def group_args(stage: str):
+    """Arguments of a brief RLOO or GRPO run (`stage`) on the demo world: 6 steps of 2 prompts x 4 answers."""
+
+    def args(paths, *extra):
+        data = paths["data"]
+        return (
+            *("--sft_model_path", paths["sft"], "--reward_model_path", paths["reward"]),
+            *("--dataset_name", f"{data}/prompts_train.jsonl", "--eval_dataset_name", f"{data}/prompts_eval.jsonl"),
+            *("--output_dir", paths[stage], "--max_steps", "6", "--per_device_train_batch_size", "8"),
+            *("--num_generations", "4", "--max_completion_length", "12", "--logging_steps", "1"),
+            *extra,
+        )
+
+    return args
+
+
+rloo_args, grpo_args = group_args("rloo"), group_args("grpo")
+
+
+@pytest.fixture(scope="session")
+def methods_trained(trained) -> dict[str, str]:
+    """RLOO and GRPO run once, briefly, from the `trained` SFT and reward outputs."""
+    paths = dict(trained)
+    for stage, args in (("rloo", rloo_args), ("grpo", grpo_args)):
+        result = run_stage(stage, *args(paths))
+        assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        paths[f"{stage}_stdout"] = result.stdout
+    return paths
+
+
 @pytest.fixture(scope="session")
 def trained(world) -> dict[str, str]:
     """Runs SFT, reward and PPO once, briefly, through the real stage entry points."""
@@ -184,3 +216,47 @@ def zoo(tmp_path_factory):
     from zoo import Zoo
 
     return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+# Finished method outputs without training them (tests of eval, report and compare across methods).
+RLOO_LOG = [  # metrics.jsonl lines under the names TRL 1.16's RLOOTrainer logs
+    {"step": s, "reward": 0.5 * s, "kl": 0.01 * s, "entropy": 2.0 - 0.1 * s, "completions/mean_length": 10 + s}
+    for s in range(1, 5)
+]
+
+
+def rewrite_json(path: Path, **changes) -> dict:
+    record = json.loads(path.read_text())
+    record.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del record[key]
+    path.write_text(json.dumps(record))
+    return record
+
+
+@pytest.fixture(scope="session")
+def method_models(trained, tmp_path_factory) -> Path:
+    """models/ holding the session's tiny sft and reward runs and two finished methods, ppo and rloo.
+
+    The methods follow the contract of a method output (an adapter on the SFT model; marker `stage`,
+    `tokens_generated`, peak memory; manifest `wall_time_s`), and nothing here relies on how they were trained: rloo
+    is the tiny PPO run with its marker rewritten and TRL's RLOO metric names in its log (until `make rloo` runs in
+    the test session, a real output can take its place). PPO's marker loses its peak memory and token count: a
+    stage that recorded neither."""
+    models = tmp_path_factory.mktemp("compare") / "models"
+    models.mkdir()
+    for stage in ("sft", "reward"):
+        (models / stage).symlink_to(trained[stage])
+    shutil.copytree(trained["ppo"], models / "ppo")
+    rewrite_json(models / "ppo/rlhf_trl_run.json", peak_memory_mib=None, peak_memory_kind=None, tokens_generated=None)
+    shutil.copytree(trained["ppo"], models / "rloo")
+    rewrite_json(
+        models / "rloo/rlhf_trl_run.json",
+        stage="rloo",
+        peak_memory_mib=812.5,
+        peak_memory_kind="cpu_resident",
+        tokens_generated=4321,
+    )
+    rewrite_json(models / "rloo/manifest.json", stage="rloo", wall_time_s=42.0)
+    (models / "rloo/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RLOO_LOG))
+    return models

@@ -123,3 +123,45 @@ def test_report_on_a_broken_eval_json_says_to_rerun(tmp_path):
         result = run_module("report", "--models", str(tmp_path), "--eval", str(tmp_path / "eval.json"))
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "rerun `make report`" in result.stderr.strip().splitlines()[-1]
+
+
+def test_report_of_another_method_reads_its_eval_and_plots_its_training(method_models, trained):
+    """`make report STAGE=rloo`: eval-rloo.json and report-rloo/ by default, RLOO's columns, samples and curves."""
+    result = eval_command(trained, method_models / "eval-rloo.json", "--models", str(method_models), "--stage", "rloo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_module("report", "--models", str(method_models), "--stage", "rloo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running the evaluation" not in result.stdout, "make eval STAGE=rloo's file is the one read"
+    output = method_models / "report-rloo"
+    assert result.stdout.strip().splitlines()[-1] == f"report: {output / 'report.md'}"
+    text = (output / "report.md").read_text()
+    assert "| metric | SFT | RLOO |" in text and "`eval-rloo.json`" in text and "SFT and RLOO side by side" in text
+    for name in ("rloo_training.png", "reward_distribution.png"):
+        assert f"]({name})" in text and (output / name).is_file()
+    assert (
+        "| prompt | SFT | score / ground truth | RLOO | score / ground truth |" in (output / "samples.md").read_text()
+    )
+
+
+def test_report_refuses_an_eval_of_another_method(trained, built):
+    result = run_module(
+        "report",
+        "--models",
+        str(Path(trained["sft"]).parent),
+        "--stage",
+        "dpo",
+        "--eval",
+        str(built.parent / "eval.json"),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "judges ppo, not dpo" in result.stderr.strip().splitlines()[-1]
+
+
+def test_dpo_training_plot_draws_trl_dpo_metrics(tmp_path):
+    records = [
+        {"step": s, "loss": 0.7 - 0.1 * s, "rewards/accuracies": 0.5 + 0.1 * s, "rewards/margins": 0.2 * s,
+         "logps/chosen": -30.0 + s}
+        for s in range(1, 5)
+    ]  # fmt: skip
+    assert report.plot_training(tmp_path / "dpo.png", records, "dpo") and (tmp_path / "dpo.png").stat().st_size > 0
+    assert not report.plot_training(tmp_path / "none.png", [{"step": 1, "loss": 0.5}], "rloo"), "no RLOO metric"

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import trl
-from conftest import ppo_args, reward_args, run_stage, sft_args, stage_paths, start_stage, wait_until
+from conftest import (
+    grpo_args,
+    ppo_args,
+    reward_args,
+    rloo_args,
+    run_stage,
+    sft_args,
+    stage_paths,
+    start_stage,
+    wait_until,
+)
 from safetensors.torch import load_file
 
 from rlhf_trl.cli import UserError
@@ -28,8 +38,9 @@ from rlhf_trl.outputs import (
     usable_checkpoint,
 )
 
-WEIGHTS = {"sft": "model.safetensors", "reward": "adapter_model.safetensors", "ppo": "adapter_model.safetensors"}
-ARGS = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}
+WEIGHTS = {"sft": "model.safetensors"}  # the others are LoRA adapters: adapter_model.safetensors
+ARGS = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args, "rloo": rloo_args, "grpo": grpo_args}
+FIRST_CHECKPOINT = {"ppo": 1, "rloo": 2, "grpo": 2}  # save_steps; 5 for sft and reward
 
 
 def kill_when(process: subprocess.Popen, ready) -> None:
@@ -42,22 +53,25 @@ def kill_when(process: subprocess.Popen, ready) -> None:
 def logged(output_dir) -> list:
     """Per-step values; not the trainers' windowed `loss`, which averages only the steps since the resume."""
     keys = ("step", "learning_rate", "objective/scores", "objective/kl", "loss/value_avg", "eval_loss", "eval_accuracy")
+    keys += ("reward", "kl", "completions/mean_length")  # RLOO and GRPO
     return [{k: record[k] for k in keys if k in record} for record in read_metrics(output_dir)]
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_a_killed_stage_resumes_to_the_same_result(stage, trained, tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "rloo", "grpo"])
+def test_a_killed_stage_resumes_to_the_same_result(stage, request, tmp_path):
+    trained = request.getfixturevalue("methods_trained" if stage in ("rloo", "grpo") else "trained")
     paths = stage_paths(Path(trained["data"]).parent) | {stage: str(tmp_path / stage)}
     for earlier in ("sft", "reward"):
         paths[earlier] = trained[earlier] if earlier != stage else paths[earlier]
     # The trained fixture ran the same arguments without checkpoints; save_steps does not change training.
-    args = (*ARGS[stage](paths), "--save_steps", "1" if stage == "ppo" else "5")
+    step = FIRST_CHECKPOINT.get(stage, 5)
+    args = (*ARGS[stage](paths), "--save_steps", str(step))
     work = partial_dir(paths[stage])
     if stage == "sft":  # killed before its first checkpoint: nothing a later stage accepts, and a rerun starts over
         kill_when(start_stage(stage, *args), lambda: (work / MANIFEST).is_file())
         with pytest.raises(UserError, match="never finished"):
             check_model_source(paths[stage], "model_name_or_path")
-    first = work / "checkpoint-1" if stage == "ppo" else work / "checkpoint-5"
+    first = work / f"checkpoint-{step}"
     kill_when(start_stage(stage, *args), lambda: (first / "trainer_state.json").is_file())
     assert read_marker(paths[stage]) is None and not Path(paths[stage]).exists()
     with pytest.raises(UserError, match="is unfinished"):
@@ -68,13 +82,16 @@ def test_a_killed_stage_resumes_to_the_same_result(stage, trained, tmp_path):
     assert f"{stage}: resuming from {work}/checkpoint-" in result.stdout
     assert not work.exists()
     assert logged(paths[stage]) == logged(trained[stage])
-    resumed, uninterrupted = (load_file(str(Path(d) / WEIGHTS[stage])) for d in (paths[stage], trained[stage]))
+    weights = WEIGHTS.get(stage, "adapter_model.safetensors")
+    resumed, uninterrupted = (load_file(str(Path(d) / weights)) for d in (paths[stage], trained[stage]))
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     manifest = json.loads((Path(paths[stage]) / MANIFEST).read_text())
     assert manifest["attempts"][-1]["resumed_from"].startswith("checkpoint-")
     assert len(manifest["attempts"]) == 2  # a run killed before any checkpoint was started over, not resumed
+    if stage in ("ppo", "rloo", "grpo"):  # the answer tokens sampled before the crash still count
+        assert read_marker(paths[stage])["tokens_generated"] == read_marker(trained[stage])["tokens_generated"] > 0
 
 
 def make_checkpoint(work: Path, step: int, complete: bool = True) -> Path:

@@ -60,6 +60,7 @@ def test_reward_trains_lora_and_saves_its_score_head(trained):
 def test_ppo_trains_an_adapter_on_the_sft_policy(trained):
     marker = read_marker(trained["ppo"])
     assert marker["stage"] == "ppo" and base_of(trained["ppo"]) == trained["sft"]
+    assert 64 <= marker["tokens_generated"] <= 64 * 28  # 64 episodes of 1 to response_length 28 answer tokens
     assert re.search(r"ppo: mean reward-model score -?\d+\.\d{3} .* -> -?\d+\.\d{3}", trained["ppo_stdout"])
     b_weights = lora_b_weights(trained["ppo"])
     assert b_weights and all(t.abs().sum() > 0 for t in b_weights.values()), "LoRA B starts at 0"
