@@ -31,7 +31,7 @@ from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_context, check_model_source, load_model, load_tokenizer, model_kwargs
 from .rewards import describe_pairs
-from .templates import ALPACA_PATH, check_renders
+from .templates import ALPACA_PATH, check_renders, encode_as_generated
 
 
 @dataclass
@@ -73,6 +73,9 @@ def usable_pairs(tokenized, counts: Counter, max_length: int | None, source: str
     keep = []
     for index, pair in enumerate(tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])):
         sides = [pair["prompt_ids"] + pair[side] for side in ("chosen_ids", "rejected_ids")]
+        if max_length is not None and len(pair["prompt_ids"]) >= max_length:  # grown by `as_generated`
+            counts["prompt_fills"] += 1
+            continue
         if max_length is not None and sides[0][:max_length] == sides[1][:max_length]:
             counts["identical_encoded"] += 1
             continue
@@ -85,6 +88,68 @@ def usable_pairs(tokenized, counts: Counter, max_length: int | None, source: str
             "(prompt + answer); raise max_length or shorten the prompts"
         )
     return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
+
+
+def as_generated(tokenized, tokenizer, split: str = "training"):
+    """TRL's tokenized pairs with each prompt's own ids, as chat, eval and the other stages feed it.
+
+    TRL takes the prompt to end where the prompt's ids and prompt + answer's ids part: where a SentencePiece-style
+    tokenizer merges the prompt's last piece with the answer's first (`▁[/INST]` + `The` -> `▁[/INST]The`), the
+    merged piece goes to the answer and the model learns a context generation never shows it (TRL only warns once).
+    Such pairs are re-encoded by `templates.encode_as_generated`, as SFT does: the prompt's own ids, then each
+    answer's; the count is printed. Pairs whose prompt renders differently once an answer follows keep TRL's ids.
+    """
+    prompts = [
+        list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for p in tokenized["prompt"]
+    ]
+    merged = [i for i, (own, ids) in enumerate(zip(prompts, tokenized["prompt_ids"], strict=True)) if own != ids]
+    if not merged:
+        return tokenized
+    fixed, example = {}, ""
+    for index in merged:
+        pair = tokenized[index]
+        sides = [
+            encode_as_generated(tokenizer, pair["prompt"], pair["prompt"] + pair[s]) for s in ("chosen", "rejected")
+        ]
+        if all(side.how == "split" for side in sides):
+            cut = len(sides[0].prompt_ids)
+            fixed[index] = (sides[0].prompt_ids, sides[0].ids[cut:], sides[1].ids[cut:])
+            example = example or sides[0].merged
+    if not fixed:
+        return tokenized
+    print(
+        f"dpo: {len(fixed)} of {len(tokenized)} {split} pairs: the prompt's last token merges with the answer's first "
+        f"(e.g. {example!r}); trained as generation sees them: the prompt's own tokens, then the answer's"
+    )
+
+    def encode(pair, index):
+        if index not in fixed:
+            return {}
+        return dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), fixed[index], strict=True))
+
+    return tokenized.map(encode, with_indices=True)
+
+
+class PairDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose tokenized pairs are encoded as generation sees them (`as_generated`) and all usable
+    (`usable_pairs`), checked as TRL prepares each split, before it precomputes any reference log-probs from it.
+
+    `pair_counts` and `pair_sources` are `distinct_pairs`' counts and the files, per split ("train", "eval").
+    """
+
+    def __init__(self, *args, pair_counts: dict, pair_sources: dict, **kwargs):
+        self.pair_counts, self.pair_sources = pair_counts, pair_sources
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        tokenized = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if dataset_name not in self.pair_counts:  # a dataset handed to evaluate() later: TRL's own preparation
+            return tokenized
+        split = "training" if dataset_name == "train" else dataset_name
+        tokenized = as_generated(tokenized, processing_class, split)
+        counts, source = self.pair_counts.pop(dataset_name), self.pair_sources[dataset_name]
+        return usable_pairs(tokenized, counts, args.max_length, source, split)
 
 
 def training_sources(script_args) -> str:
@@ -120,7 +185,7 @@ def main(script_args, training_args, model_args):
         model = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
         check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
         training_args.output_dir = str(run.work)
-        trainer = DPOTrainer(
+        trainer = PairDPOTrainer(
             model=model,
             ref_model=None,  # with LoRA: the adapter-off model; without: TRL's frozen copy of the SFT model
             args=training_args,
@@ -129,10 +194,9 @@ def main(script_args, training_args, model_args):
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
             callbacks=[MetricsLog()],
+            pair_counts={"train": train_counts, "eval": eval_counts},
+            pair_sources={"train": sources["training"], "eval": sources["eval"]},
         )
-        limit = training_args.max_length
-        trainer.train_dataset = usable_pairs(trainer.train_dataset, train_counts, limit, sources["training"])
-        trainer.eval_dataset = usable_pairs(trainer.eval_dataset, eval_counts, limit, sources["eval"], "eval")
         trainer.train(resume_from_checkpoint=run.checkpoint)
         loss = trainer.evaluate().get("eval_loss", float("nan"))
         accuracy, margin = logged(trainer, "rewards/accuracies"), logged(trainer, "rewards/margins")
@@ -160,6 +224,7 @@ def main(script_args, training_args, model_args):
 if __name__ == "__main__":
     # The trainer pickles its config into every checkpoint and the output (training_args.bin): the class must be
     # rlhf_trl.dpo's, which unpickles anywhere, not this __main__ module's (group_rl keeps RLOO's and GRPO's apart).
-    from rlhf_trl import dpo
+    import importlib
 
+    dpo = importlib.import_module("rlhf_trl.dpo")
     run(lambda: dpo.main(*parse(dpo.DPOConfig)))

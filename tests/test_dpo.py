@@ -174,3 +174,19 @@ def test_unusable_pairs_are_counted_and_left_out(capsys):
     )
     with pytest.raises(UserError, match="no usable eval pair in e.jsonl: none differs within max_length=4"):
         usable_pairs(tokenized.select([1]), Counter(read=1), 4, "e.jsonl", "eval")
+
+
+def test_a_prompt_merging_with_its_answer_trains_on_the_prompts_own_tokens(dpo, zoo, tmp_path):
+    """Llama-2-chat's `[/INST]` + the answer's first word tokenize as one piece (tests/zoo.py): TRL would train the
+    merged piece as part of the answer; DPO re-encodes those pairs as generation sees them, and says so."""
+    from zoo import LLAMA2
+
+    args = dpo_args(dpo, tmp_path / "dpo", "--sft_model_path", str(zoo[LLAMA2]), "--max_steps", "1")
+    result = dpo_here(*args, "--save_strategy", "no")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(
+        r"dpo: (\d+) of \1 training pairs: the prompt's last token merges with the answer's first \(e\.g\. '.+'\); "
+        r"trained as generation sees them: the prompt's own tokens, then the answer's",
+        result.stdout,
+    ), result.stdout[-2000:]
+    assert read_marker(tmp_path / "dpo")["stage"] == "dpo"
