@@ -12,7 +12,9 @@ TRL's DPOTrainer does the work: no reward model and no rollouts (so `tokens_gene
   prompt/chosen/rejected records that TRL renders with the SFT model's chat template;
 - pairs that cannot teach anything are left out, with the count printed (`usable_pairs`): the same answer on both
   sides, a prompt that alone fills `max_length` (TRL drops those without a count), and two answers that are the
-  same once cut to `max_length` (TRL would train on them: loss ln 2, zero gradient).
+  same once cut to `max_length` (TRL would train on them: loss ln 2, zero gradient);
+- a pair whose prompt's last token merges with the answer's first (Llama-2's `▁[/INST]The`) is trained on the
+  prompt's own tokens, then the answer's, as generation sees it (`as_generated`, as SFT does).
 The summary line gives TRL's implicit-reward accuracy and margin (beta x the policy's log-ratio to the reference,
 chosen minus rejected) at the first and the last logged step, and the held-out loss (the recipe's `loss_type`).
 """
