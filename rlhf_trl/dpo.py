@@ -6,7 +6,8 @@
 TRL's DPOTrainer does the work: no reward model and no rollouts (so `tokens_generated` is 0). Here:
 - the policy is the SFT output (an SFT adapter is merged into its base first) with a fresh LoRA on top, so the
   reference model is the same model with its adapter disabled (TRL does this with `peft_config` and no
-  `ref_model`): no second copy in memory. Without LoRA, TRL keeps a frozen copy as the reference;
+  `ref_model`): no second copy in memory. Without LoRA, a second, frozen copy of the SFT model is the reference,
+  loaded here: TRL would reload it by the model config's name, which for a merged SFT adapter names its base;
 - the pairs are the reward stage's (`dataset_name`, `eval_dataset_name`), with human labels mixed in as
   `label_mix` says (`data.load_splits`, the same code the reward stage uses), as conversational
   prompt/chosen/rejected records that TRL renders with the SFT model's chat template;
@@ -185,11 +186,14 @@ def main(script_args, training_args, model_args):
         for split in (train, evaluation):
             check_renders(split, tokenizer, training_args.sft_model_path, "reward", named, fix)
         model = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
+        reference = None  # with LoRA: the adapter-off model; with precomputed log-probs: the model before training
+        if not model_args.use_peft and not training_args.precompute_ref_log_probs:
+            reference = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
         check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
         training_args.output_dir = str(run.work)
         trainer = PairDPOTrainer(
             model=model,
-            ref_model=None,  # with LoRA: the adapter-off model; without: TRL's frozen copy of the SFT model
+            ref_model=reference,
             args=training_args,
             train_dataset=train,
             eval_dataset=evaluation,

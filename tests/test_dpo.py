@@ -47,7 +47,6 @@ def dpo_args(paths, output_dir, *extra):
 def dpo(trained) -> dict:
     """One uninterrupted DPO run on the session's SFT model: its paths plus its stdout."""
     paths = stage_paths(Path(trained["data"]).parent) | {"sft": trained["sft"]}
-    paths["dpo"] = str(Path(trained["sft"]).parent / "dpo")
     result = run_stage("dpo", *dpo_args(paths, paths["dpo"]))
     assert result.returncode == 0, f"dpo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return paths | {"stdout": result.stdout}
@@ -190,3 +189,20 @@ def test_a_prompt_merging_with_its_answer_trains_on_the_prompts_own_tokens(dpo, 
         result.stdout,
     ), result.stdout[-2000:]
     assert read_marker(tmp_path / "dpo")["stage"] == "dpo"
+
+
+def test_without_lora_the_reference_is_the_sft_model_even_when_sft_was_an_adapter(dpo, tmp_path):
+    """TRL reloads a missing reference by the model config's name, which for a merged SFT adapter is the base: at
+    the first step, before any update, the policy must equal its reference (implicit rewards exactly 0)."""
+    from conftest import sft_args
+
+    sft = tmp_path / "sft"
+    args = sft_args(dpo | {"sft": str(sft)}, "--use_peft", "true", "--max_steps", "2", "--save_strategy", "no")
+    assert run_here("sft", "--config", str(ROOT / "recipes/demo/sft.yaml"), *args).returncode == 0
+    assert base_of(sft) == dpo["base"]
+    output = tmp_path / "dpo"
+    args = dpo_args(dpo | {"sft": str(sft)}, output, "--use_peft", "false", "--max_steps", "1", "--save_strategy", "no")
+    result = dpo_here(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = next(record for record in read_metrics(output) if "rewards/margins" in record)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
