@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_here, run_stage, stage_paths, start_stage, wait_until
 from safetensors.torch import load_file
+from test_bad_inputs import assert_one_line_error as one_line_error
 
 from rlhf_trl.cli import UserError
 from rlhf_trl.metrics_log import read_metrics
@@ -93,15 +94,6 @@ def test_a_killed_dpo_resumes_to_the_uninterrupted_result(dpo, tmp_path):
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert json.loads((output / MANIFEST).read_text())["attempts"][-1]["resumed_from"].startswith("checkpoint-")
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    assert "Traceback" not in result.stderr, result.stderr
-    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
-    for needle in needles:
-        assert needle in last, f"{needle!r} not in {last!r}"
-    return last
 
 
 def dpo_here(*args: str):
