@@ -54,22 +54,23 @@ class ScriptArguments:
     human_labels: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "reward: human preference labels (`make label` writes data/labels/<recipe>/pairs.jsonl): "
+            "help": "reward, dpo: human preference labels (`make label` writes data/labels/<recipe>/pairs.jsonl): "
             "pair files or accepted/rejected folders, joined to the training data as label_mix says."
         },
     )
     label_mix: str = field(
         default="generated",
         metadata={
-            "help": "reward: generated (dataset_name alone), human (human_labels alone) or mix (both; a human_labels "
-            "file that does not exist yet is skipped with a note, so a recipe can name it before anyone labels)."
+            "help": "reward, dpo: generated (dataset_name alone), human (human_labels alone) or mix (both; a "
+            "human_labels file that does not exist yet is skipped with a note, so a recipe can name it before "
+            "anyone labels)."
         },
     )
     human_fraction: float | None = field(
         default=None,
         metadata={
-            "help": "reward, label_mix mix: the share of training pairs that are human labels, reached by a seeded "
-            "subsample of the generated pairs. Unset: every pair of both."
+            "help": "reward, dpo, label_mix mix: the share of training pairs that are human labels, reached by a "
+            "seeded subsample of the generated pairs. Unset: every pair of both."
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})

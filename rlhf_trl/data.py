@@ -417,8 +417,9 @@ def load_dataset_for(
 LABEL_MIXES = ("generated", "human", "mix")
 
 
-def human_label_pairs(script_args) -> list[dict]:
-    """The reward stage's human preference pairs from `human_labels` (see `label_mix`), converted for training.
+def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
+    """The human preference pairs from `human_labels` (see `label_mix`), converted for training; `stage` (reward,
+    dpo) names the stage in what is printed.
 
     In `mix` mode a file nobody has labeled into yet is skipped with a note, so a recipe can name the labels
     file before it exists and behave exactly as before; in `human` mode there must be labels.
@@ -426,7 +427,7 @@ def human_label_pairs(script_args) -> list[dict]:
     pairs = []
     for source in script_args.human_labels:
         if not Path(source).exists() and script_args.label_mix == "mix":
-            print(f"reward: no human labels at {source} yet (`make label` writes them); using generated pairs there")
+            print(f"{stage}: no human labels at {source} yet (`make label` writes them); using generated pairs there")
             continue
         if not Path(source).exists():
             raise UserError(
@@ -436,7 +437,7 @@ def human_label_pairs(script_args) -> list[dict]:
     return pairs
 
 
-def mix_training_pairs(script_args, generated: list[dict], seed: int) -> list[dict]:
+def mix_training_pairs(script_args, generated: list[dict], seed: int, stage: str = "reward") -> list[dict]:
     """Training pairs as `label_mix` says: generated alone, human labels alone, or both (see `human_fraction`)."""
     import random
 
@@ -449,12 +450,12 @@ def mix_training_pairs(script_args, generated: list[dict], seed: int) -> list[di
         raise UserError("label_mix: human needs human_labels (e.g. [data/labels/<recipe>/pairs.jsonl])")
     if fraction is not None and not 0 < fraction <= 1:
         raise UserError(f"human_fraction {fraction} must be in (0, 1]: the share of training pairs that are human")
-    human = human_label_pairs(script_args)
+    human = human_label_pairs(script_args, stage)
     if mode == "human":
         if not human:
             files = ", ".join(script_args.human_labels)
             raise UserError(f"{files} hold no preference pairs: label more with `make label`")
-        print(f"reward: training on {len(human)} human pairs (label_mix: human)")
+        print(f"{stage}: training on {len(human)} human pairs (label_mix: human)")
         return human
     if human and fraction is not None:
         # Human labels are the scarce side: the generated pairs are subsampled (seeded) to reach the share.
@@ -462,15 +463,16 @@ def mix_training_pairs(script_args, generated: list[dict], seed: int) -> list[di
         if wanted < len(generated):
             generated = random.Random(seed).sample(generated, wanted)
     if human:
-        print(f"reward: training on {len(generated)} generated + {len(human)} human pairs (label_mix: mix)")
+        print(f"{stage}: training on {len(generated)} generated + {len(human)} human pairs (label_mix: mix)")
     return generated + human
 
 
-def load_splits(script_args, purpose: str, seed: int):
+def load_splits(script_args, purpose: str, seed: int, stage: str | None = None):
     """(train, eval) as `datasets.Dataset`s; eval comes from eval_dataset_name or a seeded hold-out.
 
-    For the reward stage, human labels join the training pairs as `label_mix` says; held-out accuracy is
-    measured on eval_dataset_name either way, so runs with and without human labels compare on the same pairs.
+    For preference pairs (`purpose` reward: the reward stage, and DPO with `stage="dpo"`), human labels join the
+    training pairs as `label_mix` says; held-out pairs come from eval_dataset_name either way, so runs with and
+    without human labels compare on the same pairs. `stage` (default: `purpose`) names the stage in what is printed.
     """
     from datasets import Dataset
 
@@ -488,7 +490,7 @@ def load_splits(script_args, purpose: str, seed: int):
         if script_args.max_train_samples and script_args.eval_dataset_name:  # before mixing: human pairs all stay
             train = train[: script_args.max_train_samples]
     if purpose == "reward":
-        train = mix_training_pairs(script_args, train, seed)
+        train = mix_training_pairs(script_args, train, seed, stage or purpose)
     if script_args.eval_dataset_name:
         evaluation = load_dataset_for(script_args.eval_dataset_name, purpose, "test", **options)
     else:

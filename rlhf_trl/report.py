@@ -49,7 +49,7 @@ TRAINING_PANELS = {
     "rloo": SAMPLED_PANELS,
     "grpo": SAMPLED_PANELS,
     "dpo": (
-        ("loss", "DPO loss"),
+        ("loss", "training loss (DPO + loss_type terms)"),
         ("rewards/accuracies", "implicit reward accuracy (chosen above rejected)"),
         ("rewards/margins", "implicit reward margin"),
         ("logps/chosen", "log-probability of the chosen answers"),

@@ -97,11 +97,14 @@ def encode_pairs(tokenizer, pairs, max_length: int | None = None) -> tuple[list[
 
 
 def describe_pairs(counts: Counter, max_length: int | None = None) -> str:
-    """One line for `encode_pairs`' counts: `20 read, 8 dropped (chosen == rejected), 12 kept`."""
-    kept = counts["read"] - counts["identical"] - counts["identical_encoded"]
+    """One line for `encode_pairs`' counts: `20 read, 8 dropped (chosen == rejected), 12 kept`. DPO's counts
+    (`dpo.usable_pairs`) may add "prompt_fills": pairs dropped because the prompt alone fills max_length."""
+    kept = counts["read"] - counts["identical"] - counts["identical_encoded"] - counts["prompt_fills"]
     parts = [f"{counts['read']} read"]
     if counts["identical"]:
         parts.append(f"{counts['identical']} dropped (chosen == rejected)")
+    if counts["prompt_fills"]:
+        parts.append(f"{counts['prompt_fills']} dropped (the prompt alone fills max_length {max_length})")
     if counts["identical_encoded"]:
         cut = f" or truncation to max_length {max_length}" if max_length else ""
         parts.append(f"{counts['identical_encoded']} dropped (chosen and rejected identical after encoding{cut})")

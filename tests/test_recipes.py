@@ -8,12 +8,20 @@ import yaml
 from trl import RewardConfig, SFTConfig
 
 from rlhf_trl.cli import parse, parse_dataclasses
+from rlhf_trl.dpo import DPOConfig
 from rlhf_trl.group_rl import GRPOConfig, RLOOConfig
 from rlhf_trl.ppo_trainer import PPOConfig
 from rlhf_trl.prepare import DataArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "rloo": RLOOConfig, "grpo": GRPOConfig}
+STAGE_CONFIGS = {
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "ppo": PPOConfig,
+    "rloo": RLOOConfig,
+    "grpo": GRPOConfig,
+    "dpo": DPOConfig,
+}
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate_configs")
 
 
