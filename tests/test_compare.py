@@ -204,7 +204,7 @@ def test_a_method_trained_from_an_older_sft_model_is_flagged(tmp_path):
 
 
 def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
-    """`make -n` in a scratch project: eval/report/merge get STAGE; compare keeps finished stages and trains the rest."""
+    """`make -n` in a scratch project: eval, report, merge get STAGE; compare keeps the finished and trains the rest."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("Makefile", "pyproject.toml"):
