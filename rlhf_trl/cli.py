@@ -175,6 +175,7 @@ def parse(config_class, argv: list[str] | None = None):
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
     check_sizes(script_args)
     check_sizes(training_args)
+    check_sizes(model_args)
     script_args.recipe = Path(argv[argv.index("--config") + 1]).parent.name if "--config" in argv else None
     if isinstance(script_args.human_labels, str):  # `human_labels: one/file.jsonl` in YAML reaches us unsplit
         script_args.human_labels = [script_args.human_labels]
@@ -186,14 +187,15 @@ def parse(config_class, argv: list[str] | None = None):
     return script_args, training_args, model_args
 
 
-# Counts that must be positive in every stage's config (TrainingArguments and TRL's configs); 0 or less would fail
-# deep in torch's DataLoader or train on nothing.
+# Counts that must be positive in every stage's config (TrainingArguments, TRL's configs, ModelConfig); 0 or less
+# would fail deep in torch's DataLoader or peft, or train on nothing.
 POSITIVE_KEYS = (
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
     "max_length",
     "max_prompt_length",
+    "lora_r",  # ModelConfig: peft's traceback after the models are loaded
 )
 
 

@@ -246,10 +246,11 @@ def test_rollout_settings_line_shows_the_recipes_top_p_top_k_min_p_and_repetitio
     [
         ("grpo", "temperature", "0", "temperature must be above 0 for sampled rollouts"),
         ("rloo", "max_completion_length", "0", "max_completion_length must be at least 1 token, not 0"),
+        ("grpo", "lora_r", "0", "lora_r is 0: it must be at least 1"),
     ],
 )
-def test_settings_no_rollout_can_sample_with_are_one_line(stage, key, value, needle, tmp_path):
-    """Each ended in a traceback from transformers' generate, after the models were loaded (exit 1)."""
+def test_settings_that_cannot_work_are_one_line(stage, key, value, needle, tmp_path):
+    """Each ended in a traceback from transformers or peft, after the models were loaded (exit 1)."""
     result = run_here(stage, "--config", f"recipes/demo/{stage}.yaml", f"--{key}", value, "--output_dir", str(tmp_path))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {needle}"), result.stderr
