@@ -6,6 +6,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -75,8 +76,16 @@ def run_here(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
 def start_stage(stage: str, *args: str) -> subprocess.Popen:
     """A demo stage started in the background (stderr piped, for the reason it failed), to kill or interrupt."""
     command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / "recipes/demo" / f"{stage}.yaml")]
+    # Ctrl-C as from a terminal: a shell's background job (`make test &`) starts with SIGINT ignored, and a child
+    # would inherit that, so a test that interrupts it would wait in vain.
     return subprocess.Popen(
-        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*command, *args],
+        cwd=ROOT,
+        env=OFFLINE_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -1,6 +1,7 @@
 """`make compare`: SFT and every finished method judged side by side from tiny runs, with what each training cost."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -215,7 +216,10 @@ def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
         (project / "models/demo" / stage / "rlhf_trl_run.json").write_text("{}")
 
     def dry(*args: str) -> str:
-        result = subprocess.run(["make", "-n", *args], cwd=project, capture_output=True, text=True, timeout=60)
+        # Under `make test` the outer make's MAKEFLAGS/MAKELEVEL would make this one print "Entering directory".
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        command = ["make", "--no-print-directory", "-n", *args]
+        result = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
