@@ -47,9 +47,11 @@ def test_the_method_trains_a_lora_on_the_sft_policy_that_reloads_and_generates(s
 
 @pytest.mark.parametrize("stage", METHODS)
 @pytest.mark.parametrize("missing", ["sft", "reward"])
-def test_the_method_refuses_to_start_before_its_inputs_exist(stage, missing, tmp_path):
+def test_the_method_refuses_to_start_before_its_inputs_exist(stage, missing, trained, tmp_path):
+    # The other input exists (a fresh clone has no models/demo at all), so the error is about the missing one.
+    present = {"sft": ("--reward_model_path", trained["reward"]), "reward": ("--sft_model_path", trained["sft"])}
     key = "sft_model_path" if missing == "sft" else "reward_model_path"
-    args = ("--config", f"recipes/demo/{stage}.yaml", f"--{key}", str(tmp_path / missing))
+    args = ("--config", f"recipes/demo/{stage}.yaml", *present[missing], f"--{key}", str(tmp_path / missing))
     result = run_here(stage, *args, "--output_dir", str(tmp_path / stage))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
