@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests press Ctrl-C on the stages they start. A shell's background job (`make test &`) starts with SIGINT ignored,
+# which every child would inherit (an ignored signal stays ignored across exec), and those tests would wait in vain.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Under pytest-xdist (`make test` runs one worker per core), each worker and the stages it starts compute on one
 # thread: two workers with a thread per core each would oversubscribe the cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -76,16 +80,8 @@ def run_here(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
 def start_stage(stage: str, *args: str) -> subprocess.Popen:
     """A demo stage started in the background (stderr piped, for the reason it failed), to kill or interrupt."""
     command = [sys.executable, "-m", f"rlhf_trl.{stage}", "--config", str(ROOT / "recipes/demo" / f"{stage}.yaml")]
-    # Ctrl-C as from a terminal: a shell's background job (`make test &`) starts with SIGINT ignored, and a child
-    # would inherit that, so a test that interrupts it would wait in vain.
     return subprocess.Popen(
-        [*command, *args],
-        cwd=ROOT,
-        env=OFFLINE_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        [*command, *args], cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
 
 
