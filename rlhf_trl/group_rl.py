@@ -32,14 +32,12 @@ from trl import get_peft_config
 
 from . import outputs
 from .cli import UserError
-from .data import load_splits
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
 from .launch import check_stage
 from .metrics_log import MetricsLog
 from .modeling import check_model_source, context_length, load_model, load_tokenizer, model_kwargs
-from .ppo import prompts_within
+from .ppo import load_prompts, prompts_within
 from .rewards import RewardModelFunction, check_bridge, load_reward_classifier, prompt_text
-from .templates import ALPACA_PATH, check_renders
 
 
 @dataclass
@@ -92,16 +90,11 @@ class TokensGenerated(TrainerCallback, ExportableState):
 
 
 def prompts_for(script_args, training_args, tokenizer, stage: str):
-    """The train and eval prompt datasets (a `prompt` column of messages), each rendered once through the policy's
-    chat template to leave out, and count, those over `max_prompt_length` tokens."""
-    train, evaluation = load_splits(script_args, "prompts", training_args.seed)
-    fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
-    sources = [script_args.dataset_name, script_args.eval_dataset_name]
-    for split in (train, evaluation):
-        check_renders(split, tokenizer, training_args.sft_model_path, "prompts", sources, fix)
+    """The train and eval prompts (`ppo.load_prompts`: a `prompt` column of messages), without, and counting, those
+    over `max_prompt_length` tokens once rendered through the policy's chat template (`ppo.prompts_within`)."""
     return [
         prompts_within(split, tokenizer, script_args.max_prompt_length, name, stage).select_columns(["prompt"])
-        for split, name in ((train, "training"), (evaluation, "eval"))
+        for split, name in zip(load_prompts(script_args, training_args, tokenizer), ("training", "eval"), strict=True)
     ]
 
 
@@ -118,6 +111,7 @@ def rollout_config(training_args, stops: list[int], pad_token_id: int | None):
 
 def main(stage: str, trainer_class, script_args, training_args, model_args):
     """Trains `trainer_class` (TRL's RLOOTrainer or GRPOTrainer) as the module docstring says; `stage` is its name."""
+    refuse_unsupported(training_args)
     check_stage(stage, model_args, training_args)
     recipe = getattr(script_args, "recipe", None)
     make_hint = f" RECIPE={recipe}" if recipe else ""

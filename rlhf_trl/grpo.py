@@ -14,13 +14,7 @@ a loss term (k3 estimator) as in the paper; TRL's default is 0. Everything but t
 from trl import GRPOTrainer
 
 from .cli import parse, run
-from .group_rl import GRPOConfig, main, refuse_unsupported
-
-
-def train(script_args, training_args, model_args):
-    refuse_unsupported(training_args)
-    main("grpo", GRPOTrainer, script_args, training_args, model_args)
-
+from .group_rl import GRPOConfig, main
 
 if __name__ == "__main__":
-    run(lambda: train(*parse(GRPOConfig)))
+    run(lambda: main("grpo", GRPOTrainer, *parse(GRPOConfig)))

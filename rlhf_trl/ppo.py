@@ -53,6 +53,18 @@ from .rewards import (
 from .templates import ALPACA_PATH, check_renders
 
 
+def load_prompts(script_args, training_args, tokenizer):
+    """The train and eval prompt datasets (`data.load_splits`, a `prompt` column of messages), each checked to render
+    through the policy's chat template (`templates.check_renders`, a one-line error naming the fix). PPO, RLOO and
+    GRPO all start from these."""
+    train, evaluation = load_splits(script_args, "prompts", training_args.seed)
+    fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
+    sources = [script_args.dataset_name, script_args.eval_dataset_name]
+    for split in (train, evaluation):
+        check_renders(split, tokenizer, training_args.sft_model_path, "prompts", sources, fix)
+    return train, evaluation
+
+
 def prompts_within(dataset, tokenizer, max_prompt_length: int, split: str = "training", stage: str = "ppo"):
     """`dataset` with an `input_ids` column (each prompt through the policy's chat template, generation prompt added),
     without the prompts longer than `max_prompt_length` tokens, whose number is printed. Raises UserError when none
@@ -179,11 +191,7 @@ def main(script_args, training_args, model_args):
                 "ending an answer with it; train SFT in full (it then adds a pad token) or use a tokenizer with a pad "
                 "token"
             )
-        train, evaluation = load_splits(script_args, "prompts", training_args.seed)
-        fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
-        sources = [script_args.dataset_name, script_args.eval_dataset_name]
-        for split in (train, evaluation):
-            check_renders(split, tokenizer, training_args.sft_model_path, "prompts", sources, fix)
+        train, evaluation = load_prompts(script_args, training_args, tokenizer)
         conversations = []
         train = tokenize_prompts(train, tokenizer, script_args.max_prompt_length, conversations)
         evaluation = tokenize_prompts(evaluation, tokenizer, script_args.max_prompt_length, conversations, "eval")

@@ -13,13 +13,7 @@ Everything but the trainer is shared with GRPO: `rlhf_trl.group_rl`.
 from trl import RLOOTrainer
 
 from .cli import parse, run
-from .group_rl import RLOOConfig, main, refuse_unsupported
-
-
-def train(script_args, training_args, model_args):
-    refuse_unsupported(training_args)
-    main("rloo", RLOOTrainer, script_args, training_args, model_args)
-
+from .group_rl import RLOOConfig, main
 
 if __name__ == "__main__":
-    run(lambda: train(*parse(RLOOConfig)))
+    run(lambda: main("rloo", RLOOTrainer, *parse(RLOOConfig)))
