@@ -71,7 +71,7 @@ def _generation_config_of(source):
         return source
     if hasattr(source, "generation_config"):
         return source.generation_config
-    from .modeling import base_of, is_adapter
+    from .outputs import base_of, is_adapter
 
     path = Path(source)
     while is_adapter(path) and not (path / "generation_config.json").is_file():

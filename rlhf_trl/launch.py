@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from .cli import UserError, run
+from .errors import UserError, run
 
 DEEPSPEED_EXTRA = "install the extra: pip install -e '.[deepspeed]'"
 CONFIGS = "recipes/accelerate_configs"

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from .cli import UserError
 from .data import looks_like_hub_id
-from .outputs import partial_dir, read_marker
+from .outputs import base_of, is_adapter, partial_dir, read_marker  # noqa: F401  (re-exported)
 
 
 def check_model_source(path: str | Path, what: str, make_target: str | None = None) -> None:
@@ -80,16 +80,6 @@ def model_kwargs(model_args, quantize: bool = True) -> dict:
     return kwargs
 
 
-def base_of(adapter_dir: str | Path) -> str:
-    """The model an adapter was trained on: the run marker's record, else peft's own."""
-    marker = read_marker(adapter_dir) or {}
-    if marker.get("base"):
-        return marker["base"]
-    from peft import PeftConfig
-
-    return PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-
-
 def model_config(path: str | Path):
     """The transformers config of a model or of an adapter chain's root base, without loading weights."""
     from transformers import AutoConfig
@@ -125,10 +115,6 @@ def check_context(tokens: int | None, model, what: str, fix: str, role: str = "m
     limit = context_length(model)
     if tokens is not None and limit is not None and tokens > limit:
         raise UserError(f"{what} exceeds the {role}'s context of {limit} tokens: {fix}")
-
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
 
 
 DAMAGED_FIX = "copy it again or rerun the stage that wrote it (make <stage> ARGS=--overwrite)"

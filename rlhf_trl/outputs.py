@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from .cli import UserError, storage_failure
+from .errors import UserError, storage_failure
 
 MARKER = "rlhf_trl_run.json"
 MANIFEST = "manifest.json"
@@ -54,6 +54,21 @@ MAKE_TARGET = {"base": "data", "sft": "sft", "reward": "reward", **{m: m for m i
 def partial_dir(output_dir: str | Path) -> Path:
     final = Path(output_dir)
     return final.with_name(final.name + ".partial")
+
+
+def is_adapter(path: str | Path) -> bool:
+    """True when `path` holds a LoRA adapter (peft's adapter_config.json), not a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def base_of(adapter_dir: str | Path) -> str:
+    """The model an adapter was trained on: the run marker's record, else peft's own."""
+    marker = read_marker(adapter_dir) or {}
+    if marker.get("base"):
+        return marker["base"]
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
 
 
 def read_marker(path: str | Path) -> dict | None:
