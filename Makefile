@@ -135,18 +135,9 @@ ui: setup
 	$(BIN)/python -m rlhf_trl.ui --recipe $(RECIPE) --host "$(HOST)" --port "$(PORT)" $(ARGS)
 
 # A stage whose output is already finished is kept, not redone: `make <stage> ARGS=--overwrite` redoes one.
+# The chain itself is `rlhf-trl all` (rlhf_trl/command.py), the same for a user without make.
 all: setup
-	$(MAKE) data RECIPE=$(RECIPE)
-	@for stage in sft reward ppo; do \
-	  if [ -f models/$(RECIPE)/$$stage/rlhf_trl_run.json ]; then \
-	    echo "$$stage: models/$(RECIPE)/$$stage is finished; kept (make $$stage ARGS=--overwrite redoes it)"; \
-	  else $(MAKE) $$stage RECIPE=$(RECIPE); fi; \
-	done
-	$(MAKE) chat RECIPE=$(RECIPE) STAGE=ppo PROMPT="Tell me about the river." ARGS=
-	@if [ -f models/$(RECIPE)/export/rlhf_trl_run.json ]; then \
-	  echo "merge: models/$(RECIPE)/export is finished; kept (make merge ARGS=--overwrite redoes it)"; \
-	else $(MAKE) merge RECIPE=$(RECIPE) ARGS=; fi
-	$(MAKE) report RECIPE=$(RECIPE) ARGS=
+	ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) LAUNCH_ARGS="$(LAUNCH_ARGS)" $(BIN)/rlhf-trl all --recipe $(RECIPE)
 
 test: setup
 	$(BIN)/ruff check rlhf_trl tests benchmarks reference
