@@ -95,7 +95,11 @@ def dry_make(tmp_path_factory):
 
     def run(target: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["make", "--no-print-directory", "-n", target], cwd=project, env=env, capture_output=True, text=True,
+            ["make", "--no-print-directory", "-n", target],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=60,
         )
 
@@ -117,7 +121,10 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
         "[ok](other.md#crashes-resuming-and-make-ppo) [gone](missing.md) [bad](other.md#not-a-heading) "
         "[web](https://example.com/x.md)\n"
     )
-    assert broken_links(page) == ["missing.md (no such file)", "other.md#not-a-heading (no heading gives #not-a-heading)"]
+    assert broken_links(page) == [
+        "missing.md (no such file)",
+        "other.md#not-a-heading (no heading gives #not-a-heading)",
+    ]
 
 
 def test_the_readme_names_its_two_commands():
@@ -142,7 +149,9 @@ def test_every_make_target_the_readme_and_docs_name_exists(dry_make):
 def test_a_misspelt_target_is_caught(dry_make):
     """What the check above relies on: `make -n` of a target the Makefile lacks fails, of one it has succeeds."""
     assert named_make_targets("`make sft reward RECIPE=x` and\n```\nmake test-ui  # make all adds\n```\nmake sure") == {
-        "sft", "reward", "test-ui"
+        "sft",
+        "reward",
+        "test-ui",
     }
     assert dry_make("all").returncode == 0
     assert "No rule to make target" in dry_make("test-everything").stderr
