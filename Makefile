@@ -4,7 +4,7 @@
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
 #   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
 #   make ui                       web page on http://127.0.0.1:7860: chat, blind SFT-vs-PPO arena, labeling, report
-#   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (README: More than one GPU)
+#   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (docs/multi-gpu.md)
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
 #   make bench-engines            our PPO engine's score and KL curves against TRL 1.12's over 3 seeds (demo: ~5 min)
@@ -78,7 +78,7 @@ reward: data
 ppo: data
 	$(LAUNCH) -m rlhf_trl.ppo --config recipes/$(RECIPE)/ppo.yaml $(RESUME_FLAG) $(ARGS)
 
-# PPO's successors from the same SFT model (README: Which method?): RLOO and GRPO against the reward model, DPO on
+# PPO's successors from the same SFT model (docs/evaluation.md): RLOO and GRPO against the reward model, DPO on
 # the reward stage's preference pairs.
 rloo grpo dpo: data
 	$(LAUNCH) -m rlhf_trl.$@ --config recipes/$(RECIPE)/$@.yaml $(RESUME_FLAG) $(ARGS)
@@ -99,7 +99,7 @@ eval: setup
 report: setup
 	$(BIN)/python -m rlhf_trl.report --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
 
-# Every method from the same SFT model (README: Which method?): trains what is missing (a finished output is kept;
+# Every method from the same SFT model (docs/evaluation.md): trains what is missing (a finished output is kept;
 # `make <method> ARGS=--overwrite` redoes one), then judges SFT and all of them on eval's prompts and samples and
 # writes models/<recipe>/compare/ (compare.md, compare.json, compare.png). ARGS reach rlhf_trl.compare only.
 compare: setup
@@ -129,7 +129,7 @@ label-agreement: setup
 	$(BIN)/python -m rlhf_trl.label agreement --recipe $(RECIPE) $(ARGS)
 
 # The web page (rlhf_trl.ui, Gradio, the `ui` extra: installed here when missing). HOST=0.0.0.0 serves the LAN:
-# then add ARGS="--auth user:password" (README: Web page). Votes and labels go to data/labels/$(RECIPE)/.
+# then add ARGS="--auth user:password" (docs/labeling.md). Votes and labels go to data/labels/$(RECIPE)/.
 ui: setup
 	@$(BIN)/python -c "import gradio" 2>/dev/null || $(BIN)/python -m pip install -q --disable-pip-version-check -e ".[ui]"
 	$(BIN)/python -m rlhf_trl.ui --recipe $(RECIPE) --host "$(HOST)" --port "$(PORT)" $(ARGS)

@@ -157,6 +157,14 @@ def test_a_misspelt_target_is_caught(dry_make):
     assert "No rule to make target" in dry_make("test-everything").stderr
 
 
+def test_the_docs_pages_that_code_and_recipes_name_exist():
+    """The Makefile's, the recipes' and the package's pointers to docs/ (`see docs/multi-gpu.md`) lead to a page."""
+    sources = [ROOT / "Makefile", *(ROOT / "recipes").rglob("*.yaml"), *(ROOT / "rlhf_trl").rglob("*.py")]
+    named = {(src.relative_to(ROOT), m) for src in sources for m in re.findall(r"docs/[\w.-]+\.md", src.read_text())}
+    assert named, "nothing points at docs/: the check reads the wrong files"
+    assert sorted((str(src), page) for src, page in named if not (ROOT / page).is_file()) == []
+
+
 def test_the_readme_is_one_page():
     words = len(README.read_text(encoding="utf-8").split())  # as `wc -w README.md` counts
     assert words <= README_MAX_WORDS, f"README.md has {words} words; move detail to docs/"
