@@ -84,12 +84,15 @@ def named_make_targets(text: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def dry_make(tmp_path_factory):
-    """`make -n TARGET` in a scratch folder holding the Makefile and the files its rules name as prerequisites (no
-    .venv, so nothing is up to date and every recipe is printed, never run); returns the CompletedProcess."""
+    """`make -n TARGET` in a scratch folder: the Makefile copied, the project's other files and folders linked (a rule
+    may name any of them as a prerequisite), but no .venv, models/ or data/, so nothing is up to date and every recipe
+    is printed, never run; returns the CompletedProcess."""
     project = tmp_path_factory.mktemp("project")
-    for name in ("Makefile", "pyproject.toml", "reference/requirements.txt"):
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, project / name)
+    shutil.copy(ROOT / "Makefile", project / "Makefile")
+    left_out = {"Makefile", ".git", "models", "data", ".cache"}
+    for entry in ROOT.iterdir():
+        if entry.name not in left_out and not entry.name.startswith(".venv"):
+            (project / entry.name).symlink_to(entry)
     # Under `make test` the outer make's MAKEFLAGS/MAKELEVEL would make this one print "Entering directory".
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
 
