@@ -6,7 +6,11 @@ Why a callback and a file: every TRL trainer (PPO's too, through `self.log`) han
 `on_log`, whatever `report_to` says, so one small callback covers all three stages with no tensorboard or
 other service. The file goes into `args.output_dir`, which is the stage's `.partial/` directory while it
 trains, so the log moves into place with the finished output and `make report` (rlhf_trl.report) reads it
-from there. Only the main process writes; each line also records the global step and epoch. Under several
+from there. Only the main process writes; each line also records the global step and epoch.
+
+On screen, `StageProgress` replaces transformers' progress bar, which printed every logged dict in full: one bar
+with the step, the elapsed and remaining time, and the stage's key numbers (`KEY_NUMBERS`), while the file keeps
+everything. `use_stage_progress(trainer)` installs it on any Trainer. Under several
 processes the values are already global: transformers averages the loss over processes, and TRL's SFT, reward and
 PPO trainers gather their metrics (tokens seen, accuracy, rewards, KL) across them before logging.
 """
@@ -18,6 +22,7 @@ import math
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 FILENAME = "metrics.jsonl"
 
@@ -62,3 +67,74 @@ def read_metrics(output_dir: str | Path, filename: str = FILENAME) -> list[dict]
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash; the rest of the log is still worth plotting
     return records
+
+
+# The numbers a person follows, per stage, by the trainers' own log keys (the first found of each label is shown):
+# SFT and reward loss and accuracy, PPO's mean reward-model score and KL (TRL's names), RLOO/GRPO's reward and KL,
+# DPO's implicit-reward accuracy and margin.
+KEY_NUMBERS = {
+    "loss": ("loss",),
+    "score": ("objective/scores", "reward"),
+    "kl": ("objective/kl", "kl"),
+    "acc": ("accuracy", "rewards/accuracies", "mean_token_accuracy"),
+    "margin": ("rewards/margins",),
+    "eval loss": ("eval_loss",),
+    "eval acc": ("eval_accuracy",),
+}
+
+
+def key_numbers(logs: dict, shown: dict | None = None) -> dict[str, str]:
+    """The KEY_NUMBERS found in `logs`, formatted to 4 significant digits, merged into `shown` (the ones already on
+    the bar: an evaluation's log keeps the last training loss)."""
+    shown = dict(shown or {})
+    for label, keys in KEY_NUMBERS.items():
+        for key in keys:
+            value = logs.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                shown[label] = f"{value:.4g}"
+                break
+    return shown
+
+
+class StageProgress(ProgressCallback):
+    """One progress bar: step/total, elapsed<remaining, and the key numbers as its postfix; no dict per step.
+
+    With `disable_tqdm` there is no bar, and each logged step prints one line of the same key numbers instead.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.shown: dict[str, str] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        self.shown = key_numbers(logs, self.shown)
+        if not self.shown:
+            return
+        if self.training_bar is not None:
+            self.training_bar.set_postfix(self.shown, refresh=True)
+        elif args.disable_tqdm:
+            numbers = ", ".join(f"{label} {value}" for label, value in self.shown.items())
+            print(f"step {state.global_step}/{state.max_steps}: {numbers}")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not args.disable_tqdm:
+            super().on_train_begin(args, state, control, **kwargs)
+        self.current_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+
+def use_stage_progress(trainer) -> None:
+    """Swaps a Trainer's progress callback (transformers' bar, or its PrinterCallback under disable_tqdm) for
+    `StageProgress`."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StageProgress())

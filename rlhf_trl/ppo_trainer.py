@@ -52,13 +52,14 @@ from accelerate.utils import GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, TrainerState, TrainingArguments
 from transformers.integrations import get_reporting_integration_callbacks
-from transformers.trainer import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK
-from transformers.trainer_callback import CallbackHandler, ExportableState, PrinterCallback, TrainerControl
+from transformers.trainer import DEFAULT_CALLBACKS
+from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerControl
 from transformers.trainer_utils import rotate_checkpoints
 
 from . import ppo_math
 from .cli import UserError
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
+from .metrics_log import StageProgress
 from .outputs import CHECKPOINT_STATE as TRAINER_STATE
 from .ppo_roles import (
     PolicyAndValue,
@@ -461,7 +462,7 @@ class PPOTrainer(Trainer):
         self.callback_handler = CallbackHandler(
             default + list(callbacks or []), self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
-        self.add_callback(PrinterCallback if args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK)
+        self.add_callback(StageProgress)  # one bar with the mean score and KL (metrics_log); no dict per step
         self.control = TrainerControl()
         self.state = PPOTrainerState(
             is_local_process_zero=self.is_local_process_zero(),

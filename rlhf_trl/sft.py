@@ -28,7 +28,7 @@ from . import outputs
 from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, use_stage_progress
 from .modeling import check_context, ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
 from .templates import ALPACA_PATH, apply_template_path, check_renders, encode_as_generated
 
@@ -179,6 +179,7 @@ def main(script_args, training_args, model_args):
         )
         if not training_args.packing and len(trainer.train_dataset) < len(train):
             print(f"sft: TRL left out {len(train) - len(trainer.train_dataset)} more fully masked training examples")
+        use_stage_progress(trainer)
         trainer.train(resume_from_checkpoint=run.checkpoint)
         metrics = trainer.evaluate()
         loss = metrics.get("eval_loss", float("nan"))

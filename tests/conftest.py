@@ -94,6 +94,20 @@ def wait_until(ready, process: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.01)
 
 
+def scratch_project(tmp_path: Path) -> Path:
+    """A copy of the project (Makefile, pyproject.toml, recipes/) that links this .venv and package, for `make` runs
+    that must not touch the checkout's models/ and data/. copy2 keeps pyproject.toml's time, so `make setup` there
+    sees the shared .venv as up to date: a newer copy made it reinstall the package from the scratch folder, leaving
+    .venv/bin/rlhf-trl pointing at a deleted interpreter."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("Makefile", "pyproject.toml", "recipes"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, project / name)
+    for name in (".venv", "rlhf_trl"):
+        (project / name).symlink_to(ROOT / name)
+    return project
+
+
 def run_stage(stage: str, *overrides: str, recipe: str = "demo", **options) -> subprocess.CompletedProcess:
     return run_module(stage, "--config", str(ROOT / "recipes" / recipe / f"{stage}.yaml"), *overrides, **options)
 
@@ -199,7 +213,7 @@ def methods_trained(trained) -> dict[str, str]:
     for stage, args in (("rloo", rloo_args), ("grpo", grpo_args)):
         result = run_stage(stage, *args(paths))
         assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        paths[f"{stage}_stdout"] = result.stdout
+        paths[f"{stage}_stdout"], paths[f"{stage}_stderr"] = result.stdout, result.stderr
     return paths
 
 
@@ -210,7 +224,7 @@ def trained(world) -> dict[str, str]:
     for stage, args in (("sft", sft_args), ("reward", reward_args), ("ppo", ppo_args)):
         result = run_stage(stage, *args(paths))
         assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        paths[f"{stage}_stdout"] = result.stdout
+        paths[f"{stage}_stdout"], paths[f"{stage}_stderr"] = result.stdout, result.stderr
     return paths
 
 

@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import OFFLINE_ENV, ROOT, run_here
+from conftest import OFFLINE_ENV, run_here, scratch_project
 from test_bad_inputs import assert_one_line_error
 
 from rlhf_trl import command
@@ -59,12 +58,7 @@ def test_sft_through_the_command_publishes_as_make_does(tmp_path):
     """`rlhf-trl sft --recipe demo --max_steps 2 --output_dir X` and `make sft ARGS=...` in one scratch project (its
     own data and tiny base): the same marker fields, the same trained weights (one machine, one seed), and a bad
     setting through the command exits 2 with one line, as through make."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("Makefile", "pyproject.toml", "recipes"):
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, project / name)
-    for name in (".venv", "rlhf_trl"):
-        (project / name).symlink_to(ROOT / name)
+    project = scratch_project(tmp_path)
     env = {**OFFLINE_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
     def run(*args):

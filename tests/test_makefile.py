@@ -4,22 +4,16 @@ It runs in a scratch copy of the project (same .venv), so the user's models/ and
 """
 
 import os
-import shutil
 import subprocess
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import scratch_project
 
 
 @pytest.mark.slow
 def test_make_stage_chain(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("Makefile", "pyproject.toml", "recipes"):
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, project / name)
-    for name in (".venv", "rlhf_trl"):
-        (project / name).symlink_to(ROOT / name)
+    project = scratch_project(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def make(*args: str) -> str:

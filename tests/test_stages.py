@@ -133,3 +133,34 @@ def test_value_model_starts_from_the_reward_model_and_trains(trained):
     value = start_value_from_reward(reward, trained["reward"], {"num_labels": 1})
     assert all(p.requires_grad for p in value.parameters()), "PPO's optimizer only sees trainable weights"
     assert torch.equal(value.score.weight, reward.score.weight) and value.score.weight is not reward.score.weight
+
+
+def test_progress_bar_shows_the_key_numbers_not_a_dict_per_step(trained):
+    # transformers' bar wrote every logged step as a dict ("{'loss': '1.234', 'grad_norm': ...}"); metrics.jsonl
+    # keeps everything, the screen shows one bar whose postfix holds the stage's key numbers (tqdm: "loss=1.234").
+    from rlhf_trl.metrics_log import key_numbers, read_metrics
+
+    shown = {}
+    for stage in ("sft", "reward", "ppo"):
+        screen = trained[f"{stage}_stdout"] + trained[f"{stage}_stderr"]
+        assert "{'" not in screen, f"{stage} printed a metrics dict"
+        # The key numbers of the steps logged while the bar was open (not the evaluation after training).
+        logged = [r for r in read_metrics(trained[stage]) if "train_runtime" not in r and "eval_loss" not in r]
+        shown[stage] = key_numbers({k: v for record in logged for k, v in record.items()})
+        for label, value in shown[stage].items():
+            assert f"{label}={value}" in trained[f"{stage}_stderr"], f"{stage}: {label}={value} not on its bar"
+    assert {"loss"} <= shown["sft"].keys() and {"score", "kl"} <= shown["ppo"].keys()
+
+
+def test_key_numbers_pick_each_stages_names_and_keep_the_last_seen():
+    from rlhf_trl.metrics_log import key_numbers
+
+    # PPO's TRL names; grad_norm and lr are not key numbers; 0.123456 -> 4 significant digits.
+    assert key_numbers({"objective/scores": 4.82812, "objective/kl": 0.123456, "lr": 1e-3}) == {
+        "score": "4.828",
+        "kl": "0.1235",
+    }
+    # An evaluation's log keeps the training loss already shown; RLOO/GRPO's "reward" is the score.
+    assert key_numbers({"eval_loss": 0.5}, {"loss": "0.7"}) == {"loss": "0.7", "eval loss": "0.5"}
+    assert key_numbers({"reward": 1.0, "kl": 2.0}) == {"score": "1", "kl": "2"}
+    assert key_numbers({"loss": True}) == {}  # a flag is no number
