@@ -230,6 +230,11 @@ def _load_with_datasets(*args, source: str, split_key: str = "", **kwargs) -> li
             raise UserError(
                 f"dataset {source} has no split {unknown[1]!r}; its splits are {unknown[2]}: {key}"
             ) from None
+        if Path(source).is_dir():  # name the file and line where one of the folder's text files breaks the rules
+            readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
+            for file in sorted(Path(source).rglob("*")):
+                if file.suffix in readers and ".git" not in file.parts:
+                    readers[file.suffix](file)
         raise UserError(f"could not read dataset {source}: {message}") from None
 
 

@@ -432,3 +432,14 @@ def test_dataset_train_split_names_itself_and_the_stages_take_the_key(tmp_path):
     argv = ["--dataset_test_split", "validation", "--bf16", "false"]
     script_args, _ = parse_dataclasses((ScriptArguments, DPOConfig), argv)
     assert script_args.dataset_test_split == "validation"
+
+
+def test_a_lone_surrogate_in_a_dataset_folder_names_its_file(tmp_path):
+    # the variant through `datasets` (a folder): its error says only "An error occurred while generating the dataset"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "\\ud83d", "completion": "b"}\n'
+    )
+    with pytest.raises(UserError, match=r"folder/train.jsonl line 2: field 'prompt' holds a lone surrogate \\ud83d"):
+        load_records(str(folder))
