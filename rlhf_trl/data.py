@@ -214,10 +214,18 @@ def looks_like_hub_id(source: str) -> bool:
 
 
 def _load_with_datasets(*args, source: str, split_key: str = "", **kwargs) -> list[dict]:
+    import tempfile
+
     import datasets
     from accelerate import PartialState
 
     try:
+        if Path(source).exists():
+            # Local data gets an Arrow cache of its own, deleted once read: datasets 5.2 keys the cache of a folder
+            # with README configs (a cloned Hub dataset) by the folder's name alone, so an edited copy, or another
+            # folder of the same name, would load the first one's records without a word.
+            with tempfile.TemporaryDirectory(prefix="rlhf_trl-data-") as cache:
+                return list(datasets.load_dataset(*args, cache_dir=cache, **kwargs))
         # load_dataset writes an Arrow cache: under several processes the main one builds it and the others
         # then read it, instead of all of them writing the same cache files at once.
         with PartialState().main_process_first():

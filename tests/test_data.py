@@ -387,12 +387,12 @@ def test_csv_rows_of_empty_cells_are_left_out_and_counted(tmp_path, capsys):
     assert capsys.readouterr().out == f"{path}: left out 3 rows whose every cell is empty (line 3, 5, 6)\n"
 
 
-def hub_style_folder(tmp_path):
+def hub_style_folder(tmp_path, sizes=(("train", 4), ("validation", 2))):
     import pandas as pd
 
     folder = tmp_path / "hub_style"
     (folder / "data").mkdir(parents=True)
-    for split, n in (("train", 4), ("validation", 2)):
+    for split, n in sizes:
         frame = pd.DataFrame({"prompt": [f"{split} {i}" for i in range(n)], "completion": ["x"] * n})
         frame.to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
     (folder / "README.md").write_text(
@@ -443,3 +443,17 @@ def test_a_lone_surrogate_in_a_dataset_folder_names_its_file(tmp_path):
     )
     with pytest.raises(UserError, match=r"folder/train.jsonl line 2: field 'prompt' holds a lone surrogate \\ud83d"):
         load_records(str(folder))
+
+
+def test_a_dataset_folder_is_read_as_it_is_now(tmp_path):
+    # datasets 5.2 caches a folder with README configs under the folder's name alone: another folder of the same name
+    # (here: 4 + 2 records, then 1 + 1) or the same one edited came back as the first one read. Each is read afresh.
+    from rlhf_trl.cli import ScriptArguments
+    from rlhf_trl.data import load_splits
+
+    first = hub_style_folder(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    second = hub_style_folder(tmp_path / "b", sizes=(("train", 1), ("validation", 1)))
+    for folder, sizes in ((first, (4, 2)), (second, (1, 1))):
+        args = ScriptArguments(dataset_name=folder, eval_dataset_name=folder, dataset_test_split="validation")
+        assert tuple(map(len, load_splits(args, "sft", seed=0))) == sizes
