@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import outputs
 from .cli import UserError, run
+from .data import check_unicode
 from .modeling import context_length, for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 
 STAGES = (*outputs.POLICY_STAGES, "export")
@@ -27,7 +28,9 @@ def chat_context(model, tokenizer) -> int:
 
 
 def fit_history(tokenizer, history: list[dict], context: int, max_new_tokens: int) -> list[dict]:
-    """Drops the oldest turns until the prompt plus the answer fit the model's context."""
+    """Drops the oldest turns until the prompt plus the answer fit the model's context. Raises UserError when they
+    cannot, or when the text holds a lone surrogate (a browser can send one; no tokenizer takes it)."""
+    check_unicode(history, "the chat")
     while True:
         length = len(tokenizer(render_prompt(tokenizer, history), add_special_tokens=False)["input_ids"])
         if length + max_new_tokens <= context:

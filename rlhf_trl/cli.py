@@ -27,7 +27,16 @@ class ScriptArguments:
         metadata={"help": "Training data: a local file (.jsonl/.json/.parquet/.csv), a folder, or a Hub id."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub or folder data)."})
+    dataset_train_split: str = field(
+        default="train", metadata={"help": "The split of dataset_name to train on (a folder or Hub dataset)."}
+    )
+    dataset_test_split: str = field(
+        default="test",
+        metadata={
+            "help": "The split of eval_dataset_name held out (a folder or Hub dataset; e.g. validation), as TRL's "
+            "scripts name it. To hold out a split of the training dataset, set eval_dataset_name to it too."
+        },
+    )
     eval_dataset_name: str | None = field(
         default=None,
         metadata={"help": "Held-out data, same forms as dataset_name. Without it, eval_split_size is cut off."},

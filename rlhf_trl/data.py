@@ -18,6 +18,7 @@ Bad records fail early with the file, the line and the field, rather than deep i
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import numbers
@@ -42,56 +43,164 @@ STAGE_FORMATS = {
 }
 
 
+BOM = "\ufeff"  # "UTF-8 with BOM" (Windows Notepad, PowerShell 5's Out-File, Excel's "CSV UTF-8") opens with it
+CSV_DELIMITERS = ",;\t"  # comma; semicolon (Excel where the decimal mark is a comma); tab
+
+
+def read_text(path: Path) -> str:
+    """A user's text file as str, by the rules every reader of user files shares (JSONL, JSON, CSV; data and labels):
+    UTF-8, a leading BOM dropped. Bytes that are not UTF-8 raise UserError naming the file and the line."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise UserError(f"{path} line {line}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
+    return text.removeprefix(BOM)
+
+
+def check_unicode(value, where: str, field: str | None = None) -> None:
+    """Raises UserError naming `where` and the field when a string in `value` (a record, nested lists and dicts
+    included) holds a lone surrogate: JSON's `"\\ud83d"` escape is valid JSON but not a character (half of an emoji,
+    cut by a scraper or a truncated dump), and no tokenizer, Arrow table or UTF-8 file can take it."""
+    if isinstance(value, str):
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            at = value.index(bad)
+            raise UserError(
+                f"{where}: field '{field}' holds a lone surrogate \\u{ord(bad):04x} at character {at + 1} (half of a "
+                "character such as an emoji, cut in two): fix or delete that text"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(item, where, key if field is None else field)
+    elif isinstance(value, list):
+        for item in value:
+            check_unicode(item, where, field)
+
+
+def _json_record(text: str, where: str) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    check_unicode(record, where)
+    return record
+
+
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON Lines file (`read_text`'s rules, lone surrogates refused), each with its `_line`."""
     records = []
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(
-                    f"{path} line {line_number}: not UTF-8 ({error.reason}); re-save the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                # without its line ending, so that a line cut short is reported where it stops, not at column 1
-                # of the next line (where the decoder's position lands when the newline is still there)
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as error:
-                raise UserError(
-                    f"{path} line {line_number}: invalid JSON ({error.msg} at column {error.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
-            record["_line"] = line_number
-            records.append(record)
+    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        # without its line ending, so that a line cut short is reported where it stops, not at column 1
+        # of the next line (where the decoder's position lands when the newline is still there)
+        record = _json_record(line.rstrip("\r"), f"{path} line {line_number}")
+        record["_line"] = line_number
+        records.append(record)
     return records
 
 
-def load_records(source: str, split: str = "train", config: str | None = None) -> list[dict]:
-    """Reads every record of `source` as dicts; JSONL records carry their line number in `_line`."""
+def read_json(path: Path) -> list[dict]:
+    """The records of a .json file: one array of objects (each with its `_line`: where the object starts), or, as
+    `datasets` reads a .json file, one object per line."""
+    text = read_text(path)
+    if not text.lstrip().startswith("["):
+        return read_jsonl(path)
+    try:
+        array = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    records, decoder, position = [], json.JSONDecoder(), text.index("[") + 1
+    for index, record in enumerate(array):
+        # where the object starts: the array's items in order, each found past the previous one
+        position = text.find("{", position) if isinstance(record, dict) else position
+        line = text.count("\n", 0, position) + 1
+        where = f"{path} line {line}"
+        if not isinstance(record, dict):
+            raise UserError(f"{path} record {index + 1}: expected a JSON object, got {type(record).__name__}")
+        check_unicode(record, where)
+        records.append({**record, "_line": line})
+        position = decoder.raw_decode(text, position)[1]
+    return records
+
+
+def csv_delimiter(header: str) -> str:
+    """The delimiter of a CSV file from its header line: whichever of comma, semicolon and tab splits it into the most
+    columns (quotes respected); a one-column header is comma-separated."""
+    columns = {d: len(next(csv.reader([header], delimiter=d), [])) for d in CSV_DELIMITERS}
+    return max(CSV_DELIMITERS, key=lambda d: (columns[d], d == ","))
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file as dicts of the text in each cell (`read_text`'s rules; the delimiter by
+    `csv_delimiter`), each with its `_line`; a blank cell is None, and every cell is text as written: `3.10`,
+    `02134`, `007` and `NA` stay what they are (pandas' type inference would make them 3.1, 2134, 7 and missing).
+
+    Rows whose every cell is blank (a spreadsheet's cleared rows, `,,,,`) are left out, and their count printed.
+    Raises UserError when there is no header line, a column name repeats, or a row has more cells than the header.
+    """
+    import io
+
+    text = read_text(path)
+    header_line = text.split("\n", 1)[0].rstrip("\r")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(header_line))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        if not any(header):
+            raise UserError(f"{path}: no header line; the first line must name the columns (e.g. instruction,output)")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise UserError(
+                f"{path}: column {repeated[0]!r} appears more than once in the header: name each column once"
+            )
+        rows, blank = [], []
+        for cells in reader:
+            if not cells:  # an empty line
+                continue
+            if not any(cell.strip() for cell in cells):
+                blank.append(reader.line_num)
+                continue
+            if len(cells) > len(header) and any(cell.strip() for cell in cells[len(header) :]):
+                raise UserError(f"{path} line {reader.line_num}: more cells than the header has columns")
+            cells += [""] * (len(header) - len(cells))
+            row = {name: cell if cell != "" else None for name, cell in zip(header, cells, strict=False)}
+            rows.append({**row, "_line": reader.line_num})
+    except csv.Error as error:
+        raise UserError(f"{path} line {reader.line_num}: invalid CSV ({error})") from None
+    if blank:
+        lines = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        print(f"{path}: left out {len(blank)} rows whose every cell is empty (line {lines})")
+    return rows
+
+
+def load_records(source: str, split: str = "train", config: str | None = None, split_key: str = "") -> list[dict]:
+    """Reads every record of `source` as dicts; records of JSONL, JSON and CSV files carry their line in `_line`.
+
+    `split` is the split of a folder or Hub dataset (a file has one); `split_key` names the setting that chose it
+    (dataset_train_split, dataset_test_split), for the error when the dataset has no such split.
+    """
     path = Path(source)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            records = read_jsonl(path)
-        elif path.suffix == ".csv":
-            records = _load_with_datasets(
-                "csv", data_files=str(path), split="train", source=source, **csv_as_text(path, source)
-            )
+        readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
+        if path.suffix in readers:
+            records = readers[path.suffix](path)
         elif path.suffix in FILE_TYPES:
             records = _load_with_datasets(FILE_TYPES[path.suffix], data_files=str(path), split="train", source=source)
         else:
             raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}")
     elif path.is_dir():
-        records = _load_with_datasets(str(path), name=config, split=split, source=source)
+        records = _load_with_datasets(str(path), name=config, split=split, source=source, split_key=split_key)
     elif looks_like_hub_id(source):
         if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(
                 f"dataset {source} is a Hub id but the Hub is offline: `git clone` it elsewhere into data/raw/ and "
                 f'set dataset_name to that folder (ARGS="--dataset_name data/raw/{path.name}")'
             )
-        records = _load_with_datasets(source, name=config, split=split, source=source)
+        records = _load_with_datasets(source, name=config, split=split, source=source, split_key=split_key)
     else:
         raise UserError(f"data file {source} does not exist: check dataset_name in the recipe (or run `make data`)")
     if not records:
@@ -99,51 +208,42 @@ def load_records(source: str, split: str = "train", config: str | None = None) -
     return records
 
 
-def csv_as_text(path: Path, source: str) -> dict:
-    """`datasets` csv-builder options that read every cell of the CSV file `path` as the text in the file.
-
-    Left to itself the builder (pandas `read_csv`) infers column types, so answers such as `3.10`, `02134`, `1.50`
-    and `007` would come back as 3.1, 2134, 1.5 and 7, and cells reading `NA`, `null` or `None` as missing. Here
-    every column is declared a string (`features`, which the builder passes to pandas as the column dtype) and only
-    a blank cell is missing (None). Raises UserError when the file has no header line or repeats a column name.
-    """
-    import csv
-
-    import datasets
-
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:  # as pandas, past a BOM
-            header = next(csv.reader(handle), None)
-    except UnicodeDecodeError as error:
-        raise UserError(f"{source}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
-    if not header:
-        raise UserError(f"{source}: no header line; the first line must name the columns (e.g. instruction,output)")
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise UserError(f"{source}: column {repeated[0]!r} appears more than once in the header: name each column once")
-    return {
-        "features": datasets.Features({name: datasets.Value("string") for name in header}),
-        "keep_default_na": False,
-        "na_values": [""],
-    }
-
-
 def looks_like_hub_id(source: str) -> bool:
     """`owner/name` that is not a local path: what the Hub would be asked for."""
     return str(source).count("/") == 1 and not str(source).startswith((".", "/", "data/", "models/"))
 
 
-def _load_with_datasets(*args, source: str, **kwargs) -> list[dict]:
+def _load_with_datasets(*args, source: str, split_key: str = "", **kwargs) -> list[dict]:
+    import tempfile
+
     import datasets
     from accelerate import PartialState
 
     try:
+        if Path(source).exists():
+            # Local data gets an Arrow cache of its own, deleted once read: datasets 5.2 keys the cache of a folder
+            # with README configs (a cloned Hub dataset) by the folder's name alone, so an edited copy, or another
+            # folder of the same name, would load the first one's records without a word.
+            with tempfile.TemporaryDirectory(prefix="rlhf_trl-data-") as cache:
+                return list(datasets.load_dataset(*args, cache_dir=cache, **kwargs))
         # load_dataset writes an Arrow cache: under several processes the main one builds it and the others
         # then read it, instead of all of them writing the same cache files at once.
         with PartialState().main_process_first():
             return list(datasets.load_dataset(*args, **kwargs))
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
-        raise UserError(f"could not read dataset {source}: {str(error).splitlines()[0][:300]}") from None
+        message = str(error).splitlines()[0][:300]
+        unknown = re.match(r"Unknown split \"(.*)\"\. Should be one of (\[.*\])", message)
+        if unknown:
+            key = f"set {split_key} to one of them" if split_key else "choose one of them"
+            raise UserError(
+                f"dataset {source} has no split {unknown[1]!r}; its splits are {unknown[2]}: {key}"
+            ) from None
+        if Path(source).is_dir():  # name the file and line where one of the folder's text files breaks the rules
+            readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
+            for file in sorted(Path(source).rglob("*")):
+                if file.suffix in readers and ".git" not in file.parts:
+                    readers[file.suffix](file)
+        raise UserError(f"could not read dataset {source}: {message}") from None
 
 
 def detect_format(records: list[dict], source: str, forced: str = "auto") -> str:
@@ -191,8 +291,31 @@ def as_text(value):
     return value
 
 
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # TRL's and OpenAI's chat/responses text parts
+
+
+def content_text(content, where: str, key: str):
+    """A message's `content` as text: a string, or a list of typed parts (OpenAI's and TRL's multimodal layout,
+    `[{"type": "text", "text": ...}]`) whose text parts are joined as they are written, with nothing between them
+    (as the chat templates that take parts render them). Any other part (an image, audio, a file) raises UserError:
+    this pipeline trains text models, and a template would print the list's Python repr into the text."""
+    if not isinstance(content, list):
+        return as_text(content)
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+            raise UserError(
+                f"{where}: field '{key}' has a content part of type {kind!r}; only text parts "
+                '({"type": "text", "text": ...}) can be trained here: remove the other parts or the record'
+            )
+        texts.append(part["text"])
+    return as_text("".join(texts))
+
+
 def _text(record: dict, key: str, where: str, required: bool = True):
-    """A non-empty string (numbers become text, see `as_text`), or a non-empty list of {role, content} messages.
+    """A non-empty string (numbers become text, see `as_text`), or a non-empty list of {role, content} messages,
+    each content text (`content_text`: a list of text parts is joined).
 
     An optional field that is missing, null, NaN or only whitespace is absent (None); a required one raises
     UserError naming the field and why.
@@ -204,10 +327,13 @@ def _text(record: dict, key: str, where: str, required: bool = True):
         state = "missing" if key not in record else "empty"
         raise UserError(f"{where}: field '{key}' is {state}: every record needs it")
     if isinstance(value, list):
+        messages = []
         for message in value:
-            if not isinstance(message, dict) or "role" not in message or not str(message.get("content", "")).strip():
+            content = content_text(message.get("content"), where, key) if isinstance(message, dict) else None
+            if not isinstance(content, str) or "role" not in message:
                 raise UserError(f"{where}: field '{key}' must hold messages with 'role' and non-empty 'content'")
-        return value
+            messages.append({**message, "content": content})
+        return messages
     if not isinstance(value, str):
         raise UserError(f"{where}: field '{key}' must be text or a list of messages, not {type(value).__name__}")
     return value
@@ -299,13 +425,93 @@ def convert(
     return out
 
 
+# Fields that hold part of what the model is asked in the layouts people use (Alpaca and LLaMA-Factory: instruction,
+# input, system, history; Intel/orca_dpo_pairs: system, question; argilla's orca pairs: system, input; Dolly:
+# context; query). A format reads those it knows (`PROMPT_READS`); one present that it does not read is refused
+# rather than dropped, since training without it teaches another task (`unread_fields`).
+CONTEXT_FIELDS = ("prompt", "question", "query", "instruction", "input", "context", "system", "history")
+PREFERENCE_PROMPTS = ("prompt", "question", "query", "instruction", "input")  # a preference pair's prompt, any one
+PROMPT_READS = {
+    "preference": ("prompt", "question", "query", "instruction", "input", "system"),
+    "alpaca": ("instruction", "input", "system", "history"),
+    "messages": ("system",),
+    "prompt_completion": ("prompt", "system"),
+    "prompt": ("prompt", "system"),
+}
+
+
+def unread_fields(record: dict, fmt: str, where: str) -> None:
+    """Raises UserError when `record` holds a field of `CONTEXT_FIELDS` (with a value) that format `fmt` does not
+    read: nothing a person wrote into the prompt side is dropped without a word."""
+    unread = [f for f in CONTEXT_FIELDS if f not in PROMPT_READS[fmt] and as_text(record.get(f)) not in (None, [])]
+    if unread:
+        reads = ", ".join(FORMAT_FIELDS[fmt] + tuple(f for f in PROMPT_READS[fmt] if f not in FORMAT_FIELDS[fmt]))
+        raise UserError(
+            f"{where}: field '{unread[0]}' is not read by the {fmt} format (it reads {reads}): training without it "
+            "would drop part of the prompt; rename it to a field the format reads, or delete it"
+        )
+
+
+def preference_prompt(record: dict, where: str):
+    """A preference pair's prompt: `prompt`, or the one other prompt field its layout has (`question` in
+    Intel/orca_dpo_pairs, `instruction` with an optional `input` in Alpaca-style pairs, `input` alone in argilla's
+    pairs, `query`), or None (TRL's implicit-prompt format). Two prompt fields raise UserError."""
+    present = [f for f in PREFERENCE_PROMPTS if as_text(record.get(f)) is not None]
+    if present[1:] and present != ["instruction", "input"]:
+        raise UserError(
+            f"{where}: fields {present[0]!r} and {present[1]!r} both look like the prompt: keep one (or use "
+            "'instruction' with 'input', as Alpaca does)"
+        )
+    if not present:
+        return None
+    if present[0] == "instruction":
+        return _alpaca_prompt(record, where)
+    return _text(record, present[0], where)
+
+
+def _alpaca_prompt(record: dict, where: str) -> str:
+    instruction = _text(record, "instruction", where)
+    extra = _text(record, "input", where, required=False)
+    if isinstance(instruction, list) or isinstance(extra, list):
+        raise UserError(f"{where}: 'instruction' and 'input' must be text")
+    return instruction + (f"\n\n{extra}" if extra else "")
+
+
+def _history(record: dict, where: str) -> list[dict]:
+    """LLaMA-Factory's Alpaca `history`: earlier [question, answer] turns, as messages."""
+    history = record.get("history")
+    if history is None or (isinstance(history, list) and not history):
+        return []
+    if not isinstance(history, list) or not all(isinstance(t, list | tuple) and len(t) == 2 for t in history):
+        raise UserError(f"{where}: field 'history' must be a list of [question, answer] pairs")
+    turns = []
+    for question, answer in history:
+        if not all(isinstance(text, str) and text.strip() for text in (question, answer)):
+            raise UserError(f"{where}: field 'history' must be a list of [question, answer] pairs of text")
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return turns
+
+
+def _with_system(record: dict, prompt: list[dict], where: str) -> list[dict]:
+    """`prompt` with the record's `system` text as its first turn."""
+    system = _text(record, "system", where, required=False)
+    if system is None:
+        return prompt
+    if not isinstance(system, str):
+        raise UserError(f"{where}: field 'system' must be text")
+    if prompt and prompt[0]["role"] == "system":
+        raise UserError(f"{where}: a 'system' field and a system turn in the conversation: keep one")
+    return [{"role": "system", "content": system}, *prompt]
+
+
 def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
+    unread_fields(record, fmt, where)
     if fmt == "preference":
-        prompt = _text(record, "prompt", where, required=False)
+        prompt = preference_prompt(record, where)
         chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
         if prompt is None:
             prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
-        prompt = _as_messages(prompt, "user")
+        prompt = _with_system(record, _as_messages(prompt, "user"), where)
         if purpose != "reward":
             return {"prompt": prompt}
         return {
@@ -314,9 +520,7 @@ def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
             "rejected": _as_messages(rejected, "assistant"),
         }
     if fmt == "alpaca":
-        instruction = _text(record, "instruction", where)
-        extra = _text(record, "input", where, required=False)
-        prompt = _as_messages(instruction + (f"\n\n{extra}" if extra else ""), "user")
+        prompt = _history(record, where) + _as_messages(_alpaca_prompt(record, where), "user")
         completion = _as_messages(_text(record, "output", where), "assistant")
     elif fmt == "messages":
         messages = _text(record, "messages", where)
@@ -326,6 +530,7 @@ def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
     else:
         prompt = _as_messages(_text(record, "prompt", where), "user")
         completion = _as_messages(_text(record, "completion", where), "assistant") if fmt != "prompt" else None
+    prompt = _with_system(record, prompt, where)
     return {"prompt": prompt, "completion": completion} if purpose == "sft" else {"prompt": prompt}
 
 
@@ -358,10 +563,14 @@ def _answers_by_prompt(path: Path) -> dict[str, tuple]:
                 f"{where}: needs a prompt field ({'/'.join(PROMPT_FIELDS)}) and an answer field "
                 f"({'/'.join(ANSWER_FIELDS)}); found {sorted(set(record) - {'_line'})}"
             )
-        prompt = _text(record, prompt_field, where)
-        extra = _text(record, "input", where, required=False) if prompt_field == "instruction" else None
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
+        read = (prompt_field, "input") if prompt_field == "instruction" else (prompt_field,)
+        unread = [f for f in CONTEXT_FIELDS if f not in read and as_text(record.get(f)) is not None]
+        if unread:
+            raise UserError(
+                f"{where}: field '{unread[0]}' is not read next to '{prompt_field}' (the prompt): training without it "
+                "would drop part of the prompt; keep one prompt field"
+            )
+        prompt = _alpaca_prompt(record, where) if prompt_field == "instruction" else _text(record, prompt_field, where)
         answer = _text(record, answer_field, where)
         # Prompts match when they differ only in case and whitespace.
         key = " ".join(prompt.split()).lower() if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
@@ -405,13 +614,16 @@ def load_dataset_for(
     config: str | None = None,
     fmt: str = "auto",
     allow_unmatched: bool = False,
+    split_key: str = "",
 ) -> list[dict]:
-    """Any supported source (the seed's accepted/rejected folder included), validated and converted for `purpose`."""
+    """Any supported source (the seed's accepted/rejected folder included), validated and converted for `purpose`.
+
+    `split` (and `split_key`, the setting that names it) as `load_records` takes them."""
     seed_files = seed_pair_files(source)
     if seed_files is not None:
         records = join_accepted_rejected(*seed_files, allow_unmatched=allow_unmatched)
         return convert(records, purpose, str(seed_files[0]))
-    return convert(load_records(source, split, config), purpose, source, fmt)
+    return convert(load_records(source, split, config, split_key), purpose, source, fmt)
 
 
 LABEL_MIXES = ("generated", "human", "mix")
@@ -486,13 +698,25 @@ def load_splits(script_args, purpose: str, seed: int, stage: str | None = None):
     }
     train = []
     if label_mix != "human":
-        train = load_dataset_for(script_args.dataset_name, purpose, script_args.dataset_train_split, **options)
+        train = load_dataset_for(
+            script_args.dataset_name,
+            purpose,
+            script_args.dataset_train_split,
+            split_key="dataset_train_split",
+            **options,
+        )
         if script_args.max_train_samples and script_args.eval_dataset_name:  # before mixing: human pairs all stay
             train = train[: script_args.max_train_samples]
     if purpose == "reward":
         train = mix_training_pairs(script_args, train, seed, stage or purpose)
     if script_args.eval_dataset_name:
-        evaluation = load_dataset_for(script_args.eval_dataset_name, purpose, "test", **options)
+        evaluation = load_dataset_for(
+            script_args.eval_dataset_name,
+            purpose,
+            script_args.dataset_test_split,
+            split_key="dataset_test_split",
+            **options,
+        )
     else:
         split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
         train, evaluation = split["train"].to_list(), split["test"].to_list()

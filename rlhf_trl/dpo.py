@@ -12,8 +12,9 @@ TRL's DPOTrainer does the work: no reward model and no rollouts (so `tokens_gene
   `label_mix` says (`data.load_splits`, the same code the reward stage uses), as conversational
   prompt/chosen/rejected records that TRL renders with the SFT model's chat template;
 - pairs that cannot teach anything are left out, with the count printed (`usable_pairs`): the same answer on both
-  sides, a prompt that alone fills `max_length` (TRL drops those without a count), and two answers that are the
-  same once cut to `max_length` (TRL would train on them: loss ln 2, zero gradient);
+  sides, a prompt that alone fills `max_length` (TRL drops those without a count, with `truncation_mode:
+  keep_start`), and two answers that are the same once cut to `max_length` as `truncation_mode` cuts them (TRL
+  would train on them: loss ln 2, zero gradient);
 - a pair whose prompt's last token merges with the answer's first (Llama-2's `▁[/INST]The`) is trained on the
   prompt's own tokens, then the answer's, as generation sees it (`as_generated`, as SFT does).
 The summary line gives TRL's implicit-reward accuracy and margin (beta x the policy's log-ratio to the reference,
@@ -63,32 +64,42 @@ def distinct_pairs(dataset, source: str, split: str = "training"):
     return (dataset.select(keep) if counts["identical"] else dataset), counts
 
 
-def usable_pairs(tokenized, counts: Counter, max_length: int | None, source: str, split: str = "training"):
+def usable_pairs(
+    tokenized, counts: Counter, max_length: int | None, source: str, split: str = "training", mode: str = "keep_start"
+):
     """TRL's tokenized pairs (prompt_ids, chosen_ids, rejected_ids) without those that differ in nothing DPO sees,
     printing what was dropped and truncated (`rewards.describe_pairs`).
 
-    `counts` comes from `distinct_pairs`, whose kept pairs TRL tokenized; those TRL left out (its prompt alone
-    fills `max_length`) are counted as "prompt_fills". TRL's collator cuts prompt + answer to `max_length`
-    (keep_start): a pair whose two sides are the same after that cut is dropped ("identical_encoded") and a kept
-    pair with a side cut is counted as "truncated". Raises UserError when no pair is left.
+    `counts` comes from `distinct_pairs`, whose kept pairs TRL tokenized. TRL's collator cuts each side's prompt +
+    answer to `max_length` as `mode` (truncation_mode) says: keep_start keeps the first max_length tokens, and TRL
+    leaves out the pairs whose prompt alone fills it (counted here as "prompt_fills"); keep_end keeps the last
+    max_length tokens, so TRL keeps every pair, and a pair whose answers alone fill it trains without its prompt
+    ("no_prompt"). A pair whose two sides are the same token window once cut (ids and answer mask) is dropped
+    ("identical_encoded": loss ln 2, no gradient); a kept pair with a side cut is counted as "truncated".
+    Raises UserError when no pair is left.
     """
     counts["prompt_fills"] = counts["read"] - counts["identical"] - len(tokenized)
+    window = slice(None, max_length) if mode == "keep_start" else slice(-max_length if max_length else None, None)
     keep = []
     for index, pair in enumerate(tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])):
+        prompt_length = len(pair["prompt_ids"])
         sides = [pair["prompt_ids"] + pair[side] for side in ("chosen_ids", "rejected_ids")]
-        if max_length is not None and len(pair["prompt_ids"]) >= max_length:  # grown by `as_generated`
+        if max_length is not None and mode == "keep_start" and prompt_length >= max_length:  # grown by `as_generated`
             counts["prompt_fills"] += 1
             continue
-        if max_length is not None and sides[0][:max_length] == sides[1][:max_length]:
+        # what the loss sees of each side: the token window and which of its tokens are the answer's
+        seen = [(ids[window], ([0] * prompt_length + [1] * (len(ids) - prompt_length))[window]) for ids in sides]
+        if max_length is not None and seen[0] == seen[1]:
             counts["identical_encoded"] += 1
             continue
         counts["truncated"] += max_length is not None and max(map(len, sides)) > max_length
+        counts["no_prompt"] += max_length is not None and mode == "keep_end" and 0 not in seen[0][1] + seen[1][1]
         keep.append(index)
-    print(f"dpo: {split} pairs: {describe_pairs(counts, max_length)}")
+    print(f"dpo: {split} pairs: {describe_pairs(counts, max_length, mode)}")
     if not keep:
         raise UserError(
             f"dpo: no usable {split} pair in {source}: none differs within max_length={max_length} tokens "
-            "(prompt + answer); raise max_length or shorten the prompts"
+            f"(prompt + answer, {mode}); raise max_length or shorten the prompts"
         )
     return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
@@ -152,7 +163,7 @@ class PairDPOTrainer(DPOTrainer):
         split = "training" if dataset_name == "train" else dataset_name
         tokenized = as_generated(tokenized, processing_class, split)
         counts, source = self.pair_counts.pop(dataset_name), self.pair_sources[dataset_name]
-        return usable_pairs(tokenized, counts, args.max_length, source, split)
+        return usable_pairs(tokenized, counts, args.max_length, source, split, args.truncation_mode)
 
 
 def training_sources(script_args) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from . import outputs
 from .cli import UserError
-from .data import load_dataset_for, read_jsonl
+from .data import check_unicode, load_dataset_for, read_csv, read_jsonl
 
 STAGES = (*outputs.POLICY_STAGES, "export")
 LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (
@@ -369,7 +369,12 @@ def read_prompts(source: Path, limit: int | None = None) -> list[dict]:
 
 
 def new_decision(item: dict, labeler: str, verdict: str, preferred: int | None, source: str) -> dict:
-    """A decision on a sampled item (`Sampler.answers`, or `arena_item`, whose `stages` and `sample_ids` it keeps)."""
+    """A decision on a sampled item (`Sampler.answers`, or `arena_item`, whose `stages` and `sample_ids` it keeps).
+
+    Raises UserError when its text holds a lone surrogate (`data.check_unicode`): the log is UTF-8."""
+    check_unicode(
+        {key: item.get(key) for key in ("prompt", "responses")}, f"the decision on sample {item.get('sample_id')}"
+    )
     decision = {
         "kind": "decision",
         "decision_id": uuid.uuid4().hex,
@@ -548,26 +553,15 @@ def write_table(path: Path, rows: list[dict]) -> None:
 
 
 def read_table(path: Path) -> list[dict]:
-    """Rows of a labeled CSV or JSONL file, each with its line number in `_line`."""
+    """Rows of a labeled CSV or JSONL file, each with its line number in `_line`, read by `data`'s rules for every
+    user file (`data.read_text`: a BOM dropped; a CSV's delimiter detected, its rows of empty cells left out)."""
     if not path.is_file():
         raise UserError(f"decisions file {path} does not exist: pass FILE=<the labeled .csv or .jsonl>")
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix != ".csv":
         raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.DictReader(handle)
-            rows = []
-            for row in reader:
-                if None in row:
-                    raise UserError(f"{path} line {reader.line_num}: more cells than the header has columns")
-                rows.append({**row, "_line": reader.line_num})
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 ({error.reason}); re-save the file as UTF-8") from None
-    except csv.Error as error:
-        raise UserError(f"{path} line {reader.line_num}: invalid CSV ({error})") from None
-    return rows
+    return read_csv(path)
 
 
 def import_decisions(args) -> None:

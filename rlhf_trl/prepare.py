@@ -165,7 +165,7 @@ def prepare_dataset(args: DataArguments) -> None:
             "(e.g. https://huggingface.co/datasets/yahma/alpaca-cleaned), or set raw_dataset"
         )
     tokenizer = load_tokenizer(args.tokenizer_name_or_path)
-    records = load_records(args.raw_dataset, args.raw_split)
+    records = load_records(args.raw_dataset, args.raw_split, split_key="raw_split")
     skipped: list[str] = []
     rows = convert(records, "sft", args.raw_dataset, skipped=skipped)
     if tokenizer.chat_template:  # without one, render_prompt's Alpaca fallback takes any roles

@@ -96,9 +96,10 @@ def encode_pairs(tokenizer, pairs, max_length: int | None = None) -> tuple[list[
     return kept, counts
 
 
-def describe_pairs(counts: Counter, max_length: int | None = None) -> str:
+def describe_pairs(counts: Counter, max_length: int | None = None, mode: str = "keep_start") -> str:
     """One line for `encode_pairs`' counts: `20 read, 8 dropped (chosen == rejected), 12 kept`. DPO's counts
-    (`dpo.usable_pairs`) may add "prompt_fills": pairs dropped because the prompt alone fills max_length."""
+    (`dpo.usable_pairs`) may add "prompt_fills" (pairs dropped because the prompt alone fills max_length) and, with
+    `mode` (truncation_mode) keep_end, "no_prompt" (kept pairs whose window holds no prompt token)."""
     kept = counts["read"] - counts["identical"] - counts["identical_encoded"] - counts["prompt_fills"]
     parts = [f"{counts['read']} read"]
     if counts["identical"]:
@@ -107,9 +108,13 @@ def describe_pairs(counts: Counter, max_length: int | None = None) -> str:
         parts.append(f"{counts['prompt_fills']} dropped (the prompt alone fills max_length {max_length})")
     if counts["identical_encoded"]:
         cut = f" or truncation to max_length {max_length}" if max_length else ""
+        cut += " keeping the end" if cut and mode == "keep_end" else ""
         parts.append(f"{counts['identical_encoded']} dropped (chosen and rejected identical after encoding{cut})")
     if counts["truncated"]:
-        parts.append(f"{counts['truncated']} truncated to max_length {max_length} tokens")
+        what = f"their last {max_length} tokens (truncation_mode keep_end)" if mode == "keep_end" else ""
+        parts.append(f"{counts['truncated']} truncated to {what or f'max_length {max_length} tokens'}")
+    if counts["no_prompt"]:
+        parts.append(f"{counts['no_prompt']} of them with no prompt token left (the answers alone fill max_length)")
     return ", ".join([*parts, f"{kept} kept"])
 
 

@@ -80,6 +80,31 @@ def completion_labels(example: dict, tokenizer) -> dict:
     return {"input_ids": full_ids, "labels": labels, "mismatch": True, "split": False, "merged": merged}
 
 
+def packed_cuts(dataset, tokenizer, training_args, split: str = "training") -> int:
+    """Prints (and returns) how many records packing cuts: TRL's `packing_strategy: bfd` (its default) truncates a
+    record longer than `max_length` to its first max_length tokens, so the end of its answer is never trained;
+    `bfd_split` and `wrapped` carry the overflow into other rows (nothing is lost, but a record may be split)."""
+    limit, strategy = training_args.max_length, training_args.packing_strategy
+    if limit is None or len(dataset) == 0:
+        return 0
+    lengths = [
+        len(
+            tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for row in dataset
+    ]
+    over = sum(n > limit for n in lengths)
+    if over:
+        what = "lose their end (the answer's last tokens)" if strategy == "bfd" else "are split across packed rows"
+        print(
+            f"sft: {over} of {len(dataset)} {split} examples are longer than max_length {limit} and {what} "
+            f"(packing_strategy {strategy})"
+        )
+    return over
+
+
 def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
     """`dataset` ready for SFTTrainer, tokenized once by `completion_labels` to check each record, printing what it
     changes: records whose prompt alone fills `max_length` are left out (truncation would cut their whole answer
@@ -88,9 +113,11 @@ def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
     ids the records go to TRL pre-tokenized (input_ids, labels) by `completion_labels`.
 
     Returns `dataset` itself (or a selection of its rows) when TRL's own masking is right. With packing, with
-    `completion_only_loss: false`, or with `assistant_only_loss`, nothing is checked here. Raises UserError when no
-    record keeps any of its answer.
+    `completion_only_loss: false`, or with `assistant_only_loss`, nothing is checked here (`packed_cuts` counts what
+    packing cuts). Raises UserError when no record keeps any of its answer.
     """
+    if training_args.packing:
+        packed_cuts(dataset, tokenizer, training_args, split)
     if training_args.packing or training_args.completion_only_loss is False or training_args.assistant_only_loss:
         return dataset
     if len(dataset) == 0:
@@ -103,9 +130,13 @@ def prepare_records(dataset, tokenizer, training_args, split: str = "training"):
     cut = 0 if limit is None else sum(start < limit < n for start, n in zip(answer_start, lengths, strict=True))
     total = len(dataset)
     if keep_end and limit is not None and any(n > limit for n in lengths):
+        # keep_end keeps the last max_length tokens: the prompt's start goes first, all of it when the answer alone
+        # fills max_length (and then the answer's start too)
+        promptless = sum(n - start >= limit for start, n in zip(answer_start, lengths, strict=True))
         print(
             f"sft: {sum(n > limit for n in lengths)} of {total} {split} examples lose the start of their prompt "
-            f"to max_length {limit}"
+            f"to max_length {limit} (truncation_mode keep_end)"
+            + (f"; {promptless} of them keep no prompt token (the answer alone fills it)" if promptless else "")
         )
     if unanswered:
         print(

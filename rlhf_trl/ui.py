@@ -507,7 +507,7 @@ def build(site: Site):
                 def next_label(name, stage, k, token):
                     try:
                         item = site.label_next(name, stage, int(k), token)
-                    except ValueError as error:
+                    except (ValueError, UserError) as error:  # UserError: the prompts file (e.g. a lone surrogate)
                         return show_item(None, warn(error))
                     if item is None:
                         return show_item(None, "Every prompt is labeled by you. Thank you!")
@@ -521,7 +521,7 @@ def build(site: Site):
                             return show_item(None, warn("press Next prompt first: there is nothing on screen"))
                         try:
                             decision = site.label(item, key, token)
-                        except ValueError as error:
+                        except (ValueError, UserError) as error:
                             return show_item(item, warn(error))
                         said = f"Saved: {labels.describe(decision)}."
                         following = next_label(name, stage, k, token)

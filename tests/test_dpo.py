@@ -167,6 +167,54 @@ def test_unusable_pairs_are_counted_and_left_out(capsys):
         usable_pairs(tokenized.select([1]), Counter(read=1), 4, "e.jsonl", "eval")
 
 
+def test_keep_end_counts_and_drops_pairs_as_trls_collator_cuts_them(capsys):
+    # D03: with truncation_mode keep_end TRL keeps every pair (its prompt filter is keep_start's) and its collator
+    # keeps each side's last max_length tokens. 6 pairs read, 1 with the same answer twice; TRL tokenized the other 5.
+    # With max_length 4, by hand (the window is the last 4 of prompt + answer, and which of them are answer):
+    #   1: prompt of 5 fills max_length: keep_start drops it; keep_end sees [3 4 5 6] / [3 4 5 7]: kept, truncated
+    #   2: answers differ in their first token only: both windows [8 8 8 8], all answer: identical, dropped
+    #   3: 3 tokens a side, nothing cut: kept
+    #   4: answers of 5 tokens: windows [7 8 9 10] / [7 8 9 11], all answer: kept, truncated, no prompt token left
+    #   5: the same ids [2 5 5 6] on both sides but 2 answer tokens against 4: the loss differs, kept, truncated
+    # -> 6 read, 1 + 1 dropped, 3 truncated (1 of them without a prompt token), 4 kept.
+    from datasets import Dataset
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from rlhf_trl.dpo import usable_pairs
+
+    tokenized = Dataset.from_list(
+        [
+            {"prompt_ids": [1, 2, 3, 4, 5], "chosen_ids": [6], "rejected_ids": [7]},
+            {"prompt_ids": [1, 2], "chosen_ids": [3, 8, 8, 8, 8], "rejected_ids": [4, 8, 8, 8, 8]},
+            {"prompt_ids": [1], "chosen_ids": [5, 6], "rejected_ids": [5, 7]},
+            {"prompt_ids": [1, 2], "chosen_ids": [6, 7, 8, 9, 10], "rejected_ids": [6, 7, 8, 9, 11]},
+            {"prompt_ids": [1, 2, 5], "chosen_ids": [5, 6], "rejected_ids": [2, 5, 5, 6]},
+        ]
+    )
+    usable = usable_pairs(tokenized, Counter(read=6, identical=1), 4, "pairs.jsonl", mode="keep_end")
+    assert usable["chosen_ids"] == [[6], [5, 6], [6, 7, 8, 9, 10], [5, 6]]
+    assert capsys.readouterr().out.strip() == (
+        "dpo: training pairs: 6 read, 1 dropped (chosen == rejected), 1 dropped (chosen and rejected identical after "
+        "encoding or truncation to max_length 4 keeping the end), 3 truncated to their last 4 tokens (truncation_mode "
+        "keep_end), 1 of them with no prompt token left (the answers alone fill max_length), 4 kept"
+    )
+    # What TRL's collator makes of each pair: the dropped one is the same on both sides, every kept one is not.
+    collator = DataCollatorForPreference(pad_token_id=0, max_length=4, truncation_mode="keep_end")
+    for index, pair in enumerate(tokenized):
+        batch = collator([pair])
+        same = all(torch.equal(batch[key][0], batch[key][1]) for key in ("input_ids", "completion_mask"))
+        assert same == (index == 1), index
+    # keep_start on the same pairs, as TRL hands them (it drops pair 1 itself: counted as the prompt filling
+    # max_length): windows are the first 4 tokens, so pair 2 differs ([1 2 3 8] / [1 2 4 8]) and pair 4 does not
+    # ([1 2 6 7] twice); pairs 2 and 5 are cut: 1 + 1 + 1 dropped, 2 truncated, 3 kept.
+    usable_pairs(tokenized.select([1, 2, 3, 4]), Counter(read=6, identical=1), 4, "pairs.jsonl")
+    assert capsys.readouterr().out.strip() == (
+        "dpo: training pairs: 6 read, 1 dropped (chosen == rejected), 1 dropped (the prompt alone fills max_length 4), "
+        "1 dropped (chosen and rejected identical after encoding or truncation to max_length 4), "
+        "2 truncated to max_length 4 tokens, 3 kept"
+    )
+
+
 def test_a_prompt_merging_with_its_answer_trains_on_the_prompts_own_tokens(dpo, zoo, tmp_path):
     """Llama-2-chat's `[/INST]` + the answer's first word tokenize as one piece (tests/zoo.py): TRL would train the
     merged piece as part of the answer; DPO re-encodes those pairs as generation sees them, and says so."""

@@ -263,6 +263,50 @@ def test_import_errors_name_the_file_and_line(exported, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path} line 2: decision 'perhaps'")
 
 
+def import_file(exported, path, capsys) -> str:
+    label.main(["import", "--file", str(path), "--out", str(exported[0])])
+    return capsys.readouterr().out
+
+
+def test_import_reads_semicolon_csv_bom_jsonl_and_skips_cleared_rows(exported, tmp_path, capsys):
+    # D09: Excel in a German/French locale saves `;`-separated CSV (and a prompt cell may hold a comma);
+    # D10: the last rows' cells cleared (";;;;;" lines) are no rows; D07: a JSONL saved with a BOM.
+    # dave labels the 3 samples a, b, tie across the three files: 3 decisions recorded, nothing refused.
+    out, rows = exported
+    first, second, third = ({**row, "labeler": "dave"} for row in rows)
+
+    def write(name, delimiter, row, blank_rows):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8-sig") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows([row, *[dict.fromkeys(rows[0], "")] * blank_rows])
+        return tmp_path / name
+
+    # the prompt cell holds a comma, the one thing that must not split a `;` file; 3 cleared rows follow on
+    # lines 3-5 (a row's cells may hold line breaks: the sample's answers are plain text, one line each here)
+    path = write("semicolon.csv", ";", first | {"decision": "a", "prompt": "a, b"}, 3)
+    said = import_file(exported, path, capsys)
+    assert f"{path}: left out 3 rows whose every cell is empty (line " in said
+    assert "recorded 1 decisions by dave" in said
+    said = import_file(exported, write("tab.csv", "\t", second | {"decision": "b"}, 1), capsys)
+    assert "recorded 1 decisions by dave" in said and "left out 1 rows" in said
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(third | {"decision": "tie"}).encode() + b"\n")
+    assert "recorded 1 decisions by dave" in import_file(exported, tmp_path / "bom.jsonl", capsys)
+    mine = [labels.describe(d) for d in live_decisions(out) if d["labeler"] == "dave"]
+    assert mine == ["a", "b", "tie"]
+
+
+def test_a_lone_surrogate_in_the_prompts_or_a_decision_is_one_line(world, tmp_path):
+    # D06 in label-export (its prompts file, line 2) and in the store the web page's Label tab records into
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me."}\n{"prompt": "Wave \\ud83d"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"prompts.jsonl line 2: field 'prompt' holds a lone surrogate \\ud83d"):
+        labels.read_prompts(prompts)
+    item = {"prompt": "Wave \ud83d", "responses": ["a", "b"], "sample_id": "s1", "prompt_id": "p", "model": "m"}
+    with pytest.raises(UserError, match=r"the decision on sample s1: field 'prompt' holds a lone surrogate"):
+        labels.new_decision({**item, "generation": {}}, "alice", "prefer", 0, "web")
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)

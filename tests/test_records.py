@@ -382,6 +382,33 @@ def test_sft_leaves_out_and_counts_records_whose_answer_truncation_would_remove(
     assert "sft: 1 of 4 training examples have their answer truncated to fit max_length 64" in out
 
 
+def test_sft_keep_end_and_packing_count_what_they_cut(world, tmp_path, capsys):
+    # D03's kind in SFT. keep_end keeps the last 64 tokens: records 2 (128 tokens), 3 (94) and 4 (129) lose the start
+    # of their prompt, none is left out (the answer is at the end), and record 2's answer alone (121 tokens) fills
+    # max_length: no prompt token is left. Packing with TRL's default bfd cuts the same 3 records to their first 64
+    # tokens (the answer's end is lost); bfd_split carries the overflow into other rows.
+    from datasets import Dataset
+
+    from rlhf_trl.sft import prepare_records
+
+    dataset = Dataset.from_list(load_dataset_for(write_jsonl(tmp_path / "sft.jsonl", sft_records()), "sft"))
+    tokenizer = load_tokenizer(world / "models/base")
+    args = SimpleNamespace(
+        max_length=64, packing=False, truncation_mode="keep_end", completion_only_loss=None, assistant_only_loss=False
+    )
+    assert len(prepare_records(dataset, tokenizer, args)) == 4
+    assert capsys.readouterr().out == (
+        "sft: 3 of 4 training examples lose the start of their prompt to max_length 64 (truncation_mode keep_end); "
+        "1 of them keep no prompt token (the answer alone fills it)\n"
+    )
+    for strategy, what in (("bfd", "lose their end (the answer's last tokens)"), ("bfd_split", "are split across")):
+        args.packing, args.packing_strategy = True, strategy
+        assert len(prepare_records(dataset, tokenizer, args)) == 4
+        assert capsys.readouterr().out.startswith(
+            f"sft: 3 of 4 training examples are longer than max_length 64 and {what}"
+        )
+
+
 def test_sft_stage_prints_the_count_and_trl_drops_nothing_more(world, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
     result = run_stage(
