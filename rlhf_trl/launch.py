@@ -182,13 +182,20 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
                 f"{CONFIGS}/multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
             )
     if stage == "ppo" and (plan.zero_stage == 3 or plan.distributed_type == "FSDP"):
-        # Rollouts generate token by token from the policy, and the reference is a second forward through the same
-        # model with its adapter disabled: ZeRO-3 and FSDP would gather every layer's shards at every step of both
-        # (and ZeRO-3's parameter prefetching is reported to break on the second: trl#6237, LlamaFactory#2189).
+        # Measured in 2 CPU processes with the refusals lifted (README, "More than one GPU"): ZeRO-3
+        # partitions every model as it loads, and merging the reward model's LoRA into partitioned weights fails
+        # in peft (a tensor of size 0 against 64); under FSDP2 accelerate wants the model prepared with the
+        # optimizer, and PPO runs the policy's body, generate and the heads outside the wrapped model's forward,
+        # where FSDP2 gathers the embeddings and heads. Each needs its roles rebuilt for sharding first.
         which = "DeepSpeed ZeRO-3" if plan.zero_stage == 3 else "FSDP"
+        why = (
+            "it partitions the models as they load and the reward adapter cannot be merged into partitioned weights"
+            if plan.zero_stage == 3
+            else "PPO runs its roles outside the wrapped model, where FSDP2 does not gather the weights"
+        )
         raise UserError(
-            f"PPO does not run under {which} in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml for "
-            f"`make ppo` ({which} remains fine for sft and reward)"
+            f"PPO does not run under {which} in this pipeline ({why}): use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
+            f"for `make ppo` ({which} remains fine for sft, reward, dpo, rloo and grpo)"
         )
     if plan.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"{plan.source} uses DeepSpeed, which is not installed: {DEEPSPEED_EXTRA}")

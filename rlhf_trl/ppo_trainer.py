@@ -413,6 +413,7 @@ class PPOTrainer(Trainer):
     # -- set-up ---------------------------------------------------------------------------------------------------
 
     def _check_launch(self) -> None:
+        # rlhf_trl.launch.check refuses these first, with the measured reasons; here for a trainer built by hand.
         if self.is_fsdp_enabled:
             raise UserError(
                 "PPO does not run under FSDP: use recipes/accelerate_configs/multi_gpu.yaml or zero2.yaml for make ppo"

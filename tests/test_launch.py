@@ -145,7 +145,9 @@ def test_ppo_runs_in_several_processes_but_not_sharded_by_fsdp():
     demo = recipe_settings(["--config", "recipes/demo/ppo.yaml"])
     check(Plan(distributed_type="MULTI_CPU", num_processes=2, use_cpu=True), "ppo", demo)
     check(Plan(), "ppo", demo)
-    with pytest.raises(UserError, match=r"PPO does not run under FSDP in this pipeline: use .*zero2.yaml or multi_gpu"):
+    with pytest.raises(
+        UserError, match=r"PPO does not run under FSDP in this pipeline \(.*\): use .*zero2.yaml or multi_gpu"
+    ):
         check(Plan(distributed_type="FSDP"), "ppo", NO_QUANT, cuda_devices=2)
     with pytest.raises(UserError, match=r"PPO does not run under DeepSpeed ZeRO-3"):
         check(Plan(distributed_type="DEEPSPEED", zero_stage=3), "ppo", NO_QUANT, cuda_devices=2)

@@ -28,6 +28,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 from test_dpo import dpo_args
+from test_stages import lora_b_weights
 
 from rlhf_trl.launch import FSDP_ON_CPU
 from rlhf_trl.metrics_log import read_metrics
@@ -121,8 +122,14 @@ def test_two_processes_match_one_at_the_same_global_batch(one_process, two_proce
     assert curves[0] and len(curves[0]) == len(curves[1]), (key, curves)
     if tolerance < 0.1:
         assert curves[1] == pytest.approx(curves[0], abs=tolerance), (key, curves)
+        # Each global batch is split between the ranks, not repeated: the tokens seen (summed over ranks) match.
+        tokens = values(one["out"], "num_tokens"), values(two["out"], "num_tokens")
+        assert tokens[0] == tokens[1]
     else:
         assert sum(curves[1]) / len(curves[1]) == pytest.approx(sum(curves[0]) / len(curves[0]), abs=tolerance)
+    if stage != "sft":  # a LoRA adapter: every B matrix trained away from its zeros (and was gathered to be saved)
+        trained = lora_b_weights(two["out"])
+        assert trained and all(t.numel() and t.abs().sum() > 0 for t in trained.values())
     assert sum(stage in line for line in two["stdout"].splitlines() if "saved to" in line) == 1, "published once"
     assert not Path(two["out"] + ".partial").exists()
     works(stage, two["out"])
