@@ -5,15 +5,18 @@
 
 `make` runs every training stage through this module, which reads the accelerate config (and the two recipe keys
 that matter to it, load_in_4bit/8bit), refuses a plan that cannot work with one line that says what to change
-(more processes than GPUs, DeepSpeed without the extra, a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3),
-and then hands over to `accelerate launch` with the same arguments, keeping the stage's exit status (see
-`accelerate_launch`). Checking first matters because accelerate otherwise fails in every process at once with a
-traceback, or, given more processes than GPUs on a machine without CUDA, starts processes that never connect and
-each train alone on the same output directory.
+(more processes than GPUs, DeepSpeed without the extra, a ZeRO or FSDP config on one process, FSDP without a GPU,
+a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3 or FSDP), and then hands over to `accelerate launch` with
+the same arguments, keeping the stage's exit status (see `accelerate_launch`). Checking first matters because
+accelerate otherwise fails in every process at once with a traceback, or, given more processes than GPUs on a
+machine without CUDA, starts processes that never connect and each train alone on the same output directory.
 
 Each stage calls `check_stage` first (and `cli.parse` the DeepSpeed part, before parsing), so `accelerate launch`
 run by hand is checked too, against the recipe as parsed. All of them go through `check`, the one place these
 rules live.
+
+The machine, not the config, decides how the processes talk (`process_group_backend`): NCCL on GPUs, gloo without
+one, so zero2.yaml and zero3.yaml run unchanged on both (on a CPU, for checking: `make test-paths`).
 """
 
 from __future__ import annotations
