@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError, run  # noqa: F401  (UserError, run: re-exported for the stages)
-from .launch import check, plan_from_environment
+from .launch import check, plan_from_environment, process_group_backend
 
 
 @dataclass
@@ -89,8 +89,9 @@ class ScriptArguments:
     )
 
 
-def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """`--config file.yaml` plus `--key value` overrides into `dataclass_types`; unknown keys are errors."""
+def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None, defaults: dict | None = None) -> tuple:
+    """`--config file.yaml` plus `--key value` overrides into `dataclass_types`; unknown keys are errors.
+    `defaults` replace the dataclasses' own defaults (the YAML and the command line still win)."""
     import yaml
     from trl import TrlParser
 
@@ -111,6 +112,8 @@ def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise UserError(f"{config_path}: must be a YAML mapping of `key: value` lines")
     parser = TrlParser(dataclass_types)
+    if defaults:
+        parser.set_defaults(**defaults)
 
     def refuse(message: str):  # argparse would print a usage of hundreds of lines first
         raise UserError(f"{message}: fix the value in the recipe or ARGS (see --help)")
@@ -170,7 +173,11 @@ def parse(config_class, argv: list[str] | None = None):
     # arguments import it at once and fail with a traceback when the extra is missing.
     check(plan_from_environment())
     argv = list(sys.argv[1:] if argv is None else argv)
-    script_args, training_args, model_args = parse_dataclasses((ScriptArguments, config_class, ModelConfig), argv)
+    # The training arguments join this process to the others as they are built, over the machine's backend.
+    backend = process_group_backend()
+    defaults = {"ddp_backend": backend} if backend else None
+    dataclasses_ = (ScriptArguments, config_class, ModelConfig)
+    script_args, training_args, model_args = parse_dataclasses(dataclasses_, argv, defaults)
     # recipes/<recipe>/<stage>.yaml names the recipe, which "run `make X RECIPE=...` first" hints repeat.
     check_sizes(script_args)
     check_sizes(training_args)

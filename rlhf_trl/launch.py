@@ -5,15 +5,18 @@
 
 `make` runs every training stage through this module, which reads the accelerate config (and the two recipe keys
 that matter to it, load_in_4bit/8bit), refuses a plan that cannot work with one line that says what to change
-(more processes than GPUs, DeepSpeed without the extra, a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3),
-and then hands over to `accelerate launch` with the same arguments, keeping the stage's exit status (see
-`accelerate_launch`). Checking first matters because accelerate otherwise fails in every process at once with a
-traceback, or, given more processes than GPUs on a machine without CUDA, starts processes that never connect and
-each train alone on the same output directory.
+(more processes than GPUs, DeepSpeed without the extra, a ZeRO or FSDP config on one process, FSDP without a GPU,
+a 4/8-bit base under ZeRO-3 or FSDP, PPO under ZeRO-3 or FSDP), and then hands over to `accelerate launch` with
+the same arguments, keeping the stage's exit status (see `accelerate_launch`). Checking first matters because
+accelerate otherwise fails in every process at once with a traceback, or, given more processes than GPUs on a
+machine without CUDA, starts processes that never connect and each train alone on the same output directory.
 
 Each stage calls `check_stage` first (and `cli.parse` the DeepSpeed part, before parsing), so `accelerate launch`
 run by hand is checked too, against the recipe as parsed. All of them go through `check`, the one place these
 rules live.
+
+The machine, not the config, decides how the processes talk (`process_group_backend`): NCCL on GPUs, gloo without
+one, so zero2.yaml and zero3.yaml run unchanged on both (on a CPU, for checking: `make test-paths`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from .errors import UserError, run
 
 DEEPSPEED_EXTRA = "install the extra: pip install -e '.[deepspeed]'"
 CONFIGS = "recipes/accelerate_configs"
+# Set by the test suite only (tests/test_paths_distributed.py): FSDP in CPU processes. accelerate applies FSDP only
+# to a GPU-like process state, so without a GPU `check_stage` relabels the state (accelerate's private state) for the
+# FSDP code path to run; no one trains with FSDP on a CPU, so users get a refusal instead (`check`).
+FSDP_ON_CPU = "RLHF_TRL_FSDP_ON_CPU"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class Plan:
     use_cpu: bool = False
     zero_stage: int | None = None  # DeepSpeed only
     gpu_ids: str = "all"
+    offload: bool = False  # DeepSpeed's offload_*_device or FSDP's offload_params: memory moved to the CPU
+    fsdp_version: int | None = None  # FSDP only
     source: str = "the accelerate config"
 
     @property
@@ -96,6 +105,8 @@ def plan_from_config(path: str | Path, overrides: argparse.Namespace | None = No
 
     distributed_type = str(loaded.get("distributed_type", "NO")).upper()
     deepspeed = loaded.get("deepspeed_config") or {}
+    fsdp = loaded.get("fsdp_config") or {}
+    offload_devices = (deepspeed.get("offload_optimizer_device"), deepspeed.get("offload_param_device"))
     return Plan(
         distributed_type=distributed_type,
         num_processes=int(pick("num_processes", 1)),
@@ -103,6 +114,9 @@ def plan_from_config(path: str | Path, overrides: argparse.Namespace | None = No
         use_cpu=bool(loaded.get("use_cpu", False)) or bool(getattr(overrides, "cpu", False)),
         zero_stage=_zero_stage(deepspeed) if distributed_type == "DEEPSPEED" else None,
         gpu_ids=str(pick("gpu_ids", "all")),
+        offload=any(str(d).lower() not in ("none", "") for d in offload_devices if d is not None)
+        or bool(fsdp.get("fsdp_offload_params", False)),
+        fsdp_version=int(fsdp.get("fsdp_version", 1)) if distributed_type == "FSDP" else None,
         source=str(path),
     )
 
@@ -124,12 +138,17 @@ def plan_from_environment() -> Plan:
     else:
         distributed_type = "NO"
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    offload_devices = [
+        os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none") for what in ("OPTIMIZER", "PARAM")
+    ]
     return Plan(
         distributed_type=distributed_type,
         num_processes=world,
         num_machines=max(1, world // max(1, local)),
         use_cpu=flag("ACCELERATE_USE_CPU"),
         zero_stage=int(stage) if stage else (2 if distributed_type == "DEEPSPEED" else None),
+        offload=any(d.lower() not in ("none", "") for d in offload_devices) or flag("FSDP_OFFLOAD_PARAMS"),
+        fsdp_version=int(os.environ.get("FSDP_VERSION", "1")) if distributed_type == "FSDP" else None,
         source="this accelerate launch",
     )
 
@@ -137,43 +156,72 @@ def plan_from_environment() -> Plan:
 SHARDED_NAMES = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}  # as users spell them, in messages
 
 
+def process_group_backend() -> str | None:
+    """The process-group backend of this machine's processes, the one place it is decided: gloo when there is no
+    CUDA GPU and more than one process, else None (accelerate's own choice: NCCL on GPUs). `cli.parse` gives it to
+    every stage as the default of `ddp_backend`, which the trainers' TrainingArguments (PPO's too) hand to
+    accelerate's process state; so zero2.yaml, zero3.yaml and fsdp.yaml run unchanged on GPUs and on a CPU.
+
+    Without it, accelerate on a GPU-less machine leaves the backend unset and counts 1 process in each while
+    DeepSpeed sees all of them (`deepspeed.initialize` then fails on a batch-size assertion), and FSDP processes
+    each train alone."""
+    import torch
+
+    return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None
+
+
 def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: int | None = None) -> None:
     """Refuses a plan that cannot work here, with what to change. `stage`/`model_args` add the recipe's rules,
     checked first: installing DeepSpeed or finding GPUs would not help a combination that cannot run at all."""
+    sharded = plan.distributed_type in SHARDED_NAMES
     if model_args is not None:
         quantized = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
-        sharded = "ZeRO-3" if plan.zero_stage == 3 else "FSDP" if plan.distributed_type == "FSDP" else None
-        if quantized and sharded:
+        shards = "ZeRO-3" if plan.zero_stage == 3 else "FSDP" if plan.distributed_type == "FSDP" else None
+        if quantized and shards:
             # modeling.model_kwargs places a whole quantized copy on each process's GPU (device_map), which
             # ZeRO-3 and FSDP would have to shard; bitsandbytes weights cannot be partitioned that way.
             raise UserError(
-                f"{quantized} keeps a whole quantized base on every GPU, which {sharded} cannot shard: use "
+                f"{quantized} keeps a whole quantized base on every GPU, which {shards} cannot shard: use "
                 f"{CONFIGS}/multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
             )
     if stage == "ppo" and (plan.zero_stage == 3 or plan.distributed_type == "FSDP"):
-        # Rollouts generate token by token from the policy, and the reference is a second forward through the same
-        # model with its adapter disabled: ZeRO-3 and FSDP would gather every layer's shards at every step of both
-        # (and ZeRO-3's parameter prefetching is reported to break on the second: trl#6237, LlamaFactory#2189).
+        # Measured in 2 CPU processes with the refusals lifted (docs/multi-gpu.md): ZeRO-3
+        # partitions every model as it loads, and merging the reward model's LoRA into partitioned weights fails
+        # in peft (a tensor of size 0 against 64); under FSDP2 accelerate wants the model prepared with the
+        # optimizer, and PPO runs the policy's body, generate and the heads outside the wrapped model's forward,
+        # where FSDP2 gathers the embeddings and heads. Each needs its roles rebuilt for sharding first.
         which = "DeepSpeed ZeRO-3" if plan.zero_stage == 3 else "FSDP"
-        raise UserError(
-            f"PPO does not run under {which} in this pipeline: use {CONFIGS}/zero2.yaml or multi_gpu.yaml for "
-            f"`make ppo` ({which} remains fine for sft and reward)"
+        why = (
+            "it partitions the models as they load and the reward adapter cannot be merged into partitioned weights"
+            if plan.zero_stage == 3
+            else "PPO runs its roles outside the wrapped model, where FSDP2 does not gather the weights"
         )
-    saves = getattr(model_args, "save_strategy", "no") != "no"  # known before launch only (read from the recipe)
-    if stage == "ppo" and saves and plan.distributed_type in ("DEEPSPEED", "FSDP"):
-        # PPO's resumable checkpoints hold whole tensors from rank 0; a sharded optimizer is not.
         raise UserError(
-            f"PPO checkpoints are not supported under {SHARDED_NAMES[plan.distributed_type]}: "
-            'add ARGS="--save_strategy no" '
-            f"(the run then cannot resume) or use {CONFIGS}/multi_gpu.yaml for `make ppo`"
+            f"PPO does not run under {which} in this pipeline ({why}): use {CONFIGS}/zero2.yaml or multi_gpu.yaml "
+            f"for `make ppo` ({which} remains fine for sft, reward, dpo, rloo and grpo)"
         )
     if plan.distributed_type == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"{plan.source} uses DeepSpeed, which is not installed: {DEEPSPEED_EXTRA}")
+    if sharded and plan.num_processes == 1 and not plan.offload:
+        raise UserError(
+            f"{plan.source} shards the model with {SHARDED_NAMES[plan.distributed_type]} over 1 process, which "
+            f'saves nothing: give it several (LAUNCH_ARGS="--num_processes 2"), or use {CONFIGS}/single_process.yaml'
+        )
     if plan.uses_gpus:
         if cuda_devices is None:
             import torch
 
             cuda_devices = torch.cuda.device_count()
+        if sharded and cuda_devices == 0:
+            # No GPU: DeepSpeed runs its processes on the CPU over gloo (process_group_backend). accelerate applies
+            # FSDP only on GPUs: the processes would each train alone, or drift apart, without a word.
+            if plan.distributed_type == "FSDP" and not os.environ.get(FSDP_ON_CPU):
+                raise UserError(
+                    f"{plan.source} uses FSDP, which needs CUDA GPUs (this machine has none, and without them "
+                    f"accelerate skips FSDP): use {CONFIGS}/zero2.yaml or zero3.yaml (DeepSpeed runs on the CPU), "
+                    "or multi_cpu.yaml"
+                )
+            return
         wanted = plan.local_processes
         if plan.gpu_ids not in ("all", "", None):
             cuda_devices = min(cuda_devices, len(plan.gpu_ids.split(",")))
@@ -197,11 +245,9 @@ def check_stage(stage: str, model_args, training_args=None) -> None:
     would not connect, and each would train alone and overwrite the others' output.
     """
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
 
     plan = plan_from_environment()
-    # PartialState ignores ACCELERATE_USE_CPU (only TrainingArguments reads it); without cpu=True, CPU processes
-    # launched together would each come up alone instead of joining one gloo group.
-    PartialState(cpu=plan.use_cpu)
     settings = model_args
     if training_args is not None:  # the trainer-config rules too (PPO's checkpoints), as before launch
         save_strategy = getattr(training_args, "save_strategy", "no")
@@ -211,6 +257,15 @@ def check_stage(stage: str, model_args, training_args=None) -> None:
             save_strategy=str(getattr(save_strategy, "value", save_strategy)),
         )
     check(plan, stage, settings)
+    # PartialState ignores ACCELERATE_USE_CPU (only TrainingArguments reads it); without cpu=True, CPU processes
+    # launched together would each come up alone instead of joining one gloo group. (The trainers' arguments have
+    # usually made it already, with the backend `cli.parse` gave them.)
+    state = PartialState(cpu=plan.use_cpu, backend=process_group_backend())
+    if plan.distributed_type == "FSDP" and state.distributed_type == DistributedType.NO and state.num_processes > 1:
+        # Only reached with FSDP_ON_CPU (check refuses FSDP without GPUs otherwise): the processes are joined over
+        # gloo but accelerate saw no GPU, so it would not apply FSDP. Labelled as multi-GPU, the Accelerator each
+        # trainer builds next turns FSDP on (fully_shard works on CPU tensors).
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
 def recipe_settings(stage_argv: list[str]) -> SimpleNamespace:

@@ -112,6 +112,37 @@ def run_stage(stage: str, *overrides: str, recipe: str = "demo", **options) -> s
     return run_module(stage, "--config", str(ROOT / "recipes" / recipe / f"{stage}.yaml"), *overrides, **options)
 
 
+def launch_command(config: str, stage: str, *args: str) -> list[str]:
+    """`make <stage> ACCELERATE_CONFIG=recipes/accelerate_configs/<config>.yaml ARGS=...`, without make."""
+    command = [sys.executable, "-m", "rlhf_trl.launch", "--quiet", "--config_file"]
+    command += [str(ROOT / f"recipes/accelerate_configs/{config}.yaml"), "-m", f"rlhf_trl.{stage}"]
+    return [*command, "--config", str(ROOT / f"recipes/demo/{stage}.yaml"), *args]
+
+
+def launch(config: str, stage: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `launch_command` to its end (several processes for a multi-process config), capturing its output."""
+    command = launch_command(config, stage, *args)
+    return subprocess.run(command, cwd=ROOT, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=600)
+
+
+def kill_launch_when(ready, config: str, stage: str, *args: str, env: dict | None = None) -> None:
+    """Starts `launch_command` and SIGKILLs every process of it as soon as `ready()` holds, as a crash or a reboot
+    would: torchrun starts its workers in sessions of their own, so they are found by their command line, which
+    holds the run's output_dir (`--output_dir` must be among `args`)."""
+    import psutil
+
+    output_dir = args[args.index("--output_dir") + 1]
+    command = launch_command(config, stage, *args)
+    first = subprocess.Popen(command, cwd=ROOT, env=env or OFFLINE_ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    wait_until(ready, first, timeout=400)
+    os.killpg(first.pid, signal.SIGKILL)
+    for process in psutil.process_iter(["cmdline"]):
+        if output_dir in " ".join(process.info["cmdline"] or []):
+            process.kill()
+    first.wait()
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
     """data/ (demo JSONL splits) and models/base (tokenizer + random tiny Llama) under one temp folder."""

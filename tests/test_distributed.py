@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, ROOT, ppo_args, reward_args, sft_args, stage_paths, wait_until
+from conftest import (
+    OFFLINE_ENV,
+    ROOT,
+    kill_launch_when,
+    launch,
+    ppo_args,
+    reward_args,
+    sft_args,
+    stage_paths,
+)
 from test_stages import lora_b_weights
 
 from rlhf_trl.metrics_log import read_metrics
@@ -29,14 +38,6 @@ STAGES = {  # the conftest arguments, shortened further: enough steps to compare
     "ppo": (ppo_args, ["--total_episodes", "64", "--logging_steps", "1"]),
 }
 SUMMARY = {"sft": "sft: held-out loss", "reward": "reward: held-out pairwise accuracy", "ppo": "ppo: saved to"}
-
-
-def launch(config: str, stage: str, *args: str) -> subprocess.CompletedProcess:
-    """`make <stage> ACCELERATE_CONFIG=recipes/accelerate_configs/<config>.yaml ARGS=...`, without make."""
-    command = [sys.executable, "-m", "rlhf_trl.launch", "--quiet", "--config_file"]
-    command += [str(ROOT / f"recipes/accelerate_configs/{config}.yaml"), "-m", f"rlhf_trl.{stage}"]
-    command += ["--config", str(ROOT / f"recipes/demo/{stage}.yaml"), *args]
-    return subprocess.run(command, cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=400)
 
 
 @pytest.fixture(scope="module")
@@ -140,31 +141,16 @@ def test_processes_without_their_gpus_stop_instead_of_training_alone(world, tmp_
 def test_two_process_ppo_killed_after_a_checkpoint_resumes_to_the_same_result(runs, tmp_path):
     """Every rank's RNG, its shard's place in the prompt order and the shared optimizer come back: the resumed
     2-process run ends with the uninterrupted one's metrics and adapter."""
-    import os
-    import signal
-
-    import psutil
     from safetensors.torch import load_file
 
     reference = runs[2]
     paths = {**reference, "ppo": str(tmp_path / "ppo")}
     args = [*ppo_args(paths), *STAGES["ppo"][1], "--per_device_train_batch_size", "8"]
     args += ["--local_rollout_forward_batch_size", "8", "--save_steps", "1"]
-    command = [sys.executable, "-m", "rlhf_trl.launch", "--quiet", "--config_file"]
-    command += [str(ROOT / "recipes/accelerate_configs/multi_cpu.yaml"), "-m", "rlhf_trl.ppo"]
-    command += ["--config", str(ROOT / "recipes/demo/ppo.yaml"), *args]
-    first = subprocess.Popen(command, cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)  # fmt: skip
-    wait_until((tmp_path / "ppo.partial/checkpoint-2/trainer_state.json").is_file, first, timeout=300)
-    # Every process of the launch, as a crash or a reboot would: torchrun starts its workers in their own sessions.
-    os.killpg(first.pid, signal.SIGKILL)
-    for process in psutil.process_iter(["cmdline"]):
-        if paths["ppo"] in " ".join(process.info["cmdline"] or []):
-            process.kill()
-    first.wait()
+    kill_launch_when((tmp_path / "ppo.partial/checkpoint-2/trainer_state.json").is_file, "multi_cpu", "ppo", *args)
     assert read_marker(paths["ppo"]) is None
 
-    result = subprocess.run(command, cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=400)
+    result = launch("multi_cpu", "ppo", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ppo: resuming from" in result.stdout
 

@@ -19,11 +19,11 @@ NO_QUANT = SimpleNamespace(load_in_4bit=False, load_in_8bit=False)
 FOUR_BIT = SimpleNamespace(load_in_4bit=True, load_in_8bit=False)
 
 
-def launch(config: str, *stage_args: str, module: str = "rlhf_trl.sft") -> subprocess.CompletedProcess:
-    """What `make <stage> ACCELERATE_CONFIG=...` runs."""
+def launch(config: str, *stage_args: str, module: str = "rlhf_trl.sft", launch_args=()) -> subprocess.CompletedProcess:
+    """What `make <stage> ACCELERATE_CONFIG=... LAUNCH_ARGS=...` runs."""
     return subprocess.run(
         [sys.executable, "-m", "rlhf_trl.launch", "--quiet", "--config_file", str(CONFIGS / f"{config}.yaml")]
-        + ["-m", module, *stage_args],
+        + [*launch_args, "-m", module, *stage_args],
         cwd=ROOT,
         env=OFFLINE_ENV,
         capture_output=True,
@@ -64,7 +64,7 @@ def test_deepspeed_without_the_extra():
     line = one_line_error(launch("zero2", "--config", "recipes/demo/sft.yaml"))
     assert "pip install -e '.[deepspeed]'" in line
     with pytest.raises(UserError, match=r"pip install -e '\.\[deepspeed\]'"):
-        check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "sft", NO_QUANT, cuda_devices=2)
+        check(Plan(distributed_type="DEEPSPEED", num_processes=2, zero_stage=2), "sft", NO_QUANT, cuda_devices=2)
 
 
 @pytest.mark.skipif(HAS_DEEPSPEED, reason="deepspeed is installed here")
@@ -98,15 +98,46 @@ def test_ppo_under_zero3_is_refused_and_zero2_is_not():
     with pytest.raises(UserError, match="PPO does not run under DeepSpeed ZeRO-3"):
         check(Plan(distributed_type="DEEPSPEED", zero_stage=3), "ppo", NO_QUANT)
     if HAS_DEEPSPEED:
-        check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "ppo", FOUR_BIT, cuda_devices=2)
+        check(Plan(distributed_type="DEEPSPEED", num_processes=2, zero_stage=2), "ppo", FOUR_BIT, cuda_devices=2)
 
 
-def test_ppo_checkpoints_under_sharding_are_refused_before_launch():
+def test_ppo_checkpoints_under_zero2_are_allowed():
+    """DeepSpeed's own checkpoint holds each process's optimizer shard (tests/test_paths_distributed.py resumes one)."""
     saving = SimpleNamespace(load_in_4bit=False, load_in_8bit=False, save_strategy="steps")
-    with pytest.raises(UserError, match=r"PPO checkpoints are not supported under DeepSpeed: .*--save_strategy no"):
-        check(Plan(distributed_type="DEEPSPEED", zero_stage=2), "ppo", saving, cuda_devices=2)
+    if HAS_DEEPSPEED:
+        check(Plan(distributed_type="DEEPSPEED", num_processes=2, zero_stage=2), "ppo", saving, cuda_devices=2)
     assert recipe_settings(["--config", "recipes/demo/ppo.yaml"]).save_strategy == "steps"
     assert recipe_settings(["--config", "recipes/demo/ppo.yaml", "--save_strategy", "no"]).save_strategy == "no"
+
+
+def test_a_sharded_config_given_one_process_says_what_to_change():
+    """Sharding over one process saves nothing."""
+    line = one_line_error(launch("fsdp", "--config", "recipes/demo/sft.yaml", launch_args=["--num_processes", "1"]))
+    assert "over 1 process" in line and "--num_processes 2" in line and "single_process.yaml" in line
+    if HAS_DEEPSPEED:
+        for config in ("zero2", "zero3"):
+            plan = plan_from_config(CONFIGS / f"{config}.yaml", SimpleNamespace(num_processes=1))
+            with pytest.raises(UserError, match="DeepSpeed over 1 process"):
+                check(plan, "sft", NO_QUANT, cuda_devices=1)
+        offloading = Plan(distributed_type="DEEPSPEED", num_processes=1, zero_stage=3, offload=True)
+        check(offloading, "sft", NO_QUANT, cuda_devices=1)  # one GPU with its optimizer state in RAM: a real use
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has GPUs")
+def test_fsdp_without_gpus_is_refused_and_deepspeed_runs_on_the_cpu(monkeypatch):
+    """accelerate skips FSDP without a GPU (each process would train alone): refused. DeepSpeed runs over gloo."""
+    monkeypatch.delenv("RLHF_TRL_FSDP_ON_CPU", raising=False)
+    line = one_line_error(launch("fsdp", "--config", "recipes/demo/sft.yaml"))
+    assert "needs CUDA GPUs" in line and "zero2.yaml" in line
+    if HAS_DEEPSPEED:
+        check(plan_from_config(CONFIGS / "zero3.yaml"), "sft", NO_QUANT)
+    monkeypatch.setenv("RLHF_TRL_FSDP_ON_CPU", "1")  # the test suite's switch (launch.FSDP_ON_CPU)
+    check(plan_from_config(CONFIGS / "fsdp.yaml"), "sft", NO_QUANT)
+
+
+def test_fsdp_config_is_fsdp2():
+    plan = plan_from_config(CONFIGS / "fsdp.yaml")
+    assert (plan.distributed_type, plan.fsdp_version, plan.num_processes, plan.offload) == ("FSDP", 2, 2, False)
 
 
 def test_ppo_runs_in_several_processes_but_not_sharded_by_fsdp():
@@ -114,7 +145,9 @@ def test_ppo_runs_in_several_processes_but_not_sharded_by_fsdp():
     demo = recipe_settings(["--config", "recipes/demo/ppo.yaml"])
     check(Plan(distributed_type="MULTI_CPU", num_processes=2, use_cpu=True), "ppo", demo)
     check(Plan(), "ppo", demo)
-    with pytest.raises(UserError, match=r"PPO does not run under FSDP in this pipeline: use .*zero2.yaml or multi_gpu"):
+    with pytest.raises(
+        UserError, match=r"PPO does not run under FSDP in this pipeline \(.*\): use .*zero2.yaml or multi_gpu"
+    ):
         check(Plan(distributed_type="FSDP"), "ppo", NO_QUANT, cuda_devices=2)
     with pytest.raises(UserError, match=r"PPO does not run under DeepSpeed ZeRO-3"):
         check(Plan(distributed_type="DEEPSPEED", zero_stage=3), "ppo", NO_QUANT, cuda_devices=2)
