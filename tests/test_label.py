@@ -305,6 +305,11 @@ def test_a_lone_surrogate_in_the_prompts_or_a_decision_is_one_line(world, tmp_pa
     item = {"prompt": "Wave \ud83d", "responses": ["a", "b"], "sample_id": "s1", "prompt_id": "p", "model": "m"}
     with pytest.raises(UserError, match=r"the decision on sample s1: field 'prompt' holds a lone surrogate"):
         labels.new_decision({**item, "generation": {}}, "alice", "prefer", 0, "web")
+    # the Chat tab (and `make chat`): what a browser sends is checked before any tokenizer sees it
+    from rlhf_trl.chat import fit_history
+
+    with pytest.raises(UserError, match=r"the chat: field 'content' holds a lone surrogate \\ud83d at character 6"):
+        fit_history(None, [{"role": "user", "content": "Wave \ud83d"}], 128, 16)
 
 
 def write_jsonl(path, rows):
