@@ -330,8 +330,8 @@ def test_reward_trains_on_human_generated_or_mixed_pairs(tmp_path, capsys):
     def splits(mix, labels, fraction=None):
         args = SimpleNamespace(
             dataset_name=generated, eval_dataset_name=held_out, dataset_config=None, dataset_format="auto",
-            dataset_train_split="train", allow_unmatched=False, max_train_samples=None, eval_split_size=0.05,
-            human_labels=labels, label_mix=mix, human_fraction=fraction,
+            dataset_train_split="train", dataset_test_split="test", allow_unmatched=False, max_train_samples=None,
+            eval_split_size=0.05, human_labels=labels, label_mix=mix, human_fraction=fraction,
         )  # fmt: skip
         train, evaluation = load_splits(args, "reward", seed=0)
         assert len(evaluation) == 1  # held-out pairs are the same whatever the mix
