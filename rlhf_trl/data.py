@@ -44,6 +44,7 @@ STAGE_FORMATS = {
 
 
 BOM = "\ufeff"  # "UTF-8 with BOM" (Windows Notepad, PowerShell 5's Out-File, Excel's "CSV UTF-8") opens with it
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads makes one of a "\\ud83d" escape without its pair
 CSV_DELIMITERS = ",;\t"  # comma; semicolon (Excel where the decimal mark is a comma); tab
 
 
@@ -64,12 +65,11 @@ def check_unicode(value, where: str, field: str | None = None) -> None:
     included) holds a lone surrogate: JSON's `"\\ud83d"` escape is valid JSON but not a character (half of an emoji,
     cut by a scraper or a truncated dump), and no tokenizer, Arrow table or UTF-8 file can take it."""
     if isinstance(value, str):
-        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
-        if bad is not None:
-            at = value.index(bad)
+        bad = LONE_SURROGATE.search(value)
+        if bad:
             raise UserError(
-                f"{where}: field '{field}' holds a lone surrogate \\u{ord(bad):04x} at character {at + 1} (half of a "
-                "character such as an emoji, cut in two): fix or delete that text"
+                f"{where}: field '{field}' holds a lone surrogate \\u{ord(bad[0]):04x} at character {bad.start() + 1} "
+                "(half of a character such as an emoji, cut in two): fix or delete that text"
             )
     elif isinstance(value, dict):
         for key, item in value.items():

@@ -305,6 +305,11 @@ def test_a_lone_surrogate_in_the_prompts_or_a_decision_is_one_line(world, tmp_pa
     item = {"prompt": "Wave \ud83d", "responses": ["a", "b"], "sample_id": "s1", "prompt_id": "p", "model": "m"}
     with pytest.raises(UserError, match=r"the decision on sample s1: field 'prompt' holds a lone surrogate"):
         labels.new_decision({**item, "generation": {}}, "alice", "prefer", 0, "web")
+    # the Chat tab (and `make chat`): what a browser sends is checked before any tokenizer sees it
+    from rlhf_trl.chat import fit_history
+
+    with pytest.raises(UserError, match=r"the chat: field 'content' holds a lone surrogate \\ud83d at character 6"):
+        fit_history(None, [{"role": "user", "content": "Wave \ud83d"}], 128, 16)
 
 
 def write_jsonl(path, rows):
@@ -325,8 +330,8 @@ def test_reward_trains_on_human_generated_or_mixed_pairs(tmp_path, capsys):
     def splits(mix, labels, fraction=None):
         args = SimpleNamespace(
             dataset_name=generated, eval_dataset_name=held_out, dataset_config=None, dataset_format="auto",
-            dataset_train_split="train", allow_unmatched=False, max_train_samples=None, eval_split_size=0.05,
-            human_labels=labels, label_mix=mix, human_fraction=fraction,
+            dataset_train_split="train", dataset_test_split="test", allow_unmatched=False, max_train_samples=None,
+            eval_split_size=0.05, human_labels=labels, label_mix=mix, human_fraction=fraction,
         )  # fmt: skip
         train, evaluation = load_splits(args, "reward", seed=0)
         assert len(evaluation) == 1  # held-out pairs are the same whatever the mix
