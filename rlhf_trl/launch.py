@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,6 +169,26 @@ def process_group_backend() -> str | None:
     import torch
 
     return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None
+
+
+@contextmanager
+def whole_on_every_process(training_args):
+    """A context in which models load whole on every process, also under ZeRO-3, whose `zero3_init_flag` otherwise
+    partitions every model as it loads: for a frozen helper no trainer wraps (RLOO's and GRPO's reward model, which
+    scores answers; a LoRA one is merged into its base as it loads, which partitioned weights cannot take).
+    transformers partitions while its DeepSpeed config is set (accelerate's `zero3_init_context_manager` keeps the
+    stage-3 config there, measured: no effect), so the config is taken away for the block and put back after."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: int | None = None) -> None:
