@@ -161,7 +161,8 @@ def process_group_backend() -> str | None:
     """The process-group backend of this machine's processes, the one place it is decided: gloo when there is no
     CUDA GPU and more than one process, else None (accelerate's own choice: NCCL on GPUs). `cli.parse` gives it to
     every stage as the default of `ddp_backend`, which the trainers' TrainingArguments (PPO's too) hand to
-    accelerate's process state; so zero2.yaml, zero3.yaml and fsdp.yaml run unchanged on GPUs and on a CPU.
+    accelerate's process state; so zero2.yaml and zero3.yaml run unchanged on GPUs and on a CPU (fsdp.yaml on a
+    CPU only under the test suite's FSDP_ON_CPU).
 
     Without it, accelerate on a GPU-less machine leaves the backend unset and counts 1 process in each while
     DeepSpeed sees all of them (`deepspeed.initialize` then fails on a batch-size assertion), and FSDP processes
