@@ -33,7 +33,7 @@ from trl import get_peft_config
 from . import outputs
 from .cli import UserError
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
-from .launch import check_stage
+from .launch import check_stage, whole_on_every_process
 from .metrics_log import MetricsLog, use_stage_progress
 from .modeling import check_model_source, context_length, load_model, load_tokenizer, model_kwargs
 from .ppo import load_prompts, prompts_within
@@ -124,7 +124,8 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
         train, evaluation = prompts_for(script_args, training_args, tokenizer, stage)
         kwargs = model_kwargs(model_args)
         policy = load_model(training_args.sft_model_path, kwargs=kwargs, what="sft_model_path")
-        reward_model = load_reward_classifier(training_args.reward_model_path, kwargs, reward_tokenizer)
+        with whole_on_every_process(training_args):  # frozen, outside the trainer: never sharded by ZeRO-3
+            reward_model = load_reward_classifier(training_args.reward_model_path, kwargs, reward_tokenizer)
         reward_model.eval().requires_grad_(False)
         if "quantization_config" not in kwargs:  # a quantized one sits where device_map put it
             from accelerate import PartialState

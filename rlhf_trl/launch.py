@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,7 +161,8 @@ def process_group_backend() -> str | None:
     """The process-group backend of this machine's processes, the one place it is decided: gloo when there is no
     CUDA GPU and more than one process, else None (accelerate's own choice: NCCL on GPUs). `cli.parse` gives it to
     every stage as the default of `ddp_backend`, which the trainers' TrainingArguments (PPO's too) hand to
-    accelerate's process state; so zero2.yaml, zero3.yaml and fsdp.yaml run unchanged on GPUs and on a CPU.
+    accelerate's process state; so zero2.yaml and zero3.yaml run unchanged on GPUs and on a CPU (fsdp.yaml on a
+    CPU only under the test suite's FSDP_ON_CPU).
 
     Without it, accelerate on a GPU-less machine leaves the backend unset and counts 1 process in each while
     DeepSpeed sees all of them (`deepspeed.initialize` then fails on a batch-size assertion), and FSDP processes
@@ -168,6 +170,26 @@ def process_group_backend() -> str | None:
     import torch
 
     return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None
+
+
+@contextmanager
+def whole_on_every_process(training_args):
+    """A context in which models load whole on every process, also under ZeRO-3, whose `zero3_init_flag` otherwise
+    partitions every model as it loads: for a frozen helper no trainer wraps (RLOO's and GRPO's reward model, which
+    scores answers; a LoRA one is merged into its base as it loads, which partitioned weights cannot take).
+    transformers partitions while its DeepSpeed config is set (accelerate's `zero3_init_context_manager` keeps the
+    stage-3 config there, measured: no effect), so the config is taken away for the block and put back after."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: int | None = None) -> None:

@@ -66,23 +66,17 @@ def run(config: str, stage: str, paths: dict, processes: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(world) -> dict:
-    """The whole chain in 1 process: each stage's reference, and the sft and reward outputs the others start from."""
-    paths = stage_paths(world, tag="_paths_1proc")
-    return {stage: run("single_process", stage, paths, 1) for stage in CHAIN} | {"paths": paths}
-
-
-@pytest.fixture(scope="module")
-def two_processes(world, one_process):
-    """`two_processes(config, stage)`: that stage in 2 processes under `config`, run once, from the 1-process inputs."""
+def runs(world):
+    """`runs(config, stage)`: `stage` under `config` (single_process: 1 process, else 2), run once on first use. Every
+    run starts from the 1-process outputs of the stages before it (sft, reward), run first when missing."""
     done = {}
 
     def get(config: str, stage: str) -> dict:
         if (config, stage) not in done:
             paths = stage_paths(world, tag=f"_paths_{config}")
-            inputs = {key: one_process["paths"][key] for key in ("sft", "reward")}
-            paths |= {"sft": paths["sft"]} if stage == "sft" else inputs
-            done[config, stage] = run(config, stage, paths, 2)
+            for earlier in ("sft", "reward")[: CHAIN.index(stage)]:
+                paths[earlier] = get("single_process", earlier)["out"]
+            done[config, stage] = run(config, stage, paths, 1 if config == "single_process" else 2)
         return done[config, stage]
 
     return get
@@ -98,7 +92,7 @@ def values(out: str, key: str) -> list[float]:
 COMPARED = {
     "sft": ("loss", 1e-3),
     "reward": ("loss", 1e-3),
-    "dpo": ("loss", 1e-3),
+    "dpo": ("loss", 1e-2),  # its NLL term is a token mean within each rank, then averaged over the ranks
     "rloo": ("reward", 0.5),
     "grpo": ("reward", 0.5),
     "ppo": ("objective/scores", 0.5),
@@ -114,8 +108,8 @@ MATRIX = (
 
 
 @pytest.mark.parametrize(("config", "stage"), MATRIX)
-def test_two_processes_match_one_at_the_same_global_batch(one_process, two_processes, config, stage):
-    one, two = one_process[stage], two_processes(config, stage)
+def test_two_processes_match_one_at_the_same_global_batch(runs, config, stage):
+    one, two = runs("single_process", stage), runs(config, stage)
     marks = read_marker(one["out"]), read_marker(two["out"])
     assert (marks[0]["processes"], marks[1]["processes"]) == (1, 2)
     assert marks[0]["global_batch"] == marks[1]["global_batch"] == GLOBAL_BATCH
@@ -151,11 +145,13 @@ def works(stage: str, out: str) -> None:
     assert answer[0].strip()
 
 
-def test_zero2_ppo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(world, one_process, two_processes):
+def test_zero2_ppo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(world, runs):
     """DeepSpeed's own checkpoint holds each process's optimizer shard; with the RNG states and the trainable tensors
-    the resumed run ends where the uninterrupted one (`two_processes`) ends."""
-    reference = two_processes("zero2", "ppo")["out"]
-    paths = stage_paths(world, tag="_paths_resume") | {key: one_process["paths"][key] for key in ("sft", "reward")}
+    the resumed run ends where the uninterrupted one (`runs`) ends."""
+    reference = runs("zero2", "ppo")["out"]
+    paths = stage_paths(world, tag="_paths_resume") | {
+        key: runs("single_process", key)["out"] for key in ("sft", "reward")
+    }
     args = [*stage_args("ppo", paths, GLOBAL_BATCH // 2), "--save_steps", "1"]
     kill_launch_when(Path(paths["ppo"] + ".partial/checkpoint-1/trainer_state.json").is_file, "zero2", "ppo", *args,
                      env=ENV)  # fmt: skip
