@@ -221,7 +221,7 @@ def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
         command = ["make", "--no-print-directory", "-n", *args]
         result = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, result.stderr
-        return result.stdout
+        return result.stderr + result.stdout  # compare --to-train says what it keeps and trains on stderr
 
     assert "-m rlhf_trl.evaluate --recipe demo --stage rloo" in dry("eval", "STAGE=rloo")
     assert "-m rlhf_trl.report --recipe demo --stage dpo" in dry("report", "STAGE=dpo")
