@@ -9,7 +9,7 @@
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
 #   make bench-engines            our PPO engine's score and KL curves against TRL 1.12's over 3 seeds (demo: ~5 min)
 #   make rloo / grpo / dpo        PPO's successors from the same SFT model (make chat|eval|report|merge STAGE=rloo ...)
-#   make compare                  ppo, rloo, grpo and dpo judged side by side (trains the missing ones)
+#   make compare                  ppo, rloo, grpo and dpo judged side by side (trains the missing ones; ARGS="--methods ppo")
 #   make test-reference           our PPO engine against TRL 1.12's PPOTrainer, step for step, in .venv-reference
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -99,15 +99,13 @@ eval: setup
 report: setup
 	$(BIN)/python -m rlhf_trl.report --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
 
-# Every method from the same SFT model (docs/evaluation.md): trains what is missing (a finished output is kept;
-# `make <method> ARGS=--overwrite` redoes one), then judges SFT and all of them on eval's prompts and samples and
+# Every method from the same SFT model (docs/evaluation.md), or those of ARGS="--methods ppo ...": trains what of
+# sft, reward and those methods is missing (rlhf_trl.compare --to-train decides and says so first; a finished output
+# is kept; `make <method> ARGS=--overwrite` redoes one), then judges SFT and them on eval's prompts and samples and
 # writes models/<recipe>/compare/ (compare.md, compare.json, compare.png). ARGS reach rlhf_trl.compare only.
 compare: setup
-	@for stage in sft reward ppo rloo grpo dpo; do \
-	  if [ -f models/$(RECIPE)/$$stage/rlhf_trl_run.json ]; then \
-	    echo "$$stage: models/$(RECIPE)/$$stage is finished; kept (make $$stage ARGS=--overwrite redoes it)"; \
-	  else $(MAKE) $$stage RECIPE=$(RECIPE) ARGS=; fi; \
-	done
+	@stages="$$($(BIN)/python -m rlhf_trl.compare --recipe $(RECIPE) $(ARGS) --to-train)" || exit $$?; \
+	for stage in $$stages; do $(MAKE) $$stage RECIPE=$(RECIPE) ARGS= || exit $$?; done
 	$(BIN)/python -m rlhf_trl.compare --recipe $(RECIPE) $(ARGS)
 
 # Human feedback into data/labels/$(RECIPE)/ (accepted_data, rejected_data, pairs.jsonl). Answers come from the SFT model

@@ -67,6 +67,13 @@ class ScriptArguments:
             "anyone labels)."
         },
     )
+    arena_votes_as_training: bool = field(
+        default=False,
+        metadata={
+            "help": "reward, dpo: also train on the arena votes in human_labels (the web page's blind A/B votes, on "
+            "held-out prompts that make eval and make compare judge with); off: they are left out and counted."
+        },
+    )
     human_fraction: float | None = field(
         default=None,
         metadata={

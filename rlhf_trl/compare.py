@@ -1,7 +1,8 @@
 """Which method helped most? SFT and every finished stage-3 method judged side by side, with what each cost.
 
     python -m rlhf_trl.compare --recipe demo [--methods ppo rloo grpo dpo] [make eval's options]
-    # `make compare`: trains whichever of ppo, rloo, grpo and dpo is missing first
+    # `make compare ARGS="--methods ppo"`: first trains what of sft, reward and the methods asked for is missing
+    # (`--to-train` tells make which: the methods are parsed here, not in the Makefile)
 
 Judges SFT and each finished method in `models/<recipe>/` (`outputs.METHODS`: ppo, rloo, grpo, dpo) exactly as
 `make eval` does, through its functions (`evaluate.prepare` samples and scores SFT once, `evaluate.judge_method`
@@ -37,6 +38,29 @@ def split_methods(models: Path, methods: Sequence[str]) -> tuple[list[str], list
     """(finished, missing) among `methods`, in the order given: finished means its output has a marker."""
     finished = [m for m in methods if outputs.read_marker(models / m) is not None]
     return finished, [m for m in methods if m not in finished]
+
+
+def to_train(models: Path, methods: Sequence[str]) -> list[str]:
+    """The stages `make compare` trains before comparing `methods`: SFT (every method starts from it), the reward
+    model (it judges) and the methods asked for, each only when its output is not finished, in pipeline order."""
+    return split_methods(models, ["sft", "reward", *methods])[1]
+
+
+def plan(args, log: Callable[[str], None]) -> list[str]:
+    """`--to-train`: says on stderr (`log`) what make will train and keep, and returns the stages to train. With
+    --models elsewhere than models/<recipe>, where the recipes write, it trains nothing."""
+    models, default = args.models or Path("models", args.recipe), Path("models", args.recipe)
+    if models.resolve() != default.resolve():
+        log(f"compare: --models {models}: make trains into {default} only, so it trains nothing first")
+        return []
+    stages = to_train(models, args.methods)
+    for stage in ["sft", "reward", *args.methods]:
+        if stage not in stages:
+            log(f"{stage}: {models / stage} is finished; kept (make {stage} ARGS=--overwrite redoes it)")
+    if stages:
+        hints = ", ".join(f"{s} (`make {outputs.MAKE_TARGET[s]} RECIPE={args.recipe}`)" for s in stages)
+        log(f"compare: training first, as they are not finished: {hints}; then comparing {', '.join(args.methods)}")
+    return stages
 
 
 def make_hint(method: str, recipe: str) -> str:
@@ -294,11 +318,23 @@ def parser() -> argparse.ArgumentParser:
         help="the methods to compare with SFT (default: all; the ones not finished are listed as missing)",
     )
     parser.add_argument("--output", type=Path, default=None, help="folder to write (default: <models>/compare)")
+    parser.add_argument(
+        "--to-train",
+        action="store_true",
+        help="print the stages `make compare` must train first (one a line), compare nothing; what and why on stderr",
+    )
     return parser
 
 
 def main(argv=None) -> None:
-    compare(parser().parse_args(argv))
+    import sys
+
+    args = parser().parse_args(argv)
+    if args.to_train:
+        for stage in plan(args, lambda line: print(line, file=sys.stderr)):
+            print(stage)
+        return
+    compare(args)
 
 
 if __name__ == "__main__":

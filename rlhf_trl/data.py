@@ -548,9 +548,9 @@ def seed_pair_files(source: str) -> tuple[Path, Path] | None:
     return None
 
 
-def _answers_by_prompt(path: Path) -> dict[str, tuple]:
-    """prompt key -> (prompt, [answers], first line) for one of the two seed files."""
-    records = read_jsonl(path)
+def _answers_by_prompt(path: Path, keep=None) -> dict[str, tuple]:
+    """prompt key -> (prompt, [answers], first line) for one of the two seed files (the records `keep` keeps)."""
+    records = [record for record in read_jsonl(path) if keep is None or keep(record)]
     if not records:
         raise UserError(f"{path} holds no records")
     grouped: dict[str, tuple] = {}
@@ -578,9 +578,9 @@ def _answers_by_prompt(path: Path) -> dict[str, tuple]:
     return grouped
 
 
-def join_accepted_rejected(accepted: Path, rejected: Path, allow_unmatched: bool = False) -> list[dict]:
+def join_accepted_rejected(accepted: Path, rejected: Path, allow_unmatched: bool = False, keep=None) -> list[dict]:
     """Pairs each prompt's accepted answers with its rejected ones (cycling the shorter list)."""
-    good, bad = _answers_by_prompt(accepted), _answers_by_prompt(rejected)
+    good, bad = _answers_by_prompt(accepted, keep), _answers_by_prompt(rejected, keep)
     only_good, only_bad = [k for k in good if k not in bad], [k for k in bad if k not in good]
     matched = [k for k in good if k in bad]
     if (only_good or only_bad) and (not allow_unmatched or not matched):
@@ -615,18 +615,28 @@ def load_dataset_for(
     fmt: str = "auto",
     allow_unmatched: bool = False,
     split_key: str = "",
+    keep=None,
 ) -> list[dict]:
     """Any supported source (the seed's accepted/rejected folder included), validated and converted for `purpose`.
 
-    `split` (and `split_key`, the setting that names it) as `load_records` takes them."""
+    `split` (and `split_key`, the setting that names it) as `load_records` takes them; `keep`, a test of a raw
+    record, leaves out those it fails."""
     seed_files = seed_pair_files(source)
     if seed_files is not None:
-        records = join_accepted_rejected(*seed_files, allow_unmatched=allow_unmatched)
+        records = join_accepted_rejected(*seed_files, allow_unmatched=allow_unmatched, keep=keep)
         return convert(records, purpose, str(seed_files[0]))
-    return convert(load_records(source, split, config, split_key), purpose, source, fmt)
+    records = load_records(source, split, config, split_key)
+    return convert([r for r in records if keep is None or keep(r)], purpose, source, fmt)
 
 
 LABEL_MIXES = ("generated", "human", "mix")
+ARENA = "arena"  # the `source` of the web page's blind A/B votes (rlhf_trl.labels)
+
+
+def is_arena_vote(record: dict) -> bool:
+    """A decision of the web page's Arena tab, or a line the labels store derived from one: those carry `source:
+    arena` and the `stages` that answered (older labels folders have the stages only)."""
+    return record.get("source") == ARENA or "stages" in record
 
 
 def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
@@ -635,8 +645,20 @@ def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
 
     In `mix` mode a file nobody has labeled into yet is skipped with a note, so a recipe can name the labels
     file before it exists and behave exactly as before; in `human` mode there must be labels.
+
+    Arena votes (`is_arena_vote`) are left out, and counted, unless `arena_votes_as_training` is set: they are
+    votes on the held-out prompts (prompts_eval.jsonl) that `make eval`, `make compare` and the reward model's own
+    held-out pairs measure with, so training on them would grade the models on what they were taught (QA D20).
     """
-    pairs = []
+    pairs, left_out = [], []
+    allowed = getattr(script_args, "arena_votes_as_training", False)
+
+    def keep(record: dict) -> bool:
+        if allowed or not is_arena_vote(record):
+            return True
+        left_out.append(record)
+        return False
+
     for source in script_args.human_labels:
         if not Path(source).exists() and script_args.label_mix == "mix":
             print(f"{stage}: no human labels at {source} yet (`make label` writes them); using generated pairs there")
@@ -645,7 +667,12 @@ def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
             raise UserError(
                 f"human_labels {source} does not exist: label some answers first (`make label`) or set label_mix: mix"
             )
-        pairs += load_dataset_for(source, "reward", allow_unmatched=script_args.allow_unmatched)
+        pairs += load_dataset_for(source, "reward", allow_unmatched=script_args.allow_unmatched, keep=keep)
+    if left_out:
+        print(
+            f"{stage}: left out {len(left_out)} human_labels record(s) from arena votes: they judge held-out prompts, "
+            "which evaluation measures with (set arena_votes_as_training: true to train on them anyway)"
+        )
     return pairs
 
 

@@ -34,8 +34,8 @@ import itertools
 import json
 import math
 import os
-import re
 import threading
+import unicodedata
 import uuid
 from collections import Counter
 from datetime import datetime
@@ -43,7 +43,8 @@ from pathlib import Path
 
 from . import outputs
 from .cli import UserError
-from .data import check_unicode, load_dataset_for, read_csv, read_jsonl
+from .data import ARENA, check_unicode, load_dataset_for, read_csv, read_jsonl
+from .data import is_arena_vote as is_arena
 
 STAGES = (*outputs.POLICY_STAGES, "export")
 LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (
@@ -59,9 +60,8 @@ DERIVED = (ACCEPTED, REJECTED, PAIRS)
 LABEL_SETTINGS = {"max_new_tokens": 64, "temperature": 0.7, "seed": 0}
 LETTERS = "abcd"  # at most four answers side by side; other keys never clash with these
 VERDICTS = ("tie", "accept", "reject", "skip")
-ARENA = "arena"  # the `source` of the web page's blind A/B votes
 MAX_LABELER = 40
-LABELER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@+-]*")
+LABELER_PUNCTUATION = " ._@+-"
 
 
 def now() -> str:
@@ -79,17 +79,28 @@ def short_hash(value) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
+def normalize_labeler(name) -> str:
+    """One spelling per person: NFKC (full-width and compatibility forms), invisible format characters (zero-width
+    spaces and joiners, direction marks, a BOM) and control characters removed, runs of spaces made one, stripped,
+    then casefolded, so `Alice`, `alice` and `alice` + U+200B are one labeler. `check_labeler` applies it to every
+    name that comes in (the terminal tool, label-import's rows, the web page); the store to the names in its log."""
+    text = unicodedata.normalize("NFKC", str(name or ""))
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc"))
+    return " ".join(text.split()).casefold()
+
+
 def check_labeler(name) -> str:
-    """The labeler name, stripped; ValueError saying why when it is empty, too long or has odd characters.
+    """The labeler name as `normalize_labeler` spells it; ValueError saying why when it is empty, longer than
+    MAX_LABELER characters, or holds anything but letters, digits, spaces and . _ @ + - (first a letter or digit).
 
     Names go into the decision log and the agreement tables, never into a path or a command.
     """
-    name = str(name or "").strip()
+    name = normalize_labeler(name)
     if not name:
         raise ValueError("enter your name first: every decision records who made it")
     if len(name) > MAX_LABELER:
         raise ValueError(f"a labeler name is at most {MAX_LABELER} characters; this one has {len(name)}")
-    if not LABELER_PATTERN.fullmatch(name):
+    if not name[0].isalnum() or not all(c.isalnum() or c in LABELER_PUNCTUATION for c in name):
         raise ValueError(
             "a labeler name holds letters, digits, spaces and . _ @ + - only, and starts with a letter or digit"
         )
@@ -138,7 +149,17 @@ def derived_records(decision: dict) -> dict[str, list[dict]]:
     """What one decision adds to accepted_data, rejected_data and pairs."""
     meta = {
         key: decision[key]
-        for key in ("labeler", "timestamp", "model", "generation", "decision_id", "sample_id", "stages")
+        for key in (
+            "labeler",
+            "timestamp",
+            "source",
+            "model",
+            "generation",
+            "decision_id",
+            "sample_id",
+            "stages",
+            "runs",
+        )
         if key in decision
     }
     prompt, responses, verdict = decision["prompt"], decision["responses"], decision["decision"]
@@ -168,6 +189,8 @@ def live_decisions(records) -> dict[str, dict]:
         if record.get("kind") == "undo":
             decisions.pop(record.get("undoes"), None)
         elif record.get("kind") == "decision":
+            # A log written before names were normalized may spell one person several ways (QA D11).
+            record["labeler"] = normalize_labeler(record.get("labeler"))
             decisions[record["decision_id"]] = record
     return decisions
 
@@ -303,6 +326,7 @@ class Sampler:
         from .modeling import for_inference, load_model, load_tokenizer, sampling_line
 
         self.model_path = str(model_path)
+        self.run = outputs.run_id(model_path)  # read first: a retrain after this shows as another run
         self.tokenizer = load_tokenizer(model_path)
         self.model = for_inference(load_model(model_path))
         self.settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
@@ -336,6 +360,7 @@ class Sampler:
             # A letter first: spreadsheets read an all-digit (or digits-e-digits) id as a number and mangle it.
             "sample_id": "s" + short_hash([item["prompt"], responses]),
             "model": self.model_path,
+            "run": self.run,
             "generation": {**self.settings, "seed": seed},
         }
 
@@ -382,7 +407,7 @@ def new_decision(item: dict, labeler: str, verdict: str, preferred: int | None, 
         "timestamp": now(),
         "source": source,
         **{key: item[key] for key in ("prompt_id", "sample_id", "prompt", "responses", "model", "generation")},
-        **{key: item[key] for key in ("stages", "sample_ids") if key in item},
+        **{key: item[key] for key in ("stages", "sample_ids", "runs") if key in item},
         "decision": verdict,
     }
     if preferred is not None:
@@ -401,10 +426,6 @@ def decision_for_key(key: str, count: int) -> tuple[str, int | None] | None:
         return "prefer", LETTERS.index(key)
     verdict = {"y": "accept", "n": "reject", "s": "skip", "t": "tie" if count > 1 else None}.get(key)
     return (verdict, None) if verdict else None
-
-
-def is_arena(decision: dict) -> bool:
-    return decision.get("source") == ARENA
 
 
 # ---------------------------------------------------------------------------------------------- arena
@@ -430,6 +451,7 @@ def arena_item(item: dict, shown: list[dict]) -> dict:
         "stages": [s["stage"] for s in shown],
         "sample_ids": sample_ids,
         "model": [s["model"] for s in shown],
+        "runs": [s.get("run") for s in shown],  # which run of each stage was judged (`outputs.run_id`)
         "generation": shown[0]["generation"],
         # The same two answers make the same id whatever order they were shown in.
         "sample_id": "a" + short_hash(sorted(sample_ids)),
@@ -442,6 +464,38 @@ def arena_vote(item: dict, labeler: str, choice: str) -> dict:
         raise ValueError(f"unknown arena choice {choice!r}: one of {', '.join(ARENA_CHOICES)}")
     verdict, preferred = ARENA_CHOICES[choice]
     return new_decision(item, labeler, verdict, preferred, source=ARENA)
+
+
+def stage_runs(models: Path) -> dict[str, str]:
+    """The run each finished stage folder in `models` holds now (`outputs.run_id`), by folder name."""
+    models = Path(models)
+    folders = sorted(p for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+    return {folder.name: run for folder in folders if (run := outputs.run_id(folder))}
+
+
+def current_votes(decisions: list[dict], runs: dict[str, str]) -> tuple[list[dict], int]:
+    """(the decisions without the arena votes on other runs than `runs` (`stage_runs`) holds, how many of those).
+
+    A vote counts for the runs it judged: after a stage is retrained its old votes say nothing about the new model
+    (QA D12). Votes recorded before votes named their runs cannot say which they judged, so they count as older too;
+    all stay in the log."""
+    kept, older = [], 0
+    for decision in decisions:
+        judged = dict(zip(decision.get("stages", ()), decision.get("runs") or (), strict=False))
+        if is_arena(decision) and any(judged.get(stage) != runs.get(stage) for stage in decision.get("stages", ())):
+            older += 1
+        else:
+            kept.append(decision)
+    return kept, older
+
+
+def older_votes_line(older: int) -> str:
+    """What `current_votes` left out, said where the verdicts are shown."""
+    votes = f"{older} arena vote" + ("s" if older != 1 else "")
+    return (
+        f"{votes} left out: they judged earlier runs of these stages (retrained since), or were recorded before "
+        "votes named their run; they stay in decisions.jsonl"
+    )
 
 
 def wilson_interval(wins: float, votes: int, z: float = 1.959964) -> tuple[float, float]:
@@ -574,7 +628,7 @@ def _import_with(store: LabelStore, path: Path, args) -> None:
     rows = read_table(path)
     registry = store.samples()
     existing = {(d["labeler"], d["sample_id"]): d for d in store.all()}
-    decisions, seen, already, empty = [], {}, 0, 0
+    decisions, seen, already, empty, renamed = [], {}, 0, 0, {}
     for row in rows:
         where = f"{path} line {row['_line']}"
         sample_id = str(row.get("sample_id") or "").strip()
@@ -602,9 +656,15 @@ def _import_with(store: LabelStore, path: Path, args) -> None:
                 f"{where}: decision {row['decision']!r} is not one of {', '.join(choices)} "
                 "(leave it empty for a row not labeled yet)"
             )
-        labeler = str(row.get("labeler") or "").strip() or args.labeler_given
-        if not labeler:
+        given = str(row.get("labeler") or "").strip() or args.labeler_given
+        if not given:
             raise UserError(f"{where}: no labeler: fill the `labeler` column or pass --labeler (LABELER=...)")
+        try:
+            labeler = check_labeler(given)  # the rule of make label and the web page
+        except ValueError as error:
+            raise UserError(f"{where}: labeler {given!r}: {error}; fix the `labeler` column") from None
+        if labeler != given:
+            renamed[given] = labeler
         if (labeler, sample_id) in seen:
             raise UserError(f"{where}: {labeler} labeled sample {sample_id} already on line {seen[labeler, sample_id]}")
         seen[labeler, sample_id] = row["_line"]
@@ -623,6 +683,8 @@ def _import_with(store: LabelStore, path: Path, args) -> None:
     if decisions:
         store.record(decisions)
     labelers = ", ".join(sorted({d["labeler"] for d in decisions})) or "nobody"
+    for given, labeler in sorted(renamed.items()):
+        print(f"label-import: labeler {given!r} recorded as {labeler!r} (names are compared case- and width-blind)")
     print(
         f"label-import: recorded {len(decisions)} decisions by {labelers} from {path} into {store.folder} "
         f"({already} already imported, {empty} rows left unlabeled)"

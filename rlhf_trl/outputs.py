@@ -75,6 +75,13 @@ def read_marker(path: str | Path) -> dict | None:
     return _read_json(Path(path) / MARKER)
 
 
+def run_id(path: str | Path) -> str | None:
+    """Which finished run a stage folder holds now: the sha256 of its marker (written once per run, with the run's
+    finish time), or None when it holds no finished run. A retrained stage gets another one."""
+    marker = Path(path) / MARKER
+    return fingerprint(marker) if marker.is_file() else None
+
+
 def check_writable(output_dir: str | Path, overwrite: bool) -> None:
     """Refuses an output_dir that holds a finished run (unless overwrite) or anything that is not a run."""
     final = Path(output_dir)

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, TrainerState, TrainingArguments
 from transformers.integrations import get_reporting_integration_callbacks
@@ -83,6 +83,42 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 RNG_STATE = "rng_state_{}.pth"
 DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint that holds DeepSpeed's own (optimizer shards)
+
+
+# transformers' Trainer settings that PPO's own loop (`PPOTrainer.train`) does not run, with the values it accepts and
+# what to do instead: a recipe that sets one stops in one line before any model loads, instead of a run that ignores
+# it (QA D01: `save_strategy: epoch` once wrote no checkpoint at all). What the loop does run: save_strategy no,
+# steps and epoch (one checkpoint per pass over the prompts), save_steps, save_total_limit, seed and data_seed (the
+# prompts' order), the optimizer and scheduler keys, bf16/fp16, (gradient|activation)_checkpointing, report_to.
+NOT_RUN_BY_PPO = {
+    "save_strategy": (
+        ("no", "steps", "epoch"),
+        "best needs an evaluation metric and PPO runs no evaluation: use steps",
+    ),
+    "load_best_model_at_end": ((False,), "PPO runs no evaluation, so no checkpoint is best: leave it out"),
+    "metric_for_best_model": ((None,), "PPO runs no evaluation: leave it out"),
+    "eval_strategy": (("no",), "PPO runs no evaluation; num_sample_generations prints sampled eval answers"),
+    "eval_on_start": ((False,), "PPO runs no evaluation; num_sample_generations prints sampled eval answers"),
+    "logging_strategy": (("steps",), "PPO logs its metrics after every update: leave it out"),
+    "save_only_model": ((False,), "a PPO checkpoint holds what a resume needs (optimizer, RNG): leave it out"),
+    "ignore_data_skip": ((False,), "a resumed PPO run always carries on with the prompts it was at: leave it out"),
+    "restore_callback_states_from_checkpoint": ((False,), "not supported by PPO: leave it out"),
+    "train_sampling_strategy": (("random",), "PPO draws its prompts in a seeded random order: leave it out"),
+    "dataloader_num_workers": ((0,), "PPO's prompts are tokenized before training: leave it at 0"),
+    "auto_find_batch_size": ((False,), "not supported by PPO: set per_device_train_batch_size"),
+    "torch_compile": ((False,), "not supported by PPO's loop: leave it out"),
+    "use_liger_kernel": ((False,), "not supported by PPO's loop: leave it out"),
+    "neftune_noise_alpha": ((None,), "NEFTune is for supervised fine-tuning: leave it out"),
+    "label_smoothing_factor": ((0.0,), "PPO has no labels: leave it out"),
+    "full_determinism": ((False,), "not supported by PPO (seed makes its runs repeatable on one machine)"),
+    "include_num_input_tokens_seen": (("no", False), "PPO records tokens_generated in its marker: leave it out"),
+    "torch_empty_cache_steps": ((None,), "not supported by PPO's loop: leave it out"),
+    "deepspeed": ((None,), "PPO takes DeepSpeed from the accelerate config: ACCELERATE_CONFIG=zero2"),
+    "fsdp": ((None, "", []), "PPO does not run under FSDP: use the multi_gpu or zero2 accelerate config"),
+    "accelerator_config": ((None,), "PPO builds its own Accelerator: leave it out"),
+    "push_to_hub": ((False,), "stages write to output_dir only: upload the finished folder yourself"),
+    "max_grad_norm": ((1.0, 0, 0.0, None), "PPO does not clip gradients, as TRL 1.12's PPO did not: leave it out"),
+}
 
 
 @dataclass
@@ -214,6 +250,10 @@ class PPOConfig(TrainingArguments):
                 "= total_episodes / (per_device_train_batch_size x gradient_accumulation_steps x processes)): set "
                 "total_episodes instead"
             )
+        for name, (allowed, instead) in NOT_RUN_BY_PPO.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}: {getattr(value, 'value', value)} does not apply to PPO ({instead})")
         for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -280,28 +320,17 @@ def average_gradients(parameters, num_processes: int) -> None:
         grad.copy_(averaged)
 
 
-class _SkipFirstBatches:
-    """The prepared dataloader, with its first `skip` batches drawn and dropped so the order carries on."""
+PASS_START_DRAWS = 2  # what torch draws from the global RNG as a pass over a shuffled DataLoader starts
 
-    def __init__(self, dataloader, skip: int):
-        self.dataloader = dataloader
-        self.pending = iter(dataloader)
-        for _ in range(skip):
-            try:
-                next(self.pending)
-            except StopIteration:  # the loop cycles through the prompts; so does the replay
-                self.pending = iter(dataloader)
-                next(self.pending)
 
-    def __iter__(self):
-        if self.pending is None:
-            yield from self.dataloader
-        else:
-            pending, self.pending = self.pending, None
-            yield from pending
-
-    def __len__(self):
-        return len(self.dataloader)
+def first_pass_seed(seed: int) -> int:
+    """The seed of the prompts' order in the first pass over them: the number torch's RandomSampler draws from the
+    global RNG after `torch.manual_seed(seed)` (the second: the DataLoader's iterator draws its base seed first), so
+    that pass is TRL 1.12's order (make test-reference). Pass `e` is then shuffled with `first_pass_seed + e`
+    (accelerate's SeedableRandomSampler), whatever drew random numbers since."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = [int(torch.empty((), dtype=torch.int64).random_(generator=generator)) for _ in range(PASS_START_DRAWS)]
+    return draws[-1]
 
 
 class PPOTrainer(Trainer):
@@ -345,8 +374,17 @@ class PPOTrainer(Trainer):
         # The recipe's bf16/fp16, as transformers' Trainer passes them (TrainingArguments.mixed_precision: fp16 or bf16
         # when set, else the accelerate config's); TRL 1.12's PPOTrainer took the accelerate config's alone, so
         # `bf16: true` trained in float32 under every config here (they say `mixed_precision: no`).
+        # The prompts' order in pass e over them depends on (data_seed or seed, e) alone, as in transformers' Trainer
+        # (accelerate's seedable sampler and `set_epoch`), so a run resumed inside any pass draws what the run that
+        # never stopped drew (QA D02: the order of a pass once came from torch's global RNG at its start).
+        order = DataLoaderConfiguration(
+            use_seedable_sampler=True,
+            data_seed=first_pass_seed(args.seed if args.data_seed is None else args.data_seed),
+        )
         self.accelerator = Accelerator(
-            gradient_accumulation_plugin=accumulation, mixed_precision=getattr(args, "mixed_precision", None)
+            gradient_accumulation_plugin=accumulation,
+            mixed_precision=getattr(args, "mixed_precision", None),
+            dataloader_config=order,
         )
         self.is_deepspeed_enabled = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
         self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
@@ -388,10 +426,17 @@ class PPOTrainer(Trainer):
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
         collator = data_collator or DataCollatorWithPadding(processing_class)
+        # Its own generator: an iterator's base seed, the sampler's numbers and a resume's skipping draw nothing from
+        # the global RNG, which the rollouts sample with (`batches` in `train` draws what a plain DataLoader would).
         self.dataloader = DataLoader(
-            train_dataset, batch_size=args.local_batch_size, shuffle=True, collate_fn=collator, drop_last=True
+            train_dataset,
+            batch_size=args.local_batch_size,
+            shuffle=True,
+            collate_fn=collator,
+            drop_last=True,
+            generator=torch.Generator(),
         )
-        # The same shuffled order on every process before prepare splits it; then each process its own samples.
+        # Every process shuffles alike (the seedable sampler above) before prepare splits each batch between them.
         torch.manual_seed(args.seed)
         if self.is_deepspeed_enabled:
             self.model, self.optimizer, self.dataloader = self.accelerator.prepare(
@@ -717,17 +762,23 @@ class PPOTrainer(Trainer):
         """Runs PPO to `num_total_batches` updates, from the start or from a complete checkpoint directory."""
         args, device = self.args, self.accelerator.device
         total_updates, start_update = args.num_total_batches, 0
-        dataloader = self.dataloader
         if resume_from_checkpoint is not None:
             start_update = self._load_checkpoint(Path(resume_from_checkpoint))
-            dataloader = _SkipFirstBatches(self.dataloader, start_update)
-            self._load_rng(Path(resume_from_checkpoint))  # after the replay, which must not shift the sampling RNG
+            self._load_rng(Path(resume_from_checkpoint))
         else:
             self.state.global_step, self.state.episode, self.state.tokens_generated = 0, 0, 0
+        per_pass = len(self.dataloader)  # updates per pass over the prompts (whole batches only)
 
         def batches():
+            """Pass after pass over the prompts from where update `start_update` left off, each pass in its own seeded
+            order (nothing is drawn to skip the batches done before a resume)."""
+            epoch, done = divmod(start_update, per_pass)
             while True:
-                yield from dataloader
+                if done == 0:  # what a torch DataLoader draws at a pass start: the rollouts draw TRL 1.12's numbers
+                    torch.empty(PASS_START_DRAWS, dtype=torch.int64).random_()
+                self.dataloader.set_epoch(epoch)
+                yield from self.accelerator.skip_first_batches(self.dataloader, done) if done else self.dataloader
+                epoch, done = epoch + 1, 0
 
         drawn = iter(batches())
         start_time = time.time()
@@ -753,6 +804,8 @@ class PPOTrainer(Trainer):
                 self.log(metrics)
                 self.lr_scheduler.step()
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                if update % per_pass == 0:  # a pass over the prompts ends: `save_strategy: epoch` saves here
+                    self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
                 if self.control.should_save:
                     self._save_checkpoint(self.model, trial=None)
                     self.control = self.callback_handler.on_save(args, self.state, self.control)

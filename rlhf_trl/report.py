@@ -236,14 +236,16 @@ def samples_page(result: dict, rows: int = SAMPLE_ROWS, method: str | None = Non
     return "\n".join(lines) + "\n"
 
 
-def human_section(verdicts: list[dict]) -> list[str]:
-    """The arena's human verdicts (`labels.human_verdicts`) as report lines; none without arena votes."""
-    if not verdicts:
+def human_section(verdicts: list[dict], older: int = 0) -> list[str]:
+    """The arena's human verdicts (`labels.human_verdicts`) as report lines, and how many votes on earlier runs
+    were left out (`labels.current_votes`); none without arena votes."""
+    if not verdicts and not older:
         return []
     return [
         "## Human verdict (arena)",
         "",
         *[f"- {labels.verdict_line(v)}" for v in verdicts],
+        *([f"- {labels.older_votes_line(older)}"] if older else []),
         "",
         'Blind A/B votes from `make ui` (Arena tab) on held-out prompts; a tie or "both bad" counts half. '
         "The interval is Wilson's score interval.",
@@ -252,7 +254,12 @@ def human_section(verdicts: list[dict]) -> list[str]:
 
 
 def build(
-    models: Path, result: dict, output: Path, verdicts: list[dict] | None = None, method: str | None = None
+    models: Path,
+    result: dict,
+    output: Path,
+    verdicts: list[dict] | None = None,
+    method: str | None = None,
+    older_votes: int = 0,
 ) -> list[Path]:
     """Writes report.md, samples.md and the plots into `output`; returns the PNGs written.
 
@@ -326,7 +333,7 @@ def build(
         f"{upper} side by side: [samples.md](samples.md).",
         "",
         *eval_section(result),
-        *human_section(verdicts or []),
+        *human_section(verdicts or [], older_votes),
         *sections,
     ]
     (output / "report.md").write_text("\n".join(report).rstrip() + "\n", encoding="utf-8")
@@ -388,11 +395,15 @@ def main(argv=None) -> None:
         for line in lines:
             print(line)
     output = args.output or report_dir(models, args.stage)
-    verdicts = labels.human_verdicts(labels.read_decisions(args.labels or Path("data", "labels", args.recipe)))
+    decisions = labels.read_decisions(args.labels or Path("data", "labels", args.recipe))
+    votes, older = labels.current_votes(decisions, labels.stage_runs(models))
+    verdicts = labels.human_verdicts(votes)
     for verdict in verdicts:
         print(f"report: {labels.verdict_line(verdict)}")
+    if older:
+        print(f"report: {labels.older_votes_line(older)}")
     try:
-        written = build(models, result, output, verdicts, args.stage)
+        written = build(models, result, output, verdicts, args.stage, older)
     except (KeyError, TypeError) as error:
         raise UserError(
             f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"

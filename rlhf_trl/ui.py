@@ -182,8 +182,10 @@ class Site:
     # ------------------------------------------------------------------ models
 
     def sampler(self, stage: str) -> labels.Sampler:
+        """The stage's model, loaded again when the stage was retrained since (`outputs.run_id`)."""
         with self.mutex:
-            if stage not in self.samplers:
+            cached = self.samplers.get(stage)
+            if cached is None or cached.run != outputs.run_id(self.models / stage):
                 self.samplers[stage] = labels.Sampler(self.models / stage, 1, 1, 1.0, 0)
             return self.samplers[stage]
 
@@ -283,8 +285,10 @@ class Site:
         return decision
 
     def arena_votes(self, labeler: str, pair: list[str]) -> list[dict]:
-        """`labeler`'s arena votes on the pair of stages `pair` (sorted)."""
-        return [d for d in self.store.by(labeler, arena=True) if sorted(d.get("stages", ())) == pair]
+        """`labeler`'s arena votes on the pair of stages `pair` (sorted), on the runs they hold now: a retrained
+        stage is offered again to whoever judged the one before (`labels.current_votes`)."""
+        votes = [d for d in self.store.by(labeler, arena=True) if sorted(d.get("stages", ())) == pair]
+        return labels.current_votes(votes, labels.stage_runs(self.models))[0]
 
     def label(self, item: dict, key: str, session: str) -> dict:
         """Records a Label-tab decision for a key of `labels.decision_for_key`; ValueError when it does not fit."""
@@ -297,7 +301,9 @@ class Site:
         return decision
 
     def verdict_lines(self) -> list[str]:
-        return [labels.verdict_line(v) for v in labels.human_verdicts(self.store.all())]
+        votes, older = labels.current_votes(self.store.all(), labels.stage_runs(self.models))
+        lines = [labels.verdict_line(v) for v in labels.human_verdicts(votes)]
+        return lines + ([labels.older_votes_line(older)] if older else [])
 
     # ------------------------------------------------------------------ label
 

@@ -221,7 +221,7 @@ def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
         command = ["make", "--no-print-directory", "-n", *args]
         result = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, result.stderr
-        return result.stdout
+        return result.stderr + result.stdout  # compare --to-train says what it keeps and trains on stderr
 
     assert "-m rlhf_trl.evaluate --recipe demo --stage rloo" in dry("eval", "STAGE=rloo")
     assert "-m rlhf_trl.report --recipe demo --stage dpo" in dry("report", "STAGE=dpo")
@@ -233,3 +233,28 @@ def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
     for method in ("rloo", "grpo", "dpo"):
         assert f"-m rlhf_trl.{method} --config recipes/demo/{method}.yaml" in planned
     assert planned.rstrip().splitlines()[-1].endswith("-m rlhf_trl.compare --recipe demo")
+
+
+def test_make_compare_trains_only_the_methods_it_is_asked_to_compare(tmp_path):
+    """QA D15: `make compare ARGS="--methods ppo"` trained RLOO, GRPO and DPO first (the Makefile's loop ran before
+    rlhf_trl.compare read --methods). Variant: with SFT, reward and PPO finished, it trains nothing."""
+    models = tmp_path / "models" / "demo"
+    assert compare.to_train(models, ["ppo"]) == ["sft", "reward", "ppo"]  # nothing finished: what ppo needs
+    for stage in ("sft", "reward", "ppo"):
+        (models / stage).mkdir(parents=True)
+        (models / stage / outputs.MARKER).write_text(json.dumps({"stage": stage}))
+    assert compare.to_train(models, ["ppo"]) == []
+    assert compare.to_train(models, ["ppo", "dpo"]) == ["dpo"]
+
+    # The Makefile asks rlhf_trl.compare (make -n runs that line, as it holds $(MAKE), and prints the rest).
+    recipe = "qa-nothing-trained"  # models/qa-nothing-trained does not exist: sft, reward and ppo are missing
+    result = subprocess.run(
+        ["make", "-n", "compare", f"RECIPE={recipe}", "ARGS=--methods ppo"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = [m for m in ("sft", "reward", "ppo", "rloo", "grpo", "dpo") if f"-m rlhf_trl.{m} " in result.stdout]
+    assert trained == ["sft", "reward", "ppo"]
+    assert f"compare: training first, as they are not finished: sft (`make sft RECIPE={recipe}`)" in result.stderr
+    assert f"-m rlhf_trl.compare --recipe {recipe} --methods ppo" in result.stdout
+    bad = subprocess.run(["make", "compare", f"RECIPE={recipe}", "ARGS=--methods sfx"], cwd=ROOT, capture_output=True)
+    assert bad.returncode != 0 and b"rlhf_trl.sft" not in bad.stdout  # a bad --methods stops before any training

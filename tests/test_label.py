@@ -7,6 +7,7 @@ only what the tool records about it.
 
 import csv
 import json
+import shutil
 import signal
 import sys
 from collections import Counter
@@ -18,7 +19,7 @@ from conftest import OFFLINE_ENV, ROOT, run_module
 
 from rlhf_trl import label, labels
 from rlhf_trl.cli import UserError
-from rlhf_trl.data import load_dataset_for, load_splits
+from rlhf_trl.data import human_label_pairs, load_dataset_for, load_splits
 
 PROMPTS = 4
 TIMEOUT = 60  # seconds for any one screen; a hung tool fails the test instead of the suite
@@ -348,3 +349,99 @@ def test_reward_trains_on_human_generated_or_mixed_pairs(tmp_path, capsys):
         splits("human", [missing])
     with pytest.raises(UserError, match="label_mix 'both' is unknown"):
         splits("both", [human])
+
+
+def test_one_labeler_name_rule_for_every_way_in():
+    # NFKC, invisible characters out, spaces folded, casefolded: one person, one name.
+    for given in (
+        "Alice",
+        "alice\u200b",
+        "\uff21\uff4c\uff49\uff43\uff45",
+        " al\u202eice ",
+        "ALICE\u00ad",
+        "\ufeffalice",
+    ):
+        assert labels.check_labeler(given) == "alice", given
+    assert labels.check_labeler("  Carol   ÜNÏCODE ") == "carol ünïcode"
+    for name, why in (
+        ("x" * 41, "at most 40 characters; this one has 41"),
+        ("../x", "letters"),
+        ("\u200b", "enter your name"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            labels.check_labeler(name)
+    # A log written before the rule spelled one person three ways: the store reads one labeler.
+    spellings = ["Alice", "alice\u200b", "alice"]
+    logged = [{"kind": "decision", "decision_id": str(i), "labeler": name} for i, name in enumerate(spellings)]
+    assert {d["labeler"] for d in labels.live_decisions(logged).values()} == {"alice"}
+
+
+def test_label_import_takes_labeler_names_by_the_same_rule(exported, tmp_path, capsys):
+    """QA D11: label-import took the labeler column as it was: Alice, alice and alice + U+200B were three labelers
+    who agreed 100%, each pair once per name in pairs.jsonl, and a 300-character name went in."""
+    out = tmp_path / "labels"
+    out.mkdir()
+    shutil.copy(exported[0] / labels.SAMPLES, out / labels.SAMPLES)
+    rows = exported[1]
+    for name, labeler in (("lower", "alice"), ("capital", "Alice"), ("zwsp", "alice\u200b")):
+        write_decisions(tmp_path / f"{name}.csv", rows, ["a", "b", "tie"], labeler)
+
+    def tool(name: str) -> str:
+        label.main(["import", "--file", str(tmp_path / f"{name}.csv"), "--out", str(out)])
+        return capsys.readouterr().out
+
+    assert "recorded 3 decisions by alice" in tool("lower")
+    for name, given in (("capital", "Alice"), ("zwsp", "alice\u200b")):
+        said = tool(name)
+        assert "recorded 0 decisions by nobody" in said and "3 already imported" in said
+        assert f"labeler {given!r} recorded as 'alice'" in said
+        assert "no sample has been labeled by two labelers yet" in said
+    # By hand: decisions a and b make one pair each, the tie none: 2 pairs, whatever the names' spellings.
+    assert len(lines_of(out / labels.PAIRS)) == 2 and {d["labeler"] for d in live_decisions(out)} == {"alice"}
+
+    write_decisions(tmp_path / "long.csv", rows, ["a", "b", "tie"], "x" * 300)
+    with pytest.raises(UserError, match=r"long\.csv line 2: labeler 'x{300}': a labeler name is at most 40 characters"):
+        tool("long")
+    assert len(live_decisions(out)) == 3  # nothing of the refused file
+
+
+def test_arena_votes_are_not_training_pairs_unless_asked_for(tmp_path, capsys):
+    """QA D20: the arena's votes (on held-out prompts) went into pairs.jsonl, which the recipes' reward and DPO
+    stages mix into training. Variant: a labels folder given as accepted/rejected files, and older lines that carry
+    the stages but no source."""
+    out = tmp_path / "labels"
+    shown = [
+        {"sample_id": f"s{stage}", "responses": [f"{stage} says"], "stage": stage, "model": stage, "generation": {},
+         "run": f"run-{stage}"}
+        for stage in ("ppo", "sft")
+    ]  # fmt: skip
+    with labels.LabelStore(out) as store:
+        for n in range(3):  # three arena votes for A (PPO's answer), each one pair
+            item = {"index": n, "prompt": f"held-out {n}", "prompt_id": f"e{n}", "messages": []}
+            store.record([labels.arena_vote(labels.arena_item(item, shown), "alice", "a")])
+        labeled = {"index": 9, "prompt": "train 9", "prompt_id": "t9", "messages": [], "responses": ["yes", "no"],
+                   "sample_id": "s9", "model": "sft", "generation": {}}  # fmt: skip
+        store.record([labels.new_decision(labeled, "alice", "prefer", 0, source="terminal")])
+    older = {"prompt": "held-out 7", "chosen": "x", "rejected": "y", "stages": ["ppo", "sft"]}  # before `source`
+    with open(out / labels.PAIRS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(older) + "\n")
+
+    def human(source, allowed=None):
+        args = SimpleNamespace(human_labels=[str(source)], label_mix="human", allow_unmatched=False)
+        if allowed is not None:
+            args.arena_votes_as_training = allowed
+        return sorted(pair["prompt"][0]["content"] for pair in human_label_pairs(args, "reward"))
+
+    # By hand: 3 arena pairs + 1 older arena line + 1 labeled pair in pairs.jsonl; only "train 9" is not a vote.
+    assert human(out / labels.PAIRS) == ["train 9"]
+    assert "reward: left out 4 human_labels record(s) from arena votes" in capsys.readouterr().out
+    assert human(out / labels.PAIRS, allowed=True) == [
+        "held-out 0",
+        "held-out 1",
+        "held-out 2",
+        "held-out 7",
+        "train 9",
+    ]
+    # The folder as accepted/rejected files: 3 votes x (1 accepted + 1 rejected line) left out.
+    assert human(out) == ["train 9"]
+    assert "left out 6 human_labels record(s)" in capsys.readouterr().out

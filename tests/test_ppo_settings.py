@@ -10,6 +10,9 @@
 - whiten_rewards on a batch with one scored position ended in a traceback.
 - a recipe's `stop_token: eos` could not be unset from the command line for a `stop_token_id`, and a
   stop_token_id outside the vocabulary ran every answer to response_length, penalised.
+- save_strategy: epoch never wrote a checkpoint (QA D01: the loop called on_step_end only), and the other Trainer
+  settings the loop does not run (save_strategy best, eval_strategy, load_best_model_at_end, logging_strategy epoch,
+  ...) were taken and ignored.
 """
 
 import pytest
@@ -25,10 +28,10 @@ from rlhf_trl.ppo_trainer import PPOConfig, PPOTrainer
 PROMPTS = [[{"role": "user", "content": "Name the color of the sky."}], [{"role": "user", "content": "And the leaf?"}]]
 
 
-def tiny_trainer(path, tmp_path, **settings) -> PPOTrainer:
-    """Our PPOTrainer on a tiny model as policy, reward and value model, with the two PROMPTS for training and eval."""
+def tiny_trainer(path, tmp_path, prompts=PROMPTS, **settings) -> PPOTrainer:
+    """Our PPOTrainer on a tiny model as policy, reward and value model, with `prompts` for training and eval."""
     tokenizer = load_tokenizer(path, padding_side="left")
-    prompts = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    prompts = Dataset.from_list([{"prompt": p} for p in prompts])
     train, evaluation = (tokenize_prompts(prompts, tokenizer, 100) for _ in range(2))
     defaults = dict(num_ppo_epochs=1, num_mini_batches=1, response_length=4, num_sample_generations=0)
     args = PPOConfig(
@@ -36,10 +39,9 @@ def tiny_trainer(path, tmp_path, **settings) -> PPOTrainer:
         sft_model_path=str(path),
         reward_model_path=str(path),
         shared_base=False,
-        save_strategy="no",
         report_to="none",
         seed=0,
-        **(defaults | {"bf16": False} | settings),
+        **(defaults | {"bf16": False, "save_strategy": "no"} | settings),
     )
 
     def classifier():
@@ -165,3 +167,40 @@ def test_accumulation_and_mini_batches_together_are_refused_in_one_line():
     with pytest.raises(UserError, match="gradient_accumulation_steps \\(2\\) and num_mini_batches \\(2\\) cannot both"):
         parse(PPOConfig, [*recipe, "--gradient_accumulation_steps", "2", "--num_mini_batches", "2"])
     assert parse(PPOConfig, [*recipe, "--num_mini_batches", "2"])[1].num_mini_batches == 2
+
+
+def test_save_strategy_epoch_writes_a_checkpoint_at_the_end_of_each_pass(zoo, tmp_path):
+    trainer = tiny_trainer(
+        zoo["qwen2.5-instruct"],
+        tmp_path,
+        per_device_train_batch_size=1,
+        total_episodes=5,  # 5 updates of 1 prompt
+        save_strategy="epoch",
+    )
+    trainer.train()
+    # 2 prompts, 1 per update: a pass over them is 2 updates, so passes end after updates 2 and 4; update 5 starts a
+    # third pass that the run ends inside (the finished run is what the stage publishes, not a checkpoint).
+    written = sorted(p.name for p in tmp_path.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert written == ["checkpoint-2", "checkpoint-4"]
+    assert [round(s["epoch"], 6) for s in trainer.state.log_history[1::2]] == [1.0, 2.0]  # logged at updates 2, 4
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("save_strategy", "best"),
+        ("load_best_model_at_end", "true"),
+        ("eval_strategy", "steps"),
+        ("logging_strategy", "epoch"),
+        ("save_only_model", "true"),
+        ("max_grad_norm", "0.5"),
+        ("torch_compile", "true"),
+    ],
+)
+def test_trainer_settings_ppo_does_not_run_are_refused_in_one_line(setting, value):
+    with pytest.raises(UserError, match=f"^invalid setting: {setting}: .* does not apply to PPO \\(") as error:
+        parse(PPOConfig, ["--config", "recipes/demo/ppo.yaml", f"--{setting}", value])
+    assert "\n" not in str(error.value)
+    assert (
+        parse(PPOConfig, ["--config", "recipes/demo/ppo.yaml", "--save_strategy", "epoch"])[1].save_strategy == "epoch"
+    )

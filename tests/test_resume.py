@@ -3,6 +3,7 @@ where an uninterrupted run with the same seed ends (the `trained` fixture is tha
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -180,3 +181,58 @@ def test_a_publish_cut_between_its_renames_is_completed(tmp_path):
     (work / "rlhf_trl_run.json").write_text(json.dumps({"stage": "sft"}))
     recover_publish(final)
     assert read_marker(final)["stage"] == "sft" and not work.exists()
+
+
+SIX_PROMPTS = [[{"role": "user", "content": f"Name thing number {n}."}] for n in range(6)]
+
+
+def drawn_prompts(trainer) -> list[int]:
+    """Records the prompt each update of `trainer` draws (one a batch), as its number in SIX_PROMPTS."""
+    drawn, queries = [], trainer._queries
+
+    def record(batch):
+        text = trainer.processing_class.decode(batch["input_ids"][0], skip_special_tokens=True)
+        drawn.append(int(re.search(r"Name thing number (\d)\.", text).group(1)))
+        return queries(batch)
+
+    trainer._queries = record
+    return drawn
+
+
+PER_STEP = ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "episode")
+
+
+@pytest.mark.parametrize("checkpoint", [8, 6])
+def test_ppo_resumed_inside_a_later_pass_draws_the_prompts_of_the_run_that_never_stopped(checkpoint, zoo, tmp_path):
+    """QA D02: the order of a pass over the prompts came from torch's global RNG when the pass started, and the
+    resume replayed the passes before the checkpoint's RNG state was back: resumed inside pass 2 (checkpoint 8),
+    it drew another order. Variant: a checkpoint on a pass boundary (6)."""
+    from test_ppo_settings import tiny_trainer
+
+    from rlhf_trl.ppo_trainer import first_pass_seed
+
+    settings = dict(prompts=SIX_PROMPTS, per_device_train_batch_size=1, total_episodes=10, save_strategy="steps")
+    model = zoo["qwen2.5-instruct"]  # built (from random numbers) before the seed below
+    torch.manual_seed(0)  # the same frozen reward head (it is not in a checkpoint) in both trainers
+    straight = tiny_trainer(model, tmp_path / "straight", **settings, save_steps=checkpoint)
+    order = drawn_prompts(straight)
+    straight.train()
+    # By hand: 6 prompts, 1 per update, so updates 1-6 are pass 1 and 7-12 pass 2; pass e is shuffled with the seed
+    # first_pass_seed(0) + e (seed 0), whatever drew random numbers before it.
+    by_hand = [
+        i
+        for epoch in (0, 1)
+        for i in torch.randperm(6, generator=torch.Generator().manual_seed(first_pass_seed(0) + epoch)).tolist()
+    ]
+    assert order == by_hand[:10]
+    assert sorted(order[6:]) == sorted(set(order[6:]))  # pass 2 repeats no prompt
+
+    torch.manual_seed(0)
+    resumed = tiny_trainer(model, tmp_path / "resumed", **settings, save_steps=checkpoint)
+    after = drawn_prompts(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / f"checkpoint-{checkpoint}"))
+    assert after == order[checkpoint:]  # updates checkpoint + 1 to 10: the same prompts in the same order
+    for step, (ours, theirs) in enumerate(zip(resumed.state.log_history, straight.state.log_history, strict=True)):
+        assert {k: ours[k] for k in PER_STEP} == {k: theirs[k] for k in PER_STEP}, step + 1
+    for name, tensor in straight._trainable_parameters().items():
+        torch.testing.assert_close(resumed._trainable_parameters()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

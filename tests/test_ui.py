@@ -412,7 +412,7 @@ def test_wilson_interval_and_the_human_verdict_of_known_votes():
 
 
 def test_labeler_names_are_checked():
-    assert labels.check_labeler("  Alice B. ") == "Alice B."
+    assert labels.check_labeler("  Alice B. ") == "alice b."  # one spelling per person (test_label: the whole rule)
     for name, why in (("", "enter your name first"), ("x" * 41, "at most 40 characters"), ("../x", "letters")):
         with pytest.raises(ValueError, match=why):
             labels.check_labeler(name)
@@ -448,3 +448,47 @@ def test_a_host_that_is_not_this_machine_is_named_not_the_port(host):
     with pytest.raises(UserError, match=f"HOST={host} is not an address of this machine") as error:
         check_port(host, 7875)
     assert "port" not in str(error.value).split(":")[0]
+
+
+def test_arena_votes_count_for_the_runs_they_judged(tmp_path):
+    """QA D12: votes recorded stage names only, so after PPO was retrained the report and the page still showed the
+    old PPO's win rate, and a labeler who had judged it could never judge the new one. Variant: a vote recorded
+    before votes named their runs counts as older too."""
+    models = tmp_path / "models"
+    for stage in ("sft", "ppo"):
+        (models / stage).mkdir(parents=True)
+        (models / stage / "rlhf_trl_run.json").write_text(json.dumps({"stage": stage, "finished_at": "day 1"}))
+    runs = labels.stage_runs(models)
+    assert set(runs) == {"sft", "ppo"} and runs["sft"] != runs["ppo"]
+
+    def vote(n, choice, judged=None):
+        shown = [{"sample_id": f"{stage}{n}", "responses": [stage], "stage": stage, "model": stage, "generation": {},
+                  "run": (judged or runs)[stage]} for stage in ("ppo", "sft")]  # fmt: skip
+        item = {"index": n, "prompt": f"p{n}", "prompt_id": f"p{n}", "messages": []}
+        return labels.arena_vote(labels.arena_item(item, shown), "alice", choice)
+
+    paths = {"models": models, "data": tmp_path / "data", "labels": tmp_path / "labels"}
+    page = site(paths)
+    try:
+        legacy = {**vote(9, "b"), "decision_id": "legacy"}
+        del legacy["runs"]
+        page.store.record([vote(0, "a"), vote(1, "a"), vote(2, "b"), legacy])
+        # By hand: PPO shown as A; a, a, b on this run: 2 of 3 for PPO (0.67); the legacy vote is left out.
+        assert page.verdict_lines()[0].startswith("human win rate of PPO over SFT: 0.67 (95% CI")
+        assert page.verdict_lines()[1].startswith("1 arena vote left out: they judged earlier runs")
+        assert len(page.arena_votes("alice", ["ppo", "sft"])) == 3
+
+        (models / "ppo" / "rlhf_trl_run.json").write_text(json.dumps({"stage": "ppo", "finished_at": "day 2"}))
+        assert page.verdict_lines() == ["4 arena votes left out: they judged earlier runs of these stages "
+                                        "(retrained since), or were recorded before votes named their run; they stay "
+                                        "in decisions.jsonl"]  # fmt: skip
+        assert page.arena_votes("alice", ["ppo", "sft"]) == []  # the new PPO is offered again
+        page.store.record([vote(0, "tie", labels.stage_runs(models))])
+        assert page.verdict_lines()[0] == "human win rate of PPO over SFT: 0.50 (95% CI 0.05-0.95, 1 vote, 1 labeler)"
+    finally:
+        page.store.__exit__()
+
+    from rlhf_trl import report
+
+    section = "\n".join(report.human_section([], 4))
+    assert "## Human verdict (arena)" in section and "4 arena votes left out" in section
