@@ -198,6 +198,9 @@ def check_stage(stage: str, model_args, training_args=None) -> None:
     """
     from accelerate import PartialState
 
+    from .modeling import check_quantization
+
+    check_quantization(model_args)  # a 4/8-bit base without LoRA, or without bitsandbytes: before any model loads
     plan = plan_from_environment()
     # PartialState ignores ACCELERATE_USE_CPU (only TrainingArguments reads it); without cpu=True, CPU processes
     # launched together would each come up alone instead of joining one gloo group.
