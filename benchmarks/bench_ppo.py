@@ -855,13 +855,13 @@ def table(result: dict) -> str:
     if memory:
         lines.append(f"peak GB: {'; '.join(memory)}")
     found = {name: value for name, value in result["ratios"].items() if value is not None}
-    against_trl = [f"{name} {value:.2f}" for name, value in found.items() if "/" not in name]
+    versus = f" {s['mode']}/{labels.get('bf16', '')}"  # the names `ratios` gives quantized / unquantized
+    against_trl = [f"{name} {value:.2f}" for name, value in found.items() if not name.endswith(versus)]
     if against_trl:
         lines.append("pipeline / trl: " + ", ".join(against_trl))
-    precision = [f"{name.rsplit(' ', 1)[0]} {value:.2f}" for name, value in found.items() if "/" in name]
-    if precision:
-        quantized = next(name.rsplit(" ", 1)[1] for name in found if "/" in name)
-        lines.append(f"{quantized}: " + ", ".join(precision))
+    precision = [f"{name.removesuffix(versus)} {value:.2f}" for name, value in found.items() if name.endswith(versus)]
+    if precision and several:
+        lines.append(f"{versus.strip()}: " + ", ".join(precision))
     return "\n".join(lines)
 
 
