@@ -3,6 +3,7 @@
     make bench                                        # toy shape: checks the harness works (CPU, under a minute)
     make bench SHAPE=qwen2.5-0.5b MODE=bf16           # a real shape, on a GPU
     make bench SHAPE=llama3.1-8b MODE=4bit BENCH_ARGS="--batch 4"
+    make bench MODE=4bit                              # toy shape on CPU: fp32 and 4-bit rows side by side
     python -m benchmarks.bench_ppo --shape toy --steps 2 --batch 4 --out /tmp/bench.json
 
 Rows: `ppo trl` is TRL 1.12's own PPOTrainer (`trl.experimental.ppo`, deleted in TRL 1.13) fed the way TRL's
@@ -51,7 +52,10 @@ Why it is built this way:
 - Without CUDA torch runs on one thread unless --threads says otherwise: the toy's matrices gain nothing from
   more, and next to another busy process (a test suite) two spinning threads made a toy PPO step 30 times
   slower (24 s against 0.7 s, measured on the 2-core CI machine).
-- 4/8-bit needs bitsandbytes on CUDA and real shapes need a GPU: both are refused up front with one line.
+- Real shapes need a GPU: refused up front with one line without one. 4/8-bit runs on CPU too (bitsandbytes' CPU
+  library; 4-bit computes in float32 there, as `rlhf_trl.modeling.model_kwargs` sets it), on the toy shape; with
+  --baseline (the default) every row runs unquantized first (bf16 on a GPU, float32 on CPU) and the table puts the
+  precisions side by side, each row in its own process so its peak memory is its own.
 
 Known limits:
 - With the shared base the two PPO rows run the same update on different reward models (the pipeline's the
@@ -98,6 +102,13 @@ def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ppo", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="toy", choices=sorted(SHAPES))
     parser.add_argument("--mode", default="bf16", choices=["bf16", "8bit", "4bit"])
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --mode 4bit or 8bit, also run every row unquantized (bf16 on a GPU, float32 on CPU), side by side "
+        "(default: on)",
+    )
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--lora", dest="lora", action="store_true", default=True, help="LoRA r=16, all linear (default)")
     lora.add_argument("--full", dest="lora", action="store_false", help="train every weight")
@@ -145,8 +156,8 @@ def parse_args(argv: list[str] | None):
     for key, value in (GPU_DEFAULTS if args.cuda else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.isolate is None:
-        args.isolate = args.cuda
+    if args.isolate is None:  # several precisions side by side: each row's memory its own, on CPU too
+        args.isolate = args.cuda or len(modes(args)) > 1
     if args.threads is None and not args.cuda:
         args.threads = 1
     # bf16 mode computes in bfloat16 on a GPU; on CPU (toy only) in float32, which is what CPU kernels are fast at.
@@ -154,16 +165,24 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def modes(args) -> list[str]:
+    """The precisions the rows run in: the asked mode, after the unquantized baseline for 4bit and 8bit."""
+    return ["bf16", args.mode] if args.mode != "bf16" and args.baseline else [args.mode]
+
+
+def mode_label(args, mode: str) -> str:
+    """How the table names a mode: bf16 mode is float32 on CPU (see parse_args)."""
+    return ("bf16" if args.dtype == "bfloat16" else "fp32") if mode == "bf16" else mode
+
+
 def check(args) -> None:
     from benchmarks.shapes import SHAPES, build_config
     from rlhf_trl.cli import UserError
+    from rlhf_trl.modeling import check_quantization
 
-    if args.mode != "bf16" and not args.cuda:
-        raise UserError(
-            f"--mode {args.mode} needs a CUDA GPU for bitsandbytes and this machine has none: use --mode bf16"
-        )
     if args.mode != "bf16" and not args.lora:
         raise UserError(f"--full trains every weight, which {args.mode} weights cannot: use --lora (the default)")
+    check_quantization(model_config(args, Path(args.cache_dir)))  # bitsandbytes missing: one line, before anything
     if args.shape != "toy" and not args.cuda:
         raise UserError(
             f"--shape {args.shape} ({SHAPES[args.shape].billions:g}B parameters) needs a CUDA GPU: "
@@ -304,7 +323,8 @@ def random_ids(args, rows: int, length: int) -> list[list[int]]:
 
 
 def model_config(args, path: Path):
-    """TRL's ModelConfig as the recipes set it (recipes/llama3.1-8b-qlora for 4-bit); both sides load through it."""
+    """TRL's ModelConfig as the recipes set it (recipes/llama3.1-8b-qlora for 4-bit); both sides load through it.
+    On CPU `rlhf_trl.modeling.model_kwargs` makes the 4-bit compute dtype float32 (the recipe's is bfloat16)."""
     from trl import ModelConfig
 
     return ModelConfig(
@@ -511,6 +531,16 @@ def silence(trainer) -> None:
         trainer.remove_callback(callback)
 
 
+def plain_load(auto_class, path: Path, kwargs: dict):
+    """`from_pretrained` as TRL's example scripts call it, plus the pipeline's 4-bit CPU guard
+    (`rlhf_trl.modeling.guard_quantized`): without it TRL's rollouts in eval mode would silently break its LoRA
+    gradients on an AVX512-BF16 CPU, and the row would time a wrong update."""
+    from rlhf_trl.modeling import guard_quantized
+
+    model = auto_class.from_pretrained(str(path), **kwargs)
+    return guard_quantized(model) if "quantization_config" in kwargs else model
+
+
 def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
@@ -530,14 +560,14 @@ def ppo_row(impl: str, args, path: Path, workdir: str) -> dict:
     callbacks, extra, engine = [], {}, {}
     ref_model = reward_model = value_model = None
     if impl == "trl":  # as TRL's examples/scripts/ppo/ppo.py loads them
-        policy = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        ref_model = None if peft_config else AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        value_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
+        policy = plain_load(AutoModelForCausalLM, path, kwargs)
+        ref_model = None if peft_config else plain_load(AutoModelForCausalLM, path, kwargs)
+        value_model = plain_load(AutoModelForSequenceClassification, path, classifier_kwargs)
         # The reward's score head is drawn right after the seed, as the pipeline's is (and as this value head is,
         # loading the policy draws nothing): with the same prompts and sampling seed, the two sides' reward and KL
         # curves can then be compared step by step (reference/test_against_trl.py, with --no-shared-base).
         set_seed(args.seed)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(str(path), **classifier_kwargs)
+        reward_model = plain_load(AutoModelForSequenceClassification, path, classifier_kwargs)
         from reference.engines import trl_engine  # TRL 1.12: this row runs in the reference environment
 
         config_class, trainer_class = trl_engine()
@@ -631,7 +661,7 @@ def sft_row(impl: str, args, path: Path, workdir: str) -> dict:
     model_args = model_config(args, path)
     kwargs = model_kwargs(model_args)
     if impl == "trl":
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = plain_load(AutoModelForCausalLM, path, kwargs)
         callbacks = []
     else:  # rlhf_trl.sft's load and callbacks
         model = load_model(str(path), kwargs=kwargs)
@@ -689,14 +719,17 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:240] if text else ''}".rstrip(": ")
 
 
-def run_row(task: str, impl: str, args, path: Path) -> dict:
-    """One row in this process; an exception becomes `failed: <reason>` so the other rows still run."""
+def run_row(task: str, impl: str, args, path: Path, mode: str | None = None) -> dict:
+    """One row in this process, in `mode` (default: --mode); an exception becomes `failed: <reason>` so the other
+    rows still run."""
     import gc
 
     import transformers
     import trl
 
-    row = {"task": task, "impl": impl, "versions": {"trl": trl.__version__, "transformers": transformers.__version__}}
+    args = argparse.Namespace(**{**vars(args), "mode": mode or args.mode})
+    row = {"task": task, "impl": impl, "mode": args.mode}
+    row["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__}
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench-{task}-{impl}-") as workdir, PeakMemory(args.cuda) as memory:
@@ -714,26 +747,50 @@ def run_row(task: str, impl: str, args, path: Path) -> dict:
     return row
 
 
-def run_isolated(task: str, impl: str, args, argv: list[str], path: Path, python: str = sys.executable) -> dict:
-    """One row in a fresh process of `python` (the trl rows: the reference environment's) with the same arguments;
-    a crash (killed for memory, say) becomes `failed`."""
+def run_isolated(
+    task: str, impl: str, args, argv: list[str], path: Path, python: str = sys.executable, mode: str | None = None
+) -> dict:
+    """One row in a fresh process of `python` (the trl rows: the reference environment's) with the same arguments,
+    in `mode` (default: --mode); a crash (killed for memory, say) becomes `failed`."""
+    mode = mode or args.mode
     with tempfile.TemporaryDirectory(prefix="bench-row-") as tmp:
         out = Path(tmp) / "row.json"
-        row_args = ["--row", f"{task}:{impl}", "--row-out", str(out)]
+        row_args = ["--row", f"{task}:{impl}:{mode}", "--row-out", str(out)]
         command = [python, "-m", "benchmarks.bench_ppo", *argv, *row_args]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if out.is_file():
             return json.loads(out.read_text())
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1][:240] if lines else f"exit status {result.returncode}"
-        return {"task": task, "impl": impl, "status": f"failed: process exited {result.returncode}: {reason}"}
+        status = f"failed: process exited {result.returncode}: {reason}"
+        return {"task": task, "impl": impl, "mode": mode, "status": status}
 
 
-def ratio(rows: dict, task: str, key: str) -> float | None:
-    trl, pipeline = rows.get((task, "trl"), {}), rows.get((task, "pipeline"), {})
-    if trl.get("status") == "ok" and pipeline.get("status") == "ok" and trl.get(key):
-        return pipeline[key] / trl[key]
+def ratio(rows: dict, task: str, key: str, mode: str) -> float | None:
+    """pipeline / trl for `task`'s `key` in `mode`."""
+    return quotient(rows.get((task, "pipeline", mode), {}), rows.get((task, "trl", mode), {}), key)
+
+
+def quotient(top: dict, bottom: dict, key: str) -> float | None:
+    if top.get("status") == "ok" and bottom.get("status") == "ok" and bottom.get(key):
+        return top[key] / bottom[key]
     return None
+
+
+def ratios(rows: dict, args) -> dict:
+    """pipeline / trl in --mode, and under 4/8-bit with the baseline each impl's quantized row / its unquantized one."""
+    found = {
+        "ppo step time": ratio(rows, "ppo", "step_time_s", args.mode),
+        "ppo peak memory": ratio(rows, "ppo", "peak_memory_gb", args.mode),
+        "sft tokens/s": ratio(rows, "sft", "tokens_per_s", args.mode),
+    }
+    if len(modes(args)) > 1:
+        quantized, base = args.mode, mode_label(args, "bf16")
+        for task, impl in ROWS:
+            for key, name in (("step_time_s", "step time"), ("peak_memory_gb", "peak memory")):
+                value = quotient(rows.get((task, impl, args.mode), {}), rows.get((task, impl, "bf16"), {}), key)
+                found[f"{task} {impl} {name} {quantized}/{base}"] = value
+    return found
 
 
 def engine_line(row: dict) -> str:
@@ -762,8 +819,12 @@ def table(result: dict) -> str:
     def cell(row, key, width, digits=3):
         return f"{row[key]:>{width}.{digits}f}" if key in row else f"{'-':>{width}}"
 
+    labels = {mode: mode_label(argparse.Namespace(dtype=s["dtype"]), mode) for mode in s.get("modes", [s["mode"]])}
+    several = len(labels) > 1  # a mode column only when the run compares precisions
+    if several:
+        lines[1] = lines[1][:15] + f"{'mode':<6}" + lines[1][15:]
     for row in result["rows"]:
-        head = f"{row['task']:<5}{row['impl']:<10}"
+        head = f"{row['task']:<5}{row['impl']:<10}" + (f"{labels.get(row.get('mode'), '?'):<6}" if several else "")
         if row["status"] != "ok":
             lines.append(head + row["status"])
             continue
@@ -778,7 +839,8 @@ def table(result: dict) -> str:
         )
     for row in result["rows"]:
         if row["task"] == "ppo" and row["impl"] == "pipeline" and row["status"] == "ok" and "shared_base" in row:
-            lines.append(f"ppo pipeline: {engine_line(row)}")
+            mode = f" {labels.get(row.get('mode'), '?')}" if several else ""
+            lines.append(f"ppo pipeline{mode}: {engine_line(row)}")
     for impl, where in (("trl", "the reference environment"), ("pipeline", "this environment")):
         stacks = sorted(
             {
@@ -792,9 +854,14 @@ def table(result: dict) -> str:
     memory = sorted({row["memory"] for row in result["rows"] if "memory" in row})
     if memory:
         lines.append(f"peak GB: {'; '.join(memory)}")
-    ratios = [f"{name} {value:.2f}" for name, value in result["ratios"].items() if value is not None]
-    if ratios:
-        lines.append("pipeline / trl: " + ", ".join(ratios))
+    found = {name: value for name, value in result["ratios"].items() if value is not None}
+    versus = f" {s['mode']}/{labels.get('bf16', '')}"  # the names `ratios` gives quantized / unquantized
+    against_trl = [f"{name} {value:.2f}" for name, value in found.items() if not name.endswith(versus)]
+    if against_trl:
+        lines.append("pipeline / trl: " + ", ".join(against_trl))
+    precision = [f"{name.removesuffix(versus)} {value:.2f}" for name, value in found.items() if name.endswith(versus)]
+    if precision and several:
+        lines.append(f"{versus.strip()}: " + ", ".join(precision))
     return "\n".join(lines)
 
 
@@ -831,8 +898,8 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     if args.row:  # a child of run_isolated: the settings are already checked and the checkpoint written
-        task, impl = args.row.split(":")
-        row = run_row(task, impl, args, checkpoint(args))
+        task, impl, mode = [*args.row.split(":"), args.mode][:3]
+        row = run_row(task, impl, args, checkpoint(args), mode)
         Path(args.row_out).write_text(json.dumps(row))
         return
     check(args)
@@ -855,17 +922,20 @@ def main(argv: list[str] | None = None) -> None:
         # Here, not in the row: under --isolate every row is a child process, and writing it is not the row's cost.
         reward_adapter(args, path, get_peft_config(model_config(args, path)))
     rows = {}
-    for task, impl in ROWS:
-        if task not in split(args.tasks) or impl not in split(args.impls):
-            continue
-        print(f"bench: {task} {impl} ...", flush=True)
-        if impl == "trl":
-            rows[task, impl] = run_isolated(task, impl, args, argv, path, reference_python)
-        elif args.isolate:
-            rows[task, impl] = run_isolated(task, impl, args, argv, path)
-        else:
-            rows[task, impl] = run_row(task, impl, args, path)
-        print(f"bench: {task} {impl}: {rows[task, impl]['status']}", flush=True)
+    for mode in modes(args):
+        for task, impl in ROWS:
+            if task not in split(args.tasks) or impl not in split(args.impls):
+                continue
+            name = f"{task} {impl}" + (f" {mode_label(args, mode)}" if len(modes(args)) > 1 else "")
+            print(f"bench: {name} ...", flush=True)
+            if impl == "trl":
+                row = run_isolated(task, impl, args, argv, path, reference_python, mode)
+            elif args.isolate:
+                row = run_isolated(task, impl, args, argv, path, mode=mode)
+            else:
+                row = run_row(task, impl, args, path, mode)
+            rows[task, impl, mode] = row
+            print(f"bench: {name}: {row['status']}", flush=True)
     result = {
         "date": now.strftime("%Y-%m-%d"),
         "time_utc": now.strftime("%H:%M:%S"),
@@ -882,6 +952,7 @@ def main(argv: list[str] | None = None) -> None:
             key: getattr(args, key)
             for key in (
                 "mode",
+                "baseline",
                 "dtype",
                 "lora",
                 "batch",
@@ -898,13 +969,10 @@ def main(argv: list[str] | None = None) -> None:
                 "threads",
                 "seed",
             )
-        },
+        }
+        | {"modes": modes(args)},
         "rows": list(rows.values()),
-        "ratios": {
-            "ppo step time": ratio(rows, "ppo", "step_time_s"),
-            "ppo peak memory": ratio(rows, "ppo", "peak_memory_gb"),
-            "sft tokens/s": ratio(rows, "sft", "tokens_per_s"),
-        },
+        "ratios": ratios(rows, args),
     }
     out = Path(args.out) if args.out else default_out(args, result["date"])
     out.parent.mkdir(parents=True, exist_ok=True)

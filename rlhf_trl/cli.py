@@ -133,6 +133,10 @@ def parse_dataclasses(dataclass_types: tuple, argv: list[str] | None = None, def
     except (ValueError, TypeError) as error:
         if "bf16" in str(error):
             raise UserError('bf16: true needs a GPU that supports bfloat16: add ARGS="--bf16 false"') from None
+        if "8 bit and 4 bit" in str(error):  # TRL's ModelConfig
+            raise UserError(
+                "load_in_4bit and load_in_8bit are both true: keep one (set the other to false in the recipe or ARGS)"
+            ) from None
         raise UserError(f"invalid setting: {error}") from None
     if unknown:
         keys = [s.lstrip("-").split("=")[0] for s in unknown if s.startswith("--")] or unknown

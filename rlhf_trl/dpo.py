@@ -33,7 +33,14 @@ from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress
-from .modeling import check_context, check_model_source, load_model, load_tokenizer, model_kwargs
+from .modeling import (
+    check_context,
+    check_model_source,
+    load_model,
+    load_tokenizer,
+    model_kwargs,
+    trainables_in_model_dtype,
+)
 from .rewards import describe_pairs
 from .templates import ALPACA_PATH, check_renders, encode_as_generated
 
@@ -215,6 +222,7 @@ def main(script_args, training_args, model_args):
             pair_sources={"train": sources["training"], "eval": sources["eval"]},
         )
         use_stage_progress(trainer)
+        trainables_in_model_dtype(trainer.model)
         trainer.train(resume_from_checkpoint=run.checkpoint)
         loss = trainer.evaluate().get("eval_loss", float("nan"))
         accuracy, margin = logged(trainer, "rewards/accuracies"), logged(trainer, "rewards/margins")

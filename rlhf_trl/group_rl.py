@@ -35,7 +35,14 @@ from .cli import UserError
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
 from .launch import check_stage, whole_on_every_process
 from .metrics_log import MetricsLog, use_stage_progress
-from .modeling import check_model_source, context_length, load_model, load_tokenizer, model_kwargs
+from .modeling import (
+    check_model_source,
+    context_length,
+    load_model,
+    load_tokenizer,
+    model_kwargs,
+    trainables_in_model_dtype,
+)
 from .ppo import load_prompts, prompts_within
 from .rewards import RewardModelFunction, check_bridge, load_reward_classifier, prompt_text
 
@@ -157,6 +164,7 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
                 callbacks=[MetricsLog(), TokensGenerated(reward, run.checkpoint)],
             )
             use_stage_progress(trainer)
+            trainables_in_model_dtype(trainer.model)
             trainer.train(resume_from_checkpoint=run.checkpoint)
         tokenizer.padding_side = "right"  # for whoever loads the policy next
         scores = [log["reward"] for log in trainer.state.log_history if "reward" in log]

@@ -269,6 +269,9 @@ def check_stage(stage: str, model_args, training_args=None) -> None:
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
+    from .modeling import check_quantization
+
+    check_quantization(model_args)  # a 4/8-bit base without LoRA, or without bitsandbytes: before any model loads
     plan = plan_from_environment()
     settings = model_args
     if training_args is not None:  # the trainer-config rules too (PPO's checkpoints), as before launch

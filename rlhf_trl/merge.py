@@ -3,9 +3,10 @@
     python -m rlhf_trl.merge --recipe demo [--stage sft|ppo|rloo|grpo|dpo] [--output DIR] [--dtype bfloat16]
     make merge RECIPE=demo
 
-The base is reloaded unquantized even when training used 4/8-bit, because merging into quantized
-weights rounds the adapter away. The result (safetensors, tokenizer with its chat template, generation
-config whose eos_token_id lists every stop id: the tokenizer's EOS and the model's own list) loads with plain
+The base is reloaded unquantized even when training used 4/8-bit: merging into the quantized weights works
+(peft dequantizes, adds the adapter and quantizes again) but rounds the adapter into them. The result
+(safetensors, tokenizer with its chat template, generation config whose eos_token_id lists every stop id: the
+tokenizer's EOS and the model's own list) loads with plain
 `AutoModelForCausalLM.from_pretrained`, without peft, and stops where the stage outputs stopped; the reload is
 checked before the export is marked finished.
 """

@@ -2,12 +2,15 @@
 
 A stage output is either a full model or a LoRA adapter. An adapter records its base (in the run marker
 and in adapter_config.json), and that base may itself be an adapter (LoRA SFT, then LoRA PPO), so loading
-walks the chain and merges each adapter into a full-precision base. Quantized loading goes through TRL's
-`get_quantization_config`, and is refused up front on machines where bitsandbytes cannot run it.
+walks the chain and merges each adapter into a full-precision base. Quantized loading (4/8-bit, bitsandbytes) goes
+through TRL's `get_quantization_config` onto the process's device, a GPU or the CPU (`model_kwargs`); every model
+loaded quantized gets `guard_quantized`, which keeps LoRA gradients through a 4-bit base right on a CPU. Settings
+that cannot train quantized are refused up front (`check_quantization`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -44,25 +47,77 @@ def check_model_source(path: str | Path, what: str, make_target: str | None = No
 
 
 def check_quantization(model_args) -> None:
+    """Refuses a 4/8-bit setting that cannot train, before any model loads: a quantized base without LoRA (its
+    weights cannot take gradient steps) and bitsandbytes missing; both bits set is TRL's ModelConfig's refusal
+    (`cli.parse_dataclasses`). Runs with or without a GPU: bitsandbytes' wheel carries its CPU library too
+    (`quantization_notes` says what that means on a CPU). Every stage calls it first (`launch.check_stage`)."""
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
         return
     flag = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
-    if not torch.cuda.is_available():
+    if not getattr(model_args, "use_peft", True):
         raise UserError(
-            f"{flag} needs a CUDA GPU for bitsandbytes and this machine has none: set `{flag}: false` "
-            f'in the recipe or add ARGS="--{flag} false"'
+            f"{flag} trains LoRA adapters on a frozen quantized base, and use_peft is false (a full fine-tune of "
+            f'{flag[8]}-bit weights): set `use_peft: true` (ARGS="--use_peft true"), or `{flag}: false` to fine-tune '
+            "every weight in full precision"
         )
+    quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
-    except Exception as error:  # a broken CUDA setup raises more than ImportError
+    except Exception as error:  # a broken native library raises more than ImportError
         raise UserError(
-            f"{flag} needs bitsandbytes, which cannot load here ({error}): `pip install bitsandbytes` on "
-            f"Linux x86_64 with CUDA, or set `{flag}: false`"
+            f"{flag} needs bitsandbytes, which cannot load here ({str(error).splitlines()[0][:200]}): "
+            f"pip install 'bitsandbytes>=0.50.2' (Linux x86_64: its wheel holds the CPU and CUDA libraries), or set "
+            f"`{flag}: false`"
         ) from None
 
 
+# bitsandbytes log lines that say nothing a user can act on: the 8-bit matmul announces on every call that it casts
+# its float32 input to float16 (how LLM.int8() works), and on a CPU with AVX512-BF16 the import reports that an
+# optional fused kernel from the Hub (the `kernels` package) is missing, after which its own native one is used.
+BITSANDBYTES_NOISE = (
+    "MatMul8bitLt: inputs will be cast",
+    "Failed to load CPU gemm_4bit_forward from kernels-community",
+)
+
+
+class _BitsandbytesNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BITSANDBYTES_NOISE)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drops BITSANDBYTES_NOISE from bitsandbytes' loggers, and nothing else they say. Idempotent; runs before
+    bitsandbytes is first imported where it can (its import logs the `kernels` line)."""
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BitsandbytesNoise) for f in logger.filters):
+            logger.addFilter(_BitsandbytesNoise())
+
+
+_NOTED: set[str] = set()
+
+
+def quantization_notes(flag: str, on_cpu: bool) -> None:
+    """Says once per process (the main one), in one line, that a quantized base on a CPU is for checks."""
+    from accelerate import PartialState
+
+    if not on_cpu or "cpu" in _NOTED or not PartialState().is_main_process:
+        return
+    _NOTED.add("cpu")
+    compute = " (4-bit computes in float32)" if flag == "load_in_4bit" else ""
+    print(
+        f"note: {flag} without a GPU runs on bitsandbytes' CPU library{compute}: slow, meant for checks; train on a "
+        "GPU"
+    )
+
+
 def model_kwargs(model_args, quantize: bool = True) -> dict:
-    """from_pretrained keyword arguments from TRL's ModelConfig (dtype, attention, 4/8-bit)."""
+    """from_pretrained keyword arguments from TRL's ModelConfig (dtype, attention, 4/8-bit).
+
+    A quantized base goes whole onto this process's device (`device_map`): its GPU (each process its own copy, what
+    TRL's get_kbit_device_map did), or the CPU without one. On a CPU the 4-bit compute dtype is float32 whatever
+    `dtype` says: bitsandbytes' bfloat16 CPU path was 4-20x slower per step (tried on the 2-core CI machine).
+    """
     from accelerate import PartialState
     from trl import get_quantization_config
 
@@ -74,10 +129,48 @@ def model_kwargs(model_args, quantize: bool = True) -> dict:
         check_quantization(model_args)
         quantization_config = get_quantization_config(model_args)
         if quantization_config is not None:
+            device = PartialState().device
+            on_cpu = device.type == "cpu"
+            if on_cpu and model_args.load_in_4bit:
+                quantization_config.bnb_4bit_compute_dtype = torch.float32
             kwargs["quantization_config"] = quantization_config
-            # Each process keeps its own full copy on its own GPU (what TRL's get_kbit_device_map did).
-            kwargs["device_map"] = {"": PartialState().local_process_index}
+            kwargs["device_map"] = {"": str(device)}
+            quantization_notes("load_in_4bit" if model_args.load_in_4bit else "load_in_8bit", on_cpu)
     return kwargs
+
+
+def guard_quantized(model):
+    """Keeps gradients through a 4-bit base right on a CPU, for every model `load_model` loads quantized.
+
+    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit.forward` in eval mode on an input without grad (what
+    `generate`, `Trainer.evaluate` and PPO's rollouts do between updates) repacks its weight in place into an
+    inference layout; from then on its matmul has no autograd formula, the gradient through every 4-bit layer is
+    dropped, LoRA gradients come out wrong (about half, measured), `model.train()` does not undo it, and the only
+    sign is a UserWarning ("an autograd kernel was not registered"). A CPU without AVX512-BF16 never repacks, so the
+    same run is right there. Turning the layer's `support_avx512bf16_for_cpu` off keeps the training layout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def trainables_in_model_dtype(model) -> None:
+    """Puts the trainable parameters of a quantized `model` back in the dtype of its unquantized weights.
+
+    TRL 1.16's trainers cast every trainable parameter of a 4/8-bit model to bfloat16 (the QLoRA paper's choice),
+    whatever `dtype` says. Under `dtype: float32` (a CPU's: bitsandbytes' bfloat16 path there was 4-20x slower) a
+    reward model's score head (peft's modules_to_save) then meets float32 hidden states and the first step fails
+    with a dtype mismatch, and every LoRA matmul runs in bfloat16. Under the QLoRA recipes' `dtype: bfloat16` this
+    changes nothing. Called by each stage right after it builds a TRL trainer (PPO's own engine casts nothing)."""
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    dtype = model.get_input_embeddings().weight.dtype
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def model_config(path: str | Path):
@@ -137,11 +230,12 @@ def load_model(
     check_model_source(path, what)
     if not is_adapter(path):
         try:
-            return auto_class.from_pretrained(str(path), **kwargs)
+            model = auto_class.from_pretrained(str(path), **kwargs)
         except SafetensorError as error:
             raise UserError(f"{what} {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
         except OSError as error:
             raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
+        return guard_quantized(model) if kwargs.get("quantization_config") is not None else model
     if kwargs.get("quantization_config") is not None and not live_adapter:
         # Merging would round the adapter into 4/8-bit weights, and a live adapter cannot take a second
         # trainable LoRA in TRL's trainers: export a full-precision merge once and quantize that instead.

@@ -22,7 +22,7 @@ from .data import load_splits
 from .evaluate import pairwise_accuracy
 from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress
-from .modeling import check_context, load_model, load_tokenizer, model_kwargs
+from .modeling import check_context, load_model, load_tokenizer, model_kwargs, trainables_in_model_dtype
 from .rewards import describe_pairs, encode_pairs
 from .templates import ALPACA_PATH, apply_template_path, check_renders
 
@@ -142,6 +142,7 @@ def main(script_args, training_args, model_args):
             callbacks=[MetricsLog()],
         )
         use_stage_progress(trainer)
+        trainables_in_model_dtype(trainer.model)
         trainer.train(resume_from_checkpoint=run.checkpoint)
         trainer.evaluate()  # logs eval_loss and the exact eval_accuracy over every kept held-out pair
         accuracy = trainer.pair_accuracy

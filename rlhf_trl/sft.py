@@ -29,7 +29,14 @@ from .cli import UserError, parse, run
 from .data import load_splits
 from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress
-from .modeling import check_context, ensure_distinct_pad, load_model, load_tokenizer, model_kwargs
+from .modeling import (
+    check_context,
+    ensure_distinct_pad,
+    load_model,
+    load_tokenizer,
+    model_kwargs,
+    trainables_in_model_dtype,
+)
 from .templates import ALPACA_PATH, apply_template_path, check_renders, encode_as_generated
 
 IGNORE = -100  # the label of a token without loss (transformers' and TRL's convention)
@@ -208,6 +215,7 @@ def main(script_args, training_args, model_args):
             peft_config=get_peft_config(model_args),
             callbacks=[MetricsLog()],
         )
+        trainables_in_model_dtype(trainer.model)
         if not training_args.packing and len(trainer.train_dataset) < len(train):
             print(f"sft: TRL left out {len(train) - len(trainer.train_dataset)} more fully masked training examples")
         use_stage_progress(trainer)

@@ -5,10 +5,10 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT, ppo_args, reward_args, run_here, run_stage, sft_args, stage_paths, start_stage, wait_until
 
 from rlhf_trl.outputs import read_marker
@@ -119,11 +119,31 @@ def test_missing_data_file(paths):
     assert_one_line_error(result, "nothing-here.jsonl", "does not exist")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can run bitsandbytes")
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
 @pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
-def test_quantized_loading_without_cuda(paths, flag):
+def test_a_quantized_base_without_lora_is_refused(paths, tmp_path, stage, flag):
+    """A full fine-tune of 4/8-bit weights: refused before any model loads (4/8-bit itself runs on a CPU too:
+    tests/test_paths_quant.py)."""
+    args = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args}.get(stage, lambda p, *e: e)(paths)
+    output = tmp_path / stage
+    result = stage_here(stage, *args, flag, "true", "--use_peft", "false", "--output_dir", str(output))
+    assert_one_line_error(result, flag.lstrip("-"), "use_peft is false", "use_peft: true", f"{flag[-4:]}: false")
+    assert "Loading weights" not in result.stderr, "refused before any model loads"
+    assert_nothing_finished(output)
+
+
+def test_4bit_and_8bit_together_are_refused(paths):
+    both = ("--load_in_4bit", "true", "--load_in_8bit", "true", "--use_peft", "true")
+    result = stage_here("sft", *sft_args(paths, *both))
+    assert_one_line_error(result, "load_in_4bit and load_in_8bit are both true: keep one")
+    assert_nothing_finished(paths["sft"])
+
+
+@pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
+def test_quantized_loading_without_bitsandbytes(paths, monkeypatch, flag):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     result = stage_here("sft", *sft_args(paths, flag, "true", "--use_peft", "true"))
-    assert_one_line_error(result, flag.lstrip("-"), "CUDA")
+    assert_one_line_error(result, f"{flag[2:]} needs bitsandbytes, which cannot load here", "pip install")
     assert_nothing_finished(paths["sft"])
 
 

@@ -55,10 +55,10 @@ import json, sys
 argv = sys.argv[1:]
 with open({log!r}, "a") as log:
     log.write(json.dumps(argv) + "\\n")
-task, impl = argv[argv.index("--row") + 1].split(":")
-row = {{"task": task, "impl": impl, "status": "ok", "trainer": "fake TRL", "step_time_s": 1.0, "training_s": 0.5,
-       "tokens_per_s": 64.0, "peak_memory_gb": 0.5, "steps_timed": 2, "step_times_s": [1.0, 1.0, 1.0],
-       "versions": {{"trl": "1.12.0", "transformers": "5.23.0"}}}}
+task, impl, mode = argv[argv.index("--row") + 1].split(":")
+row = {{"task": task, "impl": impl, "mode": mode, "status": "ok", "trainer": "fake TRL", "step_time_s": 1.0,
+       "training_s": 0.5, "tokens_per_s": 64.0, "peak_memory_gb": 0.5, "steps_timed": 2,
+       "step_times_s": [1.0, 1.0, 1.0], "versions": {{"trl": "1.12.0", "transformers": "5.23.0"}}}}
 if task == "ppo":
     row.update(generation_s=0.2, scoring_s=0.3, logs=[{{"objective/kl": 0.0, "objective/scores": 0.1}}])
 with open(argv[argv.index("--row-out") + 1], "w") as out:
@@ -89,7 +89,7 @@ def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir, fake_reference):
     rows = {(row["task"], row["impl"]): row for row in report["rows"]}
     assert set(rows) == {("ppo", "trl"), ("ppo", "pipeline"), ("sft", "trl"), ("sft", "pipeline")}
     asked = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert [call[call.index("--row") + 1] for call in asked] == ["ppo:trl", "sft:trl"]
+    assert [call[call.index("--row") + 1] for call in asked] == ["ppo:trl:bf16", "sft:trl:bf16"]
     for call in asked:
         assert call[:2] == ["-m", "benchmarks.bench_ppo"] and tuple(call[2 : 2 + len(settings)]) == settings
     assert rows["ppo", "trl"]["trainer"] == rows["sft", "trl"]["trainer"] == "fake TRL"
@@ -128,13 +128,38 @@ def test_trl_rows_without_the_reference_environment_say_what_to_run(tmp_path):
     assert "bench:" not in result.stdout, "refused before any checkpoint is built"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA 4-bit is allowed")
-def test_quantized_mode_without_cuda_is_one_line():
-    result = bench("--mode", "4bit", timeout=120)
+@pytest.mark.paths
+@ON_CPU_ONLY
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_modes_run_on_cpu_beside_an_unquantized_baseline(tmp_path, cache_dir, fake_reference, mode):
+    """`make bench MODE=4bit|8bit` on the toy shape: every row twice, unquantized (float32 on a CPU) and in `mode`,
+    each in its own process (so each peak memory is its own), and the table and JSON put them side by side."""
+    env, calls = fake_reference
+    out = tmp_path / "bench.json"
+    result = bench("--shape", "toy", "--mode", mode, *TINY, "--cache-dir", str(cache_dir), "--out", str(out), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(row["task"], row["impl"], row["mode"]): row for row in report["rows"]}
+    assert set(rows) == {(t, i, m) for t in ("ppo", "sft") for i in ("trl", "pipeline") for m in ("bf16", mode)}
+    assert report["settings"]["modes"] == ["bf16", mode] and report["settings"]["isolate"] is True
+    asked = [json.loads(line) for line in calls.read_text().splitlines()]
+    expected = [f"{task}:trl:{precision}" for precision in ("bf16", mode) for task in ("ppo", "sft")]
+    assert [call[call.index("--row") + 1] for call in asked] == expected
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    pipeline = {m: rows["ppo", "pipeline", m] for m in ("bf16", mode)}
+    assert pipeline[mode]["shared_base"] and pipeline[mode]["reward_shared"]
+    ratio = report["ratios"][f"ppo pipeline step time {mode}/fp32"]
+    assert ratio == pytest.approx(pipeline[mode]["step_time_s"] / pipeline["bf16"]["step_time_s"])
+    assert report["ratios"][f"sft pipeline peak memory {mode}/fp32"] > 0
+    assert "ppo  pipeline  fp32" in result.stdout and f"ppo  pipeline  {mode}" in result.stdout
+    assert f"{mode}/fp32: ppo trl step time 1.00" in result.stdout  # the fake TRL rows are all alike
+
+
+def test_a_quantized_full_fine_tune_is_one_line():
+    result = bench("--mode", "4bit", "--full", timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: --mode 4bit needs a CUDA GPU for bitsandbytes and this machine has none: use --mode bf16"
-    )
+    line = "error: --full trains every weight, which 4bit weights cannot: use --lora (the default)"
+    assert result.stderr.strip() == line
 
 
 def test_shapes_match_the_published_sizes():
