@@ -101,7 +101,9 @@ def main(script_args, training_args, model_args):
     with outputs.training_run("reward", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
         tokenizer = load_tokenizer(model_args.model_name_or_path, what="model_name_or_path")
-        print(template_line("reward", tokenizer, model_args.model_name_or_path, training_args.chat_template_path))
+        without = "pairs are encoded as (prompt, answer) text pairs (rewards.encode_for_reward)"
+        template_path = training_args.chat_template_path
+        print(template_line("reward", tokenizer, model_args.model_name_or_path, template_path, without))
         apply_template_path(tokenizer, training_args.chat_template_path)
         if tokenizer.chat_template:  # without one, pairs are encoded as text pairs (rewards.encode_for_reward)
             sources = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]

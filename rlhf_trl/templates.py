@@ -171,10 +171,17 @@ def template_family(template: str | None) -> str:
     return next((name for marker, name in TEMPLATE_FAMILIES if marker in template), "custom")
 
 
-def template_line(stage: str, tokenizer, source, chat_template_path: str | None = None) -> str:
+def template_line(
+    stage: str,
+    tokenizer,
+    source,
+    chat_template_path: str | None = None,
+    without: str = f"prompts render in the Alpaca fallback ({ALPACA_PATH})",
+) -> str:
     """One line for a stage's log: which chat template it uses and where it came from (issue 23 R2: a recipe's
     template replaced SmolLM2's own ChatML without a word). Call it before `apply_template_path`; when
-    `chat_template_path` replaces a template the model ships (an instruct model's), the line is a warning."""
+    `chat_template_path` replaces a template the model ships (an instruct model's), the line is a warning. `without`
+    says what the stage does with a tokenizer that has no template."""
     own = tokenizer.chat_template
     if chat_template_path:
         if own and chat_template_path.endswith((".jinja", ".j2")) and Path(chat_template_path).is_file():
@@ -189,4 +196,4 @@ def template_line(stage: str, tokenizer, source, chat_template_path: str | None 
         return f"{stage}: chat template from chat_template_path {chat_template_path}"
     if own:
         return f"{stage}: chat template: {source}'s own ({template_family(own)})"
-    return f"{stage}: chat template: none in {source}; prompts render in the Alpaca fallback ({ALPACA_PATH})"
+    return f"{stage}: chat template: none in {source}; {without}"
