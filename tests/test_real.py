@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from .conftest import ROOT, run_stage
+from conftest import ROOT, run_stage
 
 pytestmark = pytest.mark.real
 
@@ -64,18 +63,19 @@ def chain(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("real")
     data, models = root / "data", root / "models"
     prepare(["--recipe", "smollm2-135m", "--output_dir", str(data)])
+    # SFT evaluates on its whole eval file when it ends: 8 records keep that short.
+    (data / "sft_eval_small.jsonl").write_text("".join(open(data / "sft_eval.jsonl").readlines()[:8]))
     logs = {}
     logs["sft"] = run_ok(
         "sft",
-        *("--dataset_name", f"{data}/sft_train.jsonl", "--eval_dataset_name", f"{data}/sft_eval.jsonl"),
+        *("--dataset_name", f"{data}/sft_train.jsonl", "--eval_dataset_name", f"{data}/sft_eval_small.jsonl"),
         *("--output_dir", f"{models}/sft", "--max_steps", "3", "--per_device_train_batch_size", "4"),
         *("--max_length", "64", "--save_strategy", "no"),
     )
     logs["reward"] = run_ok(
         "reward",
         *("--dataset_name", f"{data}/pairs_train.jsonl", "--eval_dataset_name", f"{data}/pairs_eval.jsonl"),
-        *("--output_dir", f"{models}/reward", "--num_train_epochs", "1", "--save_strategy", "no"),
-        *("--human_labels", "[]"),
+        *("--output_dir", f"{models}/reward", "--max_steps", "12", "--save_strategy", "no"),
     )
     logs["ppo"] = run_ok(
         "ppo",
@@ -90,7 +90,7 @@ def chain(tmp_path_factory) -> dict:
         *("--sft_model_path", f"{models}/sft"),
         *("--dataset_name", f"{data}/pairs_train.jsonl", "--eval_dataset_name", f"{data}/pairs_eval.jsonl"),
         *("--output_dir", f"{models}/dpo", "--max_steps", "2", "--per_device_train_batch_size", "2"),
-        *("--max_length", "64", "--save_strategy", "no", "--human_labels", "[]"),
+        *("--max_length", "64", "--save_strategy", "no"),
     )
     from rlhf_trl.merge import main as merge
 
