@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from .cli import UserError
 from .data import looks_like_hub_id
 from .outputs import partial_dir, read_marker
-from .pretrained import PACKAGED, gguf_message, gguf_only, resolve
+from .pretrained import PACKAGED, gguf_message, gguf_only, offline_hint, resolve
 
 
 def check_model_source(path: str | Path, what: str, make_target: str | None = None) -> None:
@@ -161,7 +161,8 @@ def load_model(
         except SafetensorError as error:
             raise UserError(f"{what} {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
         except OSError as error:
-            raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
+            hint = offline_hint(path)
+            raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]}){hint}") from None
     if kwargs.get("quantization_config") is not None and not live_adapter:
         # Merging would round the adapter into 4/8-bit weights, and a live adapter cannot take a second
         # trainable LoRA in TRL's trainers: export a full-precision merge once and quantize that instead.

