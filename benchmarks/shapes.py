@@ -39,6 +39,16 @@ SHAPES: dict[str, Shape] = {
         "none (a 2-layer Qwen2)",
         0.0001,
     ),
+    # The smollm2-135m recipe's policy (real weights there; random here). Small enough for a CPU run.
+    "smollm2-135m": Shape(
+        "LlamaConfig",
+        {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+         "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,
+         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        0.135,
+    ),
     "qwen2.5-0.5b": Shape(
         "Qwen2Config",
         {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,

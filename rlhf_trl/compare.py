@@ -234,7 +234,7 @@ def plot(path: Path, summary: dict) -> bool:
     colors = [COLORS.get(s, "tab:red") for s in everyone]
     with_truth = stages["sft"].get("ground_truth") is not None
     key, title = (
-        ("ground_truth", "ground truth (demo rule; higher is better)")
+        ("ground_truth", f"ground truth ({stages['sft'].get('ground_truth_rule', 'demo rule')}; higher is better)")
         if with_truth
         else (
             "eos_rate",

@@ -42,7 +42,7 @@ from .modeling import (
     trainables_in_model_dtype,
 )
 from .rewards import describe_pairs
-from .templates import ALPACA_PATH, check_renders, encode_as_generated
+from .templates import ALPACA_PATH, check_renders, encode_as_generated, template_line
 
 
 @dataclass
@@ -199,6 +199,7 @@ def main(script_args, training_args, model_args):
         train, train_counts = distinct_pairs(train, sources["training"])
         evaluation, eval_counts = distinct_pairs(evaluation, sources["eval"], "eval")
         tokenizer = load_tokenizer(training_args.sft_model_path)
+        print(template_line("dpo", tokenizer, training_args.sft_model_path))
         fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
         named = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]
         for split in (train, evaluation):

@@ -41,12 +41,19 @@ from pathlib import Path
 
 import torch
 
-from . import demo, outputs
+from . import demo, outputs, real_text
 from .cli import UserError, run
 from .data import load_dataset_for, seed_pair_files
 from .generation import as_id_list, first_stop_trim, stop_token_ids
 from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 from .rewards import describe_pairs, encode_pairs, score_answers
+
+# A recipe's ground truth: a rule checked in code and never shown to any model, (its name in tables, its scorer of
+# (prompt text, answer) -> 1.0 or 0.0). demo: on-topic polite answers; smollm2-135m: the prompt's stated word limit.
+GROUND_TRUTHS = {
+    "demo": ("demo rule", demo.ground_truth_score),
+    "smollm2-135m": ("word limit", real_text.ground_truth_score),
+}
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -272,7 +279,7 @@ class Judge:
 
     @property
     def with_truth(self) -> bool:
-        return self.args.recipe == "demo"
+        return self.args.recipe in GROUND_TRUTHS
 
     @property
     def methods(self) -> list[str]:
@@ -333,7 +340,7 @@ def judge_answers(judge: Judge, stage: str, model, log: Callable[[str], None]) -
     stops = stop_token_ids(judge.tokenizer, model)
     scores = score_answers(judge.reward_model, judge.reward_tokenizer, judge.expanded, answers)
     truth = (
-        [demo.ground_truth_score(p[-1]["content"], a) for p, a in zip(judge.expanded, answers, strict=True)]
+        [GROUND_TRUTHS[args.recipe][1](p[-1]["content"], a) for p, a in zip(judge.expanded, answers, strict=True)]
         if judge.with_truth
         else None
     )
@@ -342,6 +349,7 @@ def judge_answers(judge: Judge, stage: str, model, log: Callable[[str], None]) -
         "length": mean_length(ids, stops),
         "eos_rate": eos_rate(ids, stops),
         "ground_truth": mean(truth) if truth is not None else None,
+        **({"ground_truth_rule": GROUND_TRUTHS[args.recipe][0]} if truth is not None else {}),
         "scores": scores,
         "truth": truth,
     }
@@ -448,7 +456,7 @@ def metric_rows(stages: dict, methods: Sequence[str]) -> list[tuple[str, list[st
         row("answers ending with EOS", "eos_rate", 2),
     ]
     if sft.get("ground_truth") is not None:
-        rows.append(row("ground truth (demo rule)", "ground_truth", 2))
+        rows.append(row(f"ground truth ({sft.get('ground_truth_rule', 'demo rule')})", "ground_truth", 2))
     return rows
 
 

@@ -45,6 +45,7 @@ from .modeling import (
 )
 from .ppo import load_prompts, prompts_within
 from .rewards import RewardModelFunction, check_bridge, load_reward_classifier, prompt_text
+from .templates import template_line
 
 
 @dataclass
@@ -127,6 +128,7 @@ def main(stage: str, trainer_class, script_args, training_args, model_args):
     final_dir = training_args.output_dir
     with outputs.training_run(stage, script_args, training_args, model_args) as run:
         tokenizer = load_tokenizer(training_args.sft_model_path, padding_side="left")
+        print(template_line(stage, tokenizer, training_args.sft_model_path))
         reward_tokenizer = load_tokenizer(training_args.reward_model_path)
         train, evaluation = prompts_for(script_args, training_args, tokenizer, stage)
         kwargs = model_kwargs(model_args)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from .cli import UserError
 from .data import looks_like_hub_id
 from .outputs import base_of, is_adapter, partial_dir, read_marker  # noqa: F401  (re-exported)
+from .pretrained import PACKAGED, gguf_message, gguf_only, offline_hint, resolve
 
 
 def check_model_source(path: str | Path, what: str, make_target: str | None = None) -> None:
@@ -31,6 +32,8 @@ def check_model_source(path: str | Path, what: str, make_target: str | None = No
     if local.exists():
         if any((local / name).is_file() for name in ("config.json", "adapter_config.json", "tokenizer_config.json")):
             return
+        if gguf_only(local):
+            raise UserError(gguf_message(what, path, gguf_only(local)))
         hint = f": run `make {make_target}` first" if make_target else ""
         raise UserError(f"{what} {path} holds no model (no config.json or adapter_config.json){hint}")
     if partial_dir(local).exists():
@@ -39,6 +42,9 @@ def check_model_source(path: str | Path, what: str, make_target: str | None = No
     if not looks_like_hub_id(str(path)):
         hint = f": run `make {make_target}` first" if make_target else ""
         raise UserError(f"{what} {path} does not exist{hint}")
+    if str(path) in PACKAGED:
+        resolve(path, what)  # offline: the packaged copy, or one line naming the extra to install
+        return
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(
             f"{what} {path} is a Hub id but the Hub is offline (HF_HUB_OFFLINE=1): download it elsewhere and pass "
@@ -179,7 +185,7 @@ def model_config(path: str | Path):
 
     while is_adapter(path):
         path = base_of(path)
-    return AutoConfig.from_pretrained(str(path))
+    return AutoConfig.from_pretrained(resolve(path))
 
 
 # Config keys that hold a model's position limit: BERT/Llama/Qwen, GPT-2 (`n_positions`), MPT, ChatGLM, GPT-J-style.
@@ -230,11 +236,12 @@ def load_model(
     check_model_source(path, what)
     if not is_adapter(path):
         try:
-            model = auto_class.from_pretrained(str(path), **kwargs)
+            model = auto_class.from_pretrained(resolve(path, what), **kwargs)
         except SafetensorError as error:
             raise UserError(f"{what} {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
         except OSError as error:
-            raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]})") from None
+            hint = offline_hint(path)
+            raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]}){hint}") from None
         return guard_quantized(model) if kwargs.get("quantization_config") is not None else model
     if kwargs.get("quantization_config") is not None and not live_adapter:
         # Merging would round the adapter into 4/8-bit weights, and a live adapter cannot take a second
@@ -310,21 +317,32 @@ def adapter_mismatch(adapter_dir: str | Path, error: Exception, grown: int | Non
     return f"adapter {adapter_dir} does not fit its base {base_of(adapter_dir)} ({cause[:300]}): {fix}"
 
 
-def load_tokenizer(path: str | Path, padding_side: str = "right"):
+def load_tokenizer(path: str | Path, padding_side: str = "right", what: str = "tokenizer"):
+    """The tokenizer of a model or adapter folder (an adapter without one: its base's), or of a Hub id (`resolve`).
+    `what` names the setting the path came from in messages (model_name_or_path...). A tokenizer that pads with EOS
+    or has no pad gets a distinct token of its own vocabulary when it has one (`spare_pad_token`)."""
     from transformers import AutoTokenizer
 
     source = path
     if is_adapter(path) and not (Path(path) / "tokenizer_config.json").is_file():
         source = base_of(path)
-    check_model_source(source, "tokenizer")
+    check_model_source(source, what)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(resolve(source, what))
     except (OSError, ValueError) as error:
         raise UserError(f"tokenizer of {source} could not be loaded ({str(error).splitlines()[0][:200]})") from None
     tokenizer.padding_side = padding_side
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = spare_pad_token(tokenizer) or tokenizer.eos_token
+    choose_pad(tokenizer)
     return tokenizer
+
+
+def choose_pad(tokenizer) -> None:
+    """A pad token that is not EOS, from the tokenizer's own vocabulary, when the tokenizer has none or pads with its
+    EOS (SmolLM2 ships pad = EOS = <|im_end|>): `spare_pad_token`, else EOS as before (GPT-2: SFT in full then adds
+    <|pad|>, `ensure_distinct_pad`). The vocabulary never grows here; each stage saves the tokenizer with its pad."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    tokenizer.pad_token = spare_pad_token(tokenizer) or tokenizer.pad_token or tokenizer.eos_token
 
 
 def for_inference(model):
@@ -354,6 +372,12 @@ def spare_pad_token(tokenizer) -> str | None:
     for token in tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder):
         if "pad" in token.lower() and token != tokenizer.eos_token:
             return token
+    # Else its unknown token (SmolLM2's <|endoftext|>): a byte-level tokenizer never produces it and the chat template
+    # never writes it, so it cannot be mistaken for an answer's end. Not when it is also EOS or BOS (GPT-2's).
+    unk = getattr(tokenizer, "unk_token", None)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if unk and unk not in (tokenizer.eos_token, tokenizer.bos_token) and unk not in (template or ""):
+        return unk
     return None
 
 

@@ -50,7 +50,7 @@ from .rewards import (
     needs_cross_tokenizer,
     prompt_text,
 )
-from .templates import ALPACA_PATH, check_renders
+from .templates import ALPACA_PATH, check_renders, template_line
 
 
 def load_prompts(script_args, training_args, tokenizer):
@@ -183,6 +183,7 @@ def main(script_args, training_args, model_args):
     final_dir = training_args.output_dir
     with outputs.training_run("ppo", script_args, training_args, model_args) as run:
         tokenizer = load_tokenizer(training_args.sft_model_path, padding_side="left")
+        print(template_line("ppo", tokenizer, training_args.sft_model_path))
         reward_tokenizer = load_tokenizer(training_args.reward_model_path)
         if tokenizer.pad_token_id in stop_token_ids(tokenizer, training_args.sft_model_path):
             which = "its EOS token" if tokenizer.pad_token_id == tokenizer.eos_token_id else "one of its stop tokens"

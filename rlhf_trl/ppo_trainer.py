@@ -455,6 +455,10 @@ class PPOTrainer(Trainer):
             if role is not None:
                 role.to(self.accelerator.device)
         self.lm_head = causal_lm_of(self.policy_model).get_output_embeddings()
+        weights = next(causal_lm_of(self.policy_model).parameters()).dtype
+        warning = ppo_math.precision_warning(weights, self.accelerator.mixed_precision, self.is_peft_model)
+        if warning:
+            self.accelerator.print(f"ppo: warning: {warning}")
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -750,7 +754,8 @@ class PPOTrainer(Trainer):
         metrics.update({name: gather(stats[key]).mean().item() for key, name in ppo_math.UPDATE_METRICS.items()})
         ratios = gather(stats["ratio"])  # one value per micro-batch: a single one has no variance
         metrics["val/ratio_var"] = ratios.var().item() if ratios.numel() > 1 else float("nan")
-        eos = torch.isin(batch["responses"], self._stops(batch["responses"].device)).sum()
+        responses = batch["responses"]
+        eos = ppo_math.count_stops(responses, self._stops(responses.device), bool(self.stop_token_ids))
         metrics["val/num_eos_tokens"] = int(self.accelerator.reduce(eos, reduction="sum").item())
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         metrics["episode"] = self.state.episode
@@ -793,7 +798,12 @@ class PPOTrainer(Trainer):
             for update in range(start_update + 1, total_updates + 1):
                 self.state.episode += args.batch_size
                 queries = self._queries(next(drawn))
-                rollout = self.advantages(self.rollout(queries))
+                rollout = self.rollout(queries)
+                if update == start_update + 1:  # the reward model's scale against PPO's fixed penalties, once
+                    warning = ppo_math.score_spread_warning(rollout["scores"], args.missing_eos_penalty)
+                    if warning:
+                        self.accelerator.print(f"ppo: warning: {warning}")
+                rollout = self.advantages(rollout)
                 answer_tokens = (~rollout["padding_mask"]).sum()
                 self.state.tokens_generated += int(self.accelerator.reduce(answer_tokens, reduction="sum").item())
                 self.update(rollout, queries.shape[1], stats)

@@ -27,10 +27,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import outputs
+from . import outputs, real_text
 from .cli import UserError, parse_dataclasses, run
 from .data import convert, load_records
-from .templates import check_renders
+from .templates import check_renders, template_line
 
 
 @dataclass
@@ -44,7 +44,11 @@ class DataArguments:
     max_examples: int | None = field(default=None, metadata={"help": "Keep at most this many cleaned examples."})
     seed: int = field(default=0, metadata={"help": "Seed of the split and of the corruptions."})
     rejected_source: str = field(
-        default="corruption", metadata={"help": "corruption (no model) or sft (samples from sft_model_path)."}
+        default="corruption",
+        metadata={
+            "help": "corruption (no model), sft (samples from sft_model_path) or rule (pairs labeled by the recipe's "
+            "ground-truth rule, rlhf_trl.real_text.rule_pairs; raw_dataset chatterbot-corpus)."
+        },
     )
     sft_model_path: str | None = field(default=None, metadata={"help": "The SFT model, for rejected_source: sft."})
     pair_layout: str = field(
@@ -147,6 +151,35 @@ def write_pairs(folder: Path, split: str, rows: list[dict], rejected: list[str],
     )
 
 
+def prompt_key(row: dict) -> str:
+    return json.dumps(row["prompt"], sort_keys=True).lower()
+
+
+def unique_prompts(rows: list[dict]) -> list[dict]:
+    """Each distinct prompt once (a prompt with two answers is one PPO prompt), in order of first appearance."""
+    seen: dict[str, dict] = {}
+    for row in rows:
+        seen.setdefault(prompt_key(row), {"prompt": row["prompt"]})
+    return list(seen.values())
+
+
+def split_by_prompt(rows: list[dict], eval_size: float, source: str) -> dict[str, list[dict]]:
+    """Held-out and training rows with no prompt on both sides: whole prompts (with all their answers) go to eval,
+    `eval_size` of the distinct prompts, in the rows' (shuffled) order. Splitting records instead put a prompt with two
+    answers on both sides (9 of 51 held-out prompts were training prompts, issue 23 R1). Prints the counts."""
+    keys = list(dict.fromkeys(prompt_key(row) for row in rows))
+    if len(keys) < 2:
+        raise UserError(f"{source}: all {len(rows)} usable examples share one prompt: need at least 2 distinct prompts")
+    held_out = set(keys[: min(len(keys) - 1, max(1, round(len(keys) * eval_size)))])
+    splits = {"eval": [r for r in rows if prompt_key(r) in held_out], "train": []}
+    splits["train"] = [r for r in rows if prompt_key(r) not in held_out]
+    print(
+        f"data: split by prompt: {len(keys) - len(held_out)} prompts ({len(splits['train'])} records) train, "
+        f"{len(held_out)} prompts ({len(splits['eval'])} records) eval"
+    )
+    return splits
+
+
 def describe_drops(dropped: Counter) -> str:
     """`dropped: 2 invalid, 1 duplicate` (or `dropped: none`): the counts data_report.json holds, for one line."""
     return "dropped: " + (", ".join(f"{count} {reason}" for reason, count in dropped.items() if count) or "none")
@@ -164,8 +197,12 @@ def prepare_dataset(args: DataArguments) -> None:
             f"raw dataset {args.raw_dataset} does not exist: `git clone` the dataset repo there "
             "(e.g. https://huggingface.co/datasets/yahma/alpaca-cleaned), or set raw_dataset"
         )
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path)
-    records = load_records(args.raw_dataset, args.raw_split, split_key="raw_split")
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path, what="tokenizer_name_or_path")
+    print(template_line("data", tokenizer, args.tokenizer_name_or_path))
+    if args.raw_dataset == real_text.SOURCE:
+        records = real_text.corpus_records(args.seed)
+    else:
+        records = load_records(args.raw_dataset, args.raw_split, split_key="raw_split")
     skipped: list[str] = []
     rows = convert(records, "sft", args.raw_dataset, skipped=skipped)
     if tokenizer.chat_template:  # without one, render_prompt's Alpaca fallback takes any roles
@@ -186,12 +223,18 @@ def prepare_dataset(args: DataArguments) -> None:
         reasons = [reason.removeprefix(f"{args.raw_dataset} ") for reason in skipped[:3]]
         why = "; ".join([describe_drops(dropped), *reasons])
         raise UserError(f"{args.raw_dataset}: only {len(rows)} usable examples after cleaning: need at least 2 ({why})")
-    n_eval = min(len(rows) - 1, max(1, round(len(rows) * args.eval_size)))
-    splits = {"eval": rows[:n_eval], "train": rows[n_eval:]}
+    splits = split_by_prompt(rows, args.eval_size, args.raw_dataset)
+    n_eval = len(splits["eval"])
+    made = {}
     with outputs.stage_output(output, args.overwrite) as work:
         for split, split_rows in splits.items():
             write_jsonl(work / f"sft_{split}.jsonl", split_rows)
-            write_jsonl(work / f"prompts_{split}.jsonl", [{"prompt": r["prompt"]} for r in split_rows])
+            write_jsonl(work / f"prompts_{split}.jsonl", unique_prompts(split_rows))
+            if args.rejected_source == "rule":
+                pairs, made[split] = real_text.rule_pairs(split_rows, rng)
+                write_jsonl(work / f"pairs_{split}.jsonl", pairs)
+                print(f"data: {len(pairs)} {split} pairs labeled by the ground-truth rule ({made[split]})")
+                continue
             rejected = rejected_answers(split_rows, args, rng, dropped)
             write_pairs(work, split, split_rows, rejected, args.pair_layout, args.rejected_source)
         report = {
@@ -201,7 +244,10 @@ def prepare_dataset(args: DataArguments) -> None:
             "eval": n_eval,
             "dropped": dict(dropped),
             "first_invalid": skipped[:5],
+            "train_prompts": len(unique_prompts(splits["train"])),
+            "eval_prompts": len(unique_prompts(splits["eval"])),
             "rejected_source": args.rejected_source,
+            **({"rule_pairs": made} if made else {}),
             "seed": args.seed,
         }
         (work / "data_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

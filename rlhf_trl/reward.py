@@ -24,7 +24,7 @@ from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress
 from .modeling import check_context, load_model, load_tokenizer, model_kwargs, trainables_in_model_dtype
 from .rewards import describe_pairs, encode_pairs
-from .templates import ALPACA_PATH, apply_template_path, check_renders
+from .templates import ALPACA_PATH, apply_template_path, check_renders, template_line
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None, split: str = "training"):
@@ -100,7 +100,10 @@ def main(script_args, training_args, model_args):
     final_dir = training_args.output_dir
     with outputs.training_run("reward", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "reward", training_args.seed)
-        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, what="model_name_or_path")
+        without = "pairs are encoded as (prompt, answer) text pairs (rewards.encode_for_reward)"
+        template_path = training_args.chat_template_path
+        print(template_line("reward", tokenizer, model_args.model_name_or_path, template_path, without))
         apply_template_path(tokenizer, training_args.chat_template_path)
         if tokenizer.chat_template:  # without one, pairs are encoded as text pairs (rewards.encode_for_reward)
             sources = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]

@@ -37,7 +37,7 @@ from .modeling import (
     model_kwargs,
     trainables_in_model_dtype,
 )
-from .templates import ALPACA_PATH, apply_template_path, check_renders, encode_as_generated
+from .templates import ALPACA_PATH, apply_template_path, check_renders, encode_as_generated, template_line
 
 IGNORE = -100  # the label of a token without loss (transformers' and TRL's convention)
 
@@ -187,8 +187,9 @@ def main(script_args, training_args, model_args):
     final_dir = training_args.output_dir
     with outputs.training_run("sft", script_args, training_args, model_args) as run:
         train, evaluation = load_splits(script_args, "sft", training_args.seed)
-        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, what="model_name_or_path")
         template_path = training_args.chat_template_path
+        print(template_line("sft", tokenizer, model_args.model_name_or_path, template_path))
         apply_template_path(tokenizer, template_path)
         # A model folder or Hub id as chat_template_path: TRL clones that tokenizer's template into this one.
         cloned = bool(template_path) and not template_path.endswith((".jinja", ".j2"))

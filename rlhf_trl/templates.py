@@ -153,3 +153,47 @@ def locate(row: dict, sources: list[str], purpose: str) -> str:
             if _turns(converted[0]) == wanted:
                 return _where(name, record, index)
     return f"{sources[0]} (a record with roles {', '.join(r for turns in roles(row) for r in turns)})"
+
+
+# Markers that name a chat template's family in a log line (first match wins).
+TEMPLATE_FAMILIES = (
+    ("<|im_start|>", "ChatML"),
+    ("<|start_header_id|>", "Llama 3"),
+    ("[INST]", "Llama 2/Mistral [INST]"),
+    ("<start_of_turn>", "Gemma"),
+    ("### Instruction", "Alpaca"),
+)
+
+
+def template_family(template: str | None) -> str:
+    if not template:
+        return "none"
+    return next((name for marker, name in TEMPLATE_FAMILIES if marker in template), "custom")
+
+
+def template_line(
+    stage: str,
+    tokenizer,
+    source,
+    chat_template_path: str | None = None,
+    without: str = f"prompts render in the Alpaca fallback ({ALPACA_PATH})",
+) -> str:
+    """One line for a stage's log: which chat template it uses and where it came from (issue 23 R2: a recipe's
+    template replaced SmolLM2's own ChatML without a word). Call it before `apply_template_path`; when
+    `chat_template_path` replaces a template the model ships (an instruct model's), the line is a warning. `without`
+    says what the stage does with a tokenizer that has no template."""
+    own = tokenizer.chat_template
+    if chat_template_path:
+        if own and chat_template_path.endswith((".jinja", ".j2")) and Path(chat_template_path).is_file():
+            replacing = Path(chat_template_path).read_text(encoding="utf-8")
+            if replacing.strip() != own.strip():
+                return (
+                    f"{stage}: warning: chat_template_path {chat_template_path} ({template_family(replacing)}) "
+                    f"replaces {source}'s own chat template ({template_family(own)}), which the model was trained on: "
+                    "remove "
+                    "chat_template_path from the recipe to keep the model's own"
+                )
+        return f"{stage}: chat template from chat_template_path {chat_template_path}"
+    if own:
+        return f"{stage}: chat template: {source}'s own ({template_family(own)})"
+    return f"{stage}: chat template: none in {source}; {without}"

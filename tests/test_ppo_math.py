@@ -399,3 +399,29 @@ def test_no_module_of_rlhf_trl_imports_trl_experimental():
         if (lines := trl_experimental_imports(path.read_text(encoding="utf-8")))
     }
     assert offenders == {}, f"rlhf_trl must not import trl.experimental (TRL 1.13 deleted PPO): {offenders}"
+
+
+def test_count_stops_counts_real_eos_only_when_pad_is_eos():
+    # issue 23 R4: EOS = pad = 2. Answer 1 stops at position 1 and is padded with 2s; answer 2 never stops; answer 3
+    # stops at its last position. Real stops: 2 (TRL 1.12's count, every 2 in the tensor, gives 3 + 0 + 1 = 4).
+    responses = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [5, 6, 7, 2]])
+    stops = torch.tensor([2])
+    assert torch.isin(responses, stops).sum() == 4
+    assert ppo_math.count_stops(responses, stops, stopped_at_first=True) == 2
+    # Without a stop token nothing is padding: every stop id the policy wrote counts.
+    assert ppo_math.count_stops(responses, stops, stopped_at_first=False) == 4
+
+
+def test_score_spread_warning_when_scores_are_far_below_the_penalty():
+    # issue 23: scores from -0.10 to +0.03 (std 0.057) against missing_eos_penalty 1.0: under 1/10 of it.
+    narrow = torch.tensor([-0.10, -0.05, 0.0, 0.03])
+    assert "spread only 0.0572 (std; -0.1 to 0.03)" in ppo_math.score_spread_warning(narrow, 1.0)
+    assert ppo_math.score_spread_warning(narrow, 0.5) is None  # 0.057 x 10 >= 0.5
+    assert ppo_math.score_spread_warning(narrow * 20, 1.0) is None  # std 1.1: comparable
+    assert ppo_math.score_spread_warning(narrow, None) is None
+
+
+def test_precision_warning_for_half_precision_log_probs():
+    assert "bfloat16" in ppo_math.precision_warning(torch.bfloat16, None, lora=True)
+    assert "bf16 autocast" in ppo_math.precision_warning(torch.float32, "bf16", lora=False)
+    assert ppo_math.precision_warning(torch.float32, "no", lora=True) is None

@@ -84,3 +84,26 @@ def test_rejected_answers_can_be_sampled_from_the_sft_model(tmp_path, world, tra
     report = json.loads((tmp_path / "run/data_report.json").read_text())
     assert report["rejected_source"] == "sft" and len(pairs) == 16
     assert all(p["rejected"][0]["content"].strip() for p in pairs), "the SFT model's answers are the rejected side"
+
+
+def test_a_prompt_with_two_answers_lands_on_one_side_only(tmp_path, world, capsys):
+    # issue 23 R1: 10 prompts with 2 different answers each (20 records). Splitting records put a prompt on both
+    # sides; split by prompt, eval_size 0.2 holds out round(10 x 0.2) = 2 prompts, i.e. 4 records, and trains on 8
+    # prompts (16 records).
+    raw = [
+        {"instruction": f"Name fact number {i}.", "input": "", "output": f"Fact {i} is {how}."}
+        for i in range(10)
+        for how in ("true", "old")
+    ]
+    recipe = write_recipe(tmp_path, world)
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    main(["--config", recipe])
+    out = tmp_path / "run"
+    prompts = {
+        split: {json.dumps(r["prompt"]) for r in load_records(str(out / f"sft_{split}.jsonl"))}
+        for split in ("train", "eval")
+    }
+    assert not prompts["train"] & prompts["eval"]
+    assert (len(prompts["train"]), len(prompts["eval"])) == (8, 2)
+    assert "split by prompt: 8 prompts (16 records) train, 2 prompts (4 records) eval" in capsys.readouterr().out
+    assert len(load_records(str(out / "prompts_eval.jsonl"))) == 2  # each prompt once
