@@ -144,7 +144,9 @@ def test_every_make_target_the_readme_and_docs_name_exists(dry_make):
     missing = {}
     for target in sorted(named):
         result = dry_make(target)
-        if result.returncode != 0:
+        # make -n still runs a recipe line that calls $(MAKE) (compare asks rlhf_trl.compare what to train), which
+        # fails here without a .venv: the target exists all the same. A missing target says "No rule to make target".
+        if result.returncode != 0 and "No rule to make target" in result.stderr:
             missing[target] = result.stderr.strip().splitlines()[-1:]
     assert missing == {}, "targets named in README.md or docs/ that the Makefile lacks"
 
