@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 
 from . import outputs
-from .cli import UserError, run
 from .data import check_unicode
+from .errors import UserError, run
 from .modeling import context_length, for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 
 STAGES = (*outputs.POLICY_STAGES, "export")

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EXIT_USER_ERROR, UserError, run  # noqa: F401  (UserError, run: re-exported for the stages)
+from .errors import EXIT_USER_ERROR, UserError, run  # noqa: F401  (re-exported for older imports; the package imports them from errors)
 from .launch import check, plan_from_environment, process_group_backend
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import evaluate, outputs
-from .cli import UserError, run
+from .errors import UserError, run
 
 PLOT = "compare.png"
 COLORS = {"sft": "tab:gray", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green", "dpo": "tab:purple"}

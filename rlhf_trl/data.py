@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from .cli import UserError
+from .errors import UserError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FORMAT_FIELDS = {  # checked in order: the first whose required fields are all present wins

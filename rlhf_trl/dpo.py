@@ -29,8 +29,9 @@ import trl
 from trl import DPOTrainer, get_peft_config
 
 from . import outputs
-from .cli import UserError, parse, run
+from .cli import parse
 from .data import load_splits
+from .errors import UserError, run
 from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress
 from .modeling import (

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from . import demo, outputs, real_text
-from .cli import UserError, run
 from .data import load_dataset_for, seed_pair_files
+from .errors import UserError, run
 from .generation import as_id_list, first_stop_trim, stop_token_ids
 from .modeling import for_inference, generate, load_model, load_tokenizer, render_prompt, sampling_line
 from .rewards import describe_pairs, encode_pairs, score_answers

@@ -31,7 +31,7 @@ from transformers.trainer_callback import ExportableState
 from trl import get_peft_config
 
 from . import outputs
-from .cli import UserError
+from .errors import UserError
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
 from .launch import check_stage, whole_on_every_process
 from .metrics_log import MetricsLog, use_stage_progress

@@ -13,7 +13,8 @@ a loss term (k3 estimator) as in the paper; TRL's default is 0. Everything but t
 
 from trl import GRPOTrainer
 
-from .cli import parse, run
+from .cli import parse
+from .errors import run
 from .group_rl import GRPOConfig, main
 
 if __name__ == "__main__":

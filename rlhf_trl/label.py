@@ -23,7 +23,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from .cli import UserError, run
+from .errors import UserError, run
 from .labels import (
     LABEL_SETTINGS,
     LETTERS,

@@ -42,9 +42,9 @@ from datetime import datetime
 from pathlib import Path
 
 from . import outputs
-from .cli import UserError
 from .data import ARENA, check_unicode, load_dataset_for, read_csv, read_jsonl
 from .data import is_arena_vote as is_arena
+from .errors import UserError
 
 STAGES = (*outputs.POLICY_STAGES, "export")
 LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (

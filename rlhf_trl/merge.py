@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import outputs
-from .cli import run
+from .errors import run
 from .generation import as_id_list, stop_token_ids
 from .modeling import check_model_source, is_adapter, load_model, load_tokenizer
 

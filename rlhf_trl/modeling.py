@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .cli import UserError
 from .data import looks_like_hub_id
+from .errors import UserError
 from .outputs import base_of, is_adapter, partial_dir, read_marker  # noqa: F401  (re-exported)
 from .pretrained import PACKAGED, gguf_message, gguf_only, offline_hint, resolve
 

@@ -27,8 +27,9 @@ from transformers import AutoModelForSequenceClassification
 from trl import get_peft_config
 
 from . import outputs
-from .cli import UserError, parse, run
+from .cli import parse
 from .data import load_splits
+from .errors import UserError, run
 from .generation import stop_token_ids
 from .launch import check_stage
 from .metrics_log import MetricsLog

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers.trainer_utils import rotate_checkpoints
 
-from .cli import UserError
+from .errors import UserError
 from .outputs import CHECKPOINT_STATE as TRAINER_STATE
 from .ppo_config import PPOTrainerState
 

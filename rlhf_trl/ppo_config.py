@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerState, TrainingArguments
 
-from .cli import UserError
+from .errors import UserError
 
 # transformers' Trainer settings that PPO's own loop (`PPOTrainer.train`) does not run, with the values it accepts and
 # what to do instead: a recipe that sets one stops in one line before any model loads, instead of a run that ignores

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cli import UserError
+from .errors import UserError
 from .ppo_math import first_true_indices
 from .rewards import CrossTokenizerReward
 

@@ -58,7 +58,7 @@ from transformers.trainer import DEFAULT_CALLBACKS
 from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerControl
 
 from . import ppo_math
-from .cli import UserError
+from .errors import UserError
 from .generation import sampling_config, sampling_with, settings_line, stop_token_ids
 from .metrics_log import StageProgress
 from .ppo_checkpoint import Checkpointing, absolute_step_intervals

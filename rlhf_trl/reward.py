@@ -17,8 +17,9 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer, get_peft_config
 
 from . import outputs
-from .cli import UserError, parse, run
+from .cli import parse
 from .data import load_splits
+from .errors import UserError, run
 from .evaluate import pairwise_accuracy
 from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress

@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .cli import UserError
+from .errors import UserError
 from .ppo_math import first_true_indices
 from .templates import encode_as_generated
 

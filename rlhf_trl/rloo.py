@@ -12,7 +12,8 @@ Everything but the trainer is shared with GRPO: `rlhf_trl.group_rl`.
 
 from trl import RLOOTrainer
 
-from .cli import parse, run
+from .cli import parse
+from .errors import run
 from .group_rl import RLOOConfig, main
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from .cli import UserError
+from .errors import UserError
 
 # Keep in step with recipes/templates/alpaca.jinja (a test renders both): system text, then each user turn as an
 # instruction, each assistant turn as a response closed by EOS, and the generation prompt.

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import labels, outputs
-from .cli import UserError, run
+from .errors import UserError, run
 
 DEFAULT_PORT = 7860
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
