@@ -62,10 +62,14 @@ def test_report_md_holds_the_tables_plots_and_samples(built):
 
 
 def test_arena_votes_add_the_human_verdict(trained, built, tmp_path):
-    """`make report` with arena votes in the labels folder: the human win rate line, in report.md and printed."""
+    """`make report` with arena votes in the labels folder: the human win rate line, in report.md and printed.
+    Each vote names the runs it judged (the stages' current runs here: votes on earlier runs are left out)."""
+    from rlhf_trl.labels import stage_runs
+
+    runs = stage_runs(Path(trained["sft"]).parent)
     votes = [
         {"kind": "decision", "decision_id": f"d{i}", "labeler": labeler, "source": "arena", "stages": stages,
-         "decision": "prefer", "preferred": preferred, "prompt_id": f"p{i}"}
+         "runs": [runs[stage] for stage in stages], "decision": "prefer", "preferred": preferred, "prompt_id": f"p{i}"}
         for i, (labeler, stages, preferred) in enumerate(
             [("ann", ["ppo", "sft"], 0)] * 5 + [("ben", ["sft", "ppo"], 1)] * 2 + [("ben", ["sft", "ppo"], 0)] * 3
         )
