@@ -109,17 +109,25 @@ def run_verb(verb: str, argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "rlhf_trl.command", verb, *argv])
 
 
+def train_stages(recipe: str, stages) -> None:
+    """Trains each of `stages` in order, as `rlhf-trl <stage> --recipe <recipe>`; stops at the first failure with that
+    stage's status (as `make all` does)."""
+    for stage in stages:
+        status = run_verb(stage, ["--recipe", recipe])
+        if status:
+            sys.exit(status)
+
+
 def train_missing(recipe: str, stages) -> None:
-    """Trains each of `stages` whose output has no finished marker yet, in order; stops at the first failure with
-    that stage's status (as `make all` does)."""
+    """Trains each of `stages` whose output has no finished marker yet (`train_stages`), saying which it keeps."""
+    missing = []
     for stage in stages:
         output = Path("models") / recipe / stage
         if (output / MARKER).is_file():
             print(f"{stage}: {output} is finished; kept (rlhf-trl {stage} --overwrite redoes it)", flush=True)
-            continue
-        status = run_verb(stage, ["--recipe", recipe])
-        if status:
-            sys.exit(status)
+        else:
+            missing.append(stage)
+    train_stages(recipe, missing)
 
 
 def run_all(argv: list[str]) -> None:
@@ -142,9 +150,10 @@ def run_all(argv: list[str]) -> None:
 
 def run_tool(verb: str, argv: list[str]) -> None:
     module = importlib.import_module(f"rlhf_trl.{TOOLS[verb][0]}")
-    if verb == "compare" and "--help" not in argv and "-h" not in argv:
+    if verb == "compare" and not {"--help", "-h", "--to-train"} & set(argv):
+        # What to train first is compare's own decision (`compare.plan`, what `make compare` asks it too).
         args = module.parser().parse_args(argv)
-        train_missing(args.recipe, ["sft", "reward", *args.methods])
+        train_stages(args.recipe, module.plan(args, lambda line: print(line, file=sys.stderr, flush=True)))
     module.main(argv)
 
 
