@@ -198,13 +198,15 @@ def check(plan: Plan, stage: str | None = None, model_args=None, cuda_devices: i
     sharded = plan.distributed_type in SHARDED_NAMES
     if model_args is not None:
         quantized = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
-        shards = "ZeRO-3" if plan.zero_stage == 3 else "FSDP" if plan.distributed_type == "FSDP" else None
-        if quantized and shards:
-            # modeling.model_kwargs places a whole quantized copy on each process's GPU (device_map), which
-            # ZeRO-3 and FSDP would have to shard; bitsandbytes weights cannot be partitioned that way.
+        if quantized and plan.zero_stage == 3:
+            # modeling.model_kwargs places a whole quantized copy on each process's device (device_map), and ZeRO-3
+            # partitions every parameter as the model loads, which bitsandbytes' packed weights do not survive.
+            # FSDP2 is allowed: it shards the LoRA tensors and leaves the frozen quantized ones whole on each process
+            # (make test-paths runs a 4-bit base under DDP, ZeRO-2 and FSDP2 in 2 processes).
             raise UserError(
-                f"{quantized} keeps a whole quantized base on every GPU, which {shards} cannot shard: use "
-                f"{CONFIGS}/multi_gpu.yaml, or set `{quantized}: false` to shard the full-precision model"
+                f"{quantized} keeps a whole quantized base on every process, which ZeRO-3 cannot partition: use "
+                f"{CONFIGS}/zero2.yaml, fsdp.yaml or multi_gpu.yaml, or set `{quantized}: false` to shard the "
+                "full-precision model"
             )
     if stage == "ppo" and (plan.zero_stage == 3 or plan.distributed_type == "FSDP"):
         # Measured in 2 CPU processes with the refusals lifted (docs/multi-gpu.md): ZeRO-3

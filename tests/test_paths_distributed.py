@@ -59,8 +59,12 @@ def stage_args(stage: str, paths: dict, per_device: int) -> list[str]:
             "--local_rollout_forward_batch_size", str(per_device)]  # fmt: skip
 
 
-def run(config: str, stage: str, paths: dict, processes: int) -> dict:
-    result = launch(config, stage, *stage_args(stage, paths, GLOBAL_BATCH // processes), env=ENV)
+# A 4-bit base with LoRA on every linear layer, as recipes/llama3.1-8b-qlora trains it.
+FOUR_BIT = ("--load_in_4bit", "true", "--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "all-linear")
+
+
+def run(config: str, stage: str, paths: dict, processes: int, extra: tuple = ()) -> dict:
+    result = launch(config, stage, *stage_args(stage, paths, GLOBAL_BATCH // processes), *extra, env=ENV)
     assert result.returncode == 0, f"{stage} {config}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return {"out": paths[stage], "stdout": result.stdout}
 
@@ -71,13 +75,14 @@ def runs(world):
     run starts from the 1-process outputs of the stages before it (sft, reward), run first when missing."""
     done = {}
 
-    def get(config: str, stage: str) -> dict:
-        if (config, stage) not in done:
-            paths = stage_paths(world, tag=f"_paths_{config}")
+    def get(config: str, stage: str, four_bit: bool = False) -> dict:
+        if (config, stage, four_bit) not in done:
+            paths = stage_paths(world, tag=f"_paths_{config}{'_4bit' if four_bit else ''}")
             for earlier in ("sft", "reward")[: CHAIN.index(stage)]:
                 paths[earlier] = get("single_process", earlier)["out"]
-            done[config, stage] = run(config, stage, paths, 1 if config == "single_process" else 2)
-        return done[config, stage]
+            processes = 1 if config == "single_process" else 2
+            done[config, stage, four_bit] = run(config, stage, paths, processes, FOUR_BIT if four_bit else ())
+        return done[config, stage, four_bit]
 
     return get
 
@@ -97,14 +102,11 @@ COMPARED = {
     "grpo": ("reward", 0.5),
     "ppo": ("objective/scores", 0.5),
 }
-# Every stage under ZeRO-2; under ZeRO-3 and FSDP2 all but one of RLOO and GRPO each (both TRL's online trainers,
-# so each config runs one of them), to keep `make test-paths` near 15 minutes. PPO under ZeRO-3 and FSDP is refused
-# (rlhf_trl.launch.check says why; tests/test_launch.py).
-MATRIX = (
-    [("zero2", stage) for stage in CHAIN]
-    + [("zero3", stage) for stage in ("sft", "reward", "dpo", "grpo")]
-    + [("fsdp", stage) for stage in ("sft", "reward", "dpo", "rloo")]
-)
+# Every stage under ZeRO-2, ZeRO-3 and FSDP2, but PPO under ZeRO-3 and FSDP, which is refused (rlhf_trl.launch.check
+# says why; tests/test_launch.py).
+MATRIX = [("zero2", stage) for stage in CHAIN] + [
+    (config, stage) for config in ("zero3", "fsdp") for stage in CHAIN if stage != "ppo"
+]
 
 
 @pytest.mark.parametrize(("config", "stage"), MATRIX)
@@ -130,6 +132,26 @@ def test_two_processes_match_one_at_the_same_global_batch(runs, config, stage):
     assert sum(stage in line for line in two["stdout"].splitlines() if "saved to" in line) == 1, "published once"
     assert not Path(two["out"] + ".partial").exists()
     works(stage, two["out"])
+
+
+@pytest.mark.parametrize("config", ["multi_cpu", "zero2", "fsdp"])
+def test_a_4bit_base_with_lora_trains_in_two_processes_as_in_one(runs, config):
+    """QLoRA past one device: DDP and ZeRO-2 keep a whole 4-bit base on each process, FSDP2 shards the LoRA tensors
+    and leaves the frozen 4-bit ones whole. Same steps and (deterministic) losses as 1 process at the same global
+    batch; the adapter is saved once, gathered whole, and reloads and answers."""
+    one, two = runs("single_process", "sft", four_bit=True), runs(config, "sft", four_bit=True)
+    assert "load_in_4bit" in two["stdout"]  # the CPU note: the base really was quantized in these processes
+    marks = read_marker(one["out"]), read_marker(two["out"])
+    assert (marks[0]["processes"], marks[1]["processes"]) == (1, 2)
+    assert marks[0]["steps"] == marks[1]["steps"] > 0
+    curves = values(one["out"], "loss"), values(two["out"], "loss")
+    assert curves[0] and curves[1] == pytest.approx(curves[0], abs=1e-3), curves
+    adapters = lora_b_weights(one["out"]), lora_b_weights(two["out"])
+    assert adapters[1].keys() == adapters[0].keys() and adapters[0]
+    for name, tensor in adapters[0].items():  # whole (not a rank's shard) and trained away from zero
+        assert adapters[1][name].shape == tensor.shape and adapters[1][name].abs().sum() > 0, name
+    assert sum("saved to" in line for line in two["stdout"].splitlines()) == 1, "published once"
+    works("sft", two["out"])
 
 
 def works(stage: str, out: str) -> None:
