@@ -51,7 +51,7 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-ui test-distributed test-paths test-real lint bench bench-engines clean-demo
+.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-slow test-ui test-distributed test-paths test-real lint bench bench-engines clean-demo
 
 help:
 	@sed -n '/^#/!q;p' Makefile | sed 's/^# \{0,1\}//'
@@ -154,6 +154,11 @@ $(REFERENCE_VENV)/.installed: reference/requirements.txt
 # Our PPO engine against TRL 1.12's PPOTrainer step for step (LoRA and full fine-tune), in .venv-reference.
 test-reference: reference-env
 	$(REFERENCE_BIN)/python -m pytest -q -x -p no:xdist --durations=5 reference/
+
+# Whole pipelines through make and rlhf-trl, and stages killed mid-run or run onto a full disk (marker slow): kept out
+# of `make test` to keep it near 10 minutes on 2 cores; .ci/run runs them.
+test-slow: setup
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile -m slow --durations=10
 
 # The web page served and driven in Debian's headless Chromium (tests/test_ui.py, marker browser; .ci/run installs
 # chromium and chromium-driver when missing); kept out of `make test` for its run time, like test-distributed.

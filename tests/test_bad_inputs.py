@@ -260,6 +260,7 @@ def test_adapter_on_a_base_of_another_shape(trained, tmp_path):
     assert_one_line_error(result, f"adapter {adapter} does not fit its base", "the base it was trained on")
 
 
+@pytest.mark.slow
 def test_disk_full_loses_nothing_and_the_rerun_finishes(paths):
     def small_disk():  # writes past 300 kB fail with EFBIG, as they would with ENOSPC on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -285,6 +286,7 @@ def test_read_only_models_folder(paths, tmp_path):
     assert_one_line_error(result, str(models), "Read-only file system", "set output_dir elsewhere")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_ctrl_c_in_a_stage_leaves_nothing_that_looks_finished(stage, trained, tmp_path):
     paths = stage_paths(Path(trained["data"]).parent) | {stage: str(tmp_path / stage)}
