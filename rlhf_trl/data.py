@@ -796,7 +796,8 @@ def human_label_pairs(script_args, stage: str = "reward", purpose: str = "reward
 
     for source in script_args.human_labels:
         if not Path(source).exists() and script_args.label_mix == "mix":
-            print(f"{stage}: no human labels at {source} yet (`make label` writes them); using generated data there")
+            data = "examples" if purpose == "kto" else "pairs"
+            print(f"{stage}: no human labels at {source} yet (`make label` writes them); using generated {data} there")
             continue
         if not Path(source).exists():
             raise UserError(

@@ -259,7 +259,7 @@ def test_make_compare_trains_only_the_methods_it_is_asked_to_compare(tmp_path):
         ["make", "-n", "compare", f"RECIPE={recipe}", "ARGS=--methods ppo"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    trained = [m for m in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "kto") if f"-m rlhf_trl.{m} " in result.stdout]
+    trained = [m for m in ("sft", "reward", *outputs.METHODS) if f"-m rlhf_trl.{m} " in result.stdout]
     assert trained == ["sft", "reward", "ppo"]
     assert f"compare: training first, as they are not finished: sft (`make sft RECIPE={recipe}`)" in result.stderr
     assert f"-m rlhf_trl.compare --recipe {recipe} --methods ppo" in result.stdout

@@ -75,7 +75,8 @@ def test_the_export_reloads_with_load_dataset(store, tmp_path):
         ("A tiger is a fish.", False),
     ]
     card = (target / "README.md").read_text()
-    assert "| unpaired | unpaired preference (KTO): prompt, completion, label | 5 (2 desirable, 3 undesirable) |" in card
+    row = "| unpaired | unpaired preference (KTO): prompt, completion, label | 5 (2 desirable, 3 undesirable) |"
+    assert row in card
     assert "Decisions: 4 (1 accept, 1 prefer, 1 reject, 1 tie)" in card
     assert "Labelers: alice (2), bob (1), carol (1)." in card and "Left out: 1 arena votes." in card
 
@@ -116,16 +117,17 @@ def test_the_reward_stage_and_kto_train_on_the_export(trained, store, tmp_path):
     assert export(store, target).returncode == 0
     paths = stage_paths(Path(trained["data"]).parent) | {"sft": trained["sft"]}
     reward = tmp_path / "reward"
+    held_out = ("--eval_dataset_name", str(target), "--dataset_test_split", "train")  # the export has one split
     result = run_stage(
         "reward",
-        *("--model_name_or_path", trained["sft"], "--dataset_name", str(target), "--eval_dataset_name", str(target)),
+        *("--model_name_or_path", trained["sft"], "--dataset_name", str(target), *held_out),
         *("--label_mix", "generated", "--output_dir", str(reward), "--max_steps", "2", "--save_strategy", "no"),
     )
     assert result.returncode == 0, f"reward failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "reward: training pairs: 1 read, 1 kept" in result.stdout
     assert read_marker(reward)["eval_pairs"] == 1
     kto = tmp_path / "kto"
-    args = kto_args(paths, kto, "--dataset_name", str(target), "--eval_dataset_name", str(target))
+    args = kto_args(paths, kto, "--dataset_name", str(target), *held_out)
     result = run_stage("kto", *args, "--per_device_train_batch_size", "4", "--max_steps", "1")
     assert result.returncode == 0, f"kto failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     # By hand (the fixture): 2 desirable + 3 undesirable rows; desirable_weight 3 / 2 = 1.5.
