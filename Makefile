@@ -3,13 +3,14 @@
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
 #   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
+#   make label-export FORMAT=hf   the labels as a dataset folder in TRL's preference and unpaired (KTO) formats
 #   make ui                       web page on http://127.0.0.1:7860: chat, blind SFT-vs-PPO arena, labeling, report
 #   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (docs/multi-gpu.md)
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
 #   make bench-engines            our PPO engine's score and KL curves against TRL 1.12's over 3 seeds (demo: ~5 min)
-#   make rloo / grpo / dpo        PPO's successors from the same SFT model (make chat|eval|report|merge STAGE=rloo ...)
-#   make compare                  ppo, rloo, grpo and dpo judged side by side (trains the missing ones; ARGS="--methods ppo")
+#   make rloo / grpo / dpo / kto  PPO's successors from the same SFT model (make chat|eval|report|merge STAGE=rloo ...)
+#   make compare                  ppo, rloo, grpo, dpo and kto judged side by side (trains the missing ones; ARGS="--methods ppo")
 #   make test-reference           our PPO engine against TRL 1.12's PPOTrainer, step for step, in .venv-reference
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,6 +28,8 @@ SHAPE ?= toy
 MODE ?= bf16
 BENCH_ARGS ?=
 FILE ?=
+# label-export: FORMAT=hf writes the decisions as a parquet dataset folder (TRL's preference and unpaired formats).
+FORMAT ?=
 # pytest-xdist workers for `make test` (one per core here); TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 HOST ?= 127.0.0.1
@@ -51,7 +54,7 @@ LAUNCH := $(BIN)/python -m rlhf_trl.launch --quiet --config_file $(ACCELERATE_CO
 RESUME ?=
 RESUME_FLAG := $(if $(RESUME),--resume $(or $(if $(filter 1 true yes TRUE YES y,$(RESUME)),true),$(if $(filter 0 false no FALSE NO n,$(RESUME)),false),$(if $(filter auto AUTO,$(RESUME)),auto),$(RESUME)))
 
-.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo chat merge eval report compare label ui label-export label-import label-agreement all test test-slow test-ui test-distributed test-paths test-real lint bench bench-engines clean-demo
+.PHONY: help setup reference-env test-reference data sft reward ppo rloo grpo dpo kto chat merge eval report compare label ui label-export label-import label-agreement all test test-slow test-ui test-distributed test-paths test-real lint bench bench-engines clean-demo
 
 help:
 	@sed -n '/^#/!q;p' Makefile | sed 's/^# \{0,1\}//'
@@ -79,8 +82,8 @@ ppo: data
 	$(LAUNCH) -m rlhf_trl.ppo --config recipes/$(RECIPE)/ppo.yaml $(RESUME_FLAG) $(ARGS)
 
 # PPO's successors from the same SFT model (docs/evaluation.md): RLOO and GRPO against the reward model, DPO on
-# the reward stage's preference pairs.
-rloo grpo dpo: data
+# the reward stage's preference pairs, KTO on answers marked good or bad one at a time (every accepted/rejected row).
+rloo grpo dpo kto: data
 	$(LAUNCH) -m rlhf_trl.$@ --config recipes/$(RECIPE)/$@.yaml $(RESUME_FLAG) $(ARGS)
 
 chat: setup
@@ -89,7 +92,7 @@ chat: setup
 merge: setup
 	$(BIN)/python -m rlhf_trl.merge --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
 
-# SFT against STAGE (ppo, rloo, grpo, dpo) on held-out prompts, judged by the reward model (and for demo the ground
+# SFT against STAGE (ppo, rloo, grpo, dpo, kto) on held-out prompts, judged by the reward model (and for demo the ground
 # truth): writes eval.json (ppo) or eval-$(STAGE).json.
 eval: setup
 	$(BIN)/python -m rlhf_trl.evaluate --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
@@ -116,8 +119,10 @@ label: setup
 	$(BIN)/python -m rlhf_trl.label $(LABEL_ARGS) $(ARGS)
 
 # Samples for labeling elsewhere (a spreadsheet): FILE= names the .csv or .jsonl (default data/labels/$(RECIPE)/to_label.csv).
+# FORMAT=hf: the decisions so far as a dataset folder that datasets.load_dataset and every training stage read (FILE=
+# names it, default data/labels/$(RECIPE)-hf; ARGS=--overwrite replaces an earlier export).
 label-export: setup
-	$(BIN)/python -m rlhf_trl.label export $(LABEL_ARGS) $(if $(FILE),--file "$(FILE)") $(ARGS)
+	$(BIN)/python -m rlhf_trl.label export $(LABEL_ARGS) $(if $(FILE),--file "$(FILE)") $(if $(FORMAT),--format "$(FORMAT)") $(ARGS)
 
 label-import: setup
 	@if [ -z "$(FILE)" ]; then echo "error: make label-import needs FILE=<the labeled .csv or .jsonl>" >&2; exit 2; fi

@@ -1,6 +1,6 @@
 """Chat in the terminal with the model of any stage (PPO by default), or answer one prompt and exit.
 
-    python -m rlhf_trl.chat --recipe demo [--stage sft|ppo|rloo|grpo|dpo|export] [--model DIR] [--prompt "..."]
+    python -m rlhf_trl.chat --recipe demo [--stage sft|ppo|rloo|grpo|dpo|kto|export] [--model DIR] [--prompt "..."]
     make chat RECIPE=demo STAGE=sft PROMPT="Tell me about the river."
 
 Answers stream token by token through the model's own chat template (the one its SFT stage trained),

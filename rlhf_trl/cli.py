@@ -46,23 +46,31 @@ class ScriptArguments:
     )
     dataset_format: str = field(
         default="auto",
-        metadata={"help": "auto (detect from the fields), alpaca, messages, prompt_completion, preference or prompt."},
+        metadata={
+            "help": "auto (detect from the fields), alpaca, messages, prompt_completion, preference, unpaired (KTO: "
+            "prompt, completion, label) or prompt."
+        },
     )
     allow_unmatched: bool = field(
-        default=False,
-        metadata={"help": "accepted/rejected files: train on the matched prompts when some prompts are unmatched."},
+        default=True,
+        metadata={
+            "help": "accepted/rejected files, for pairs (reward, dpo): true pairs the prompts found in both files and "
+            "counts the rows of the others (only `make kto` uses them); false stops the run when a prompt is in one "
+            "file only."
+        },
     )
     human_labels: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "reward, dpo: human preference labels (`make label` writes data/labels/<recipe>/pairs.jsonl): "
-            "pair files or accepted/rejected folders, joined to the training data as label_mix says."
+            "help": "reward, dpo, kto: human preference labels (`make label` writes data/labels/<recipe>/pairs.jsonl): "
+            "pair files, accepted/rejected folders (KTO: every accept/reject decision) or label exports, joined to the "
+            "training data as label_mix says."
         },
     )
     label_mix: str = field(
         default="generated",
         metadata={
-            "help": "reward, dpo: generated (dataset_name alone), human (human_labels alone) or mix (both; a "
+            "help": "reward, dpo, kto: generated (dataset_name alone), human (human_labels alone) or mix (both; a "
             "human_labels file that does not exist yet is skipped with a note, so a recipe can name it before "
             "anyone labels)."
         },
@@ -70,14 +78,14 @@ class ScriptArguments:
     arena_votes_as_training: bool = field(
         default=False,
         metadata={
-            "help": "reward, dpo: also train on the arena votes in human_labels (the web page's blind A/B votes, on "
-            "held-out prompts that make eval and make compare judge with); off: they are left out and counted."
+            "help": "reward, dpo, kto: also train on the arena votes in human_labels (the web page's blind A/B votes, "
+            "on held-out prompts that make eval and make compare judge with); off: they are left out and counted."
         },
     )
     human_fraction: float | None = field(
         default=None,
         metadata={
-            "help": "reward, dpo, label_mix mix: the share of training pairs that are human labels, reached by a "
+            "help": "reward, dpo, kto, label_mix mix: the share of training pairs that are human labels, reached by a "
             "seeded subsample of the generated pairs. Unset: every pair of both."
         },
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import UserError, run
 from .outputs import MARKER
 
-TRAINING = ("sft", "reward", "ppo", "rloo", "grpo", "dpo")
+TRAINING = ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "kto")
 # verb -> module whose main(argv) it runs, and what it does (for --help)
 TOOLS = {
     "data": ("prepare", "build the recipe's data (demo: also its tokenizer and tiny base model)"),

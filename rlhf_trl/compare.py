@@ -1,17 +1,17 @@
 """Which method helped most? SFT and every finished stage-3 method judged side by side, with what each cost.
 
-    python -m rlhf_trl.compare --recipe demo [--methods ppo rloo grpo dpo] [make eval's options]
+    python -m rlhf_trl.compare --recipe demo [--methods ppo rloo grpo dpo kto] [make eval's options]
     # `make compare ARGS="--methods ppo"`: first trains what of sft, reward and the methods asked for is missing
     # (`--to-train` tells make which: the methods are parsed here, not in the Makefile)
 
-Judges SFT and each finished method in `models/<recipe>/` (`outputs.METHODS`: ppo, rloo, grpo, dpo) exactly as
+Judges SFT and each finished method in `models/<recipe>/` (`outputs.METHODS`: ppo, rloo, grpo, dpo, kto) exactly as
 `make eval` does, through its functions (`evaluate.prepare` samples and scores SFT once, `evaluate.judge_method`
 each method): the same held-out prompts, samples, temperature and seed, so each method's numbers equal those of
 `make eval STAGE=<method>` with the same options. Per method: the mean reward-model score, the win rate over SFT,
 the KL from SFT, the answer length, the EOS rate, the ground truth (demo), and what its training stage cost:
 its wall time (manifest.json `wall_time_s`), its peak memory (marker `peak_memory_mib`: the GPU's allocated peak
 or the CPU process's resident peak, `peak_memory_kind`) and the completion tokens it sampled while training
-(marker `tokens_generated`; DPO samples none). A value a stage did not record shows as "-".
+(marker `tokens_generated`; DPO and KTO sample none). A value a stage did not record shows as "-".
 
 Writes `models/<recipe>/compare/` (`--output`): compare.json (eval.json's keys for all the stages, plus `costs`
 and `missing`), compare.md (the table, notes and the plot) and compare.png; prints the table last. A method that
@@ -31,7 +31,14 @@ from . import evaluate, outputs
 from .errors import UserError, run
 
 PLOT = "compare.png"
-COLORS = {"sft": "tab:gray", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green", "dpo": "tab:purple"}
+COLORS = {
+    "sft": "tab:gray",
+    "ppo": "tab:blue",
+    "rloo": "tab:orange",
+    "grpo": "tab:green",
+    "dpo": "tab:purple",
+    "kto": "tab:brown",
+}
 
 
 def split_methods(models: Path, methods: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -155,8 +162,8 @@ def notes(summary: dict) -> list[str]:
     shared = summary["shared_costs"]
     lines.append(
         f"costs are each method's own training stage; every method starts from the SFT model (sft: "
-        f"{evaluate.fmt(shared['sft']['wall_time_s'], 0)} s) and all but DPO score with the reward model (reward: "
-        f"{evaluate.fmt(shared['reward']['wall_time_s'], 0)} s)"
+        f"{evaluate.fmt(shared['sft']['wall_time_s'], 0)} s) and all but DPO and KTO score with the reward model "
+        f"(reward: {evaluate.fmt(shared['reward']['wall_time_s'], 0)} s)"
     )
     resumed = [m for m in summary["methods"] if wall_time_cell(summary["costs"][m]).endswith("*")]
     if resumed:

@@ -9,9 +9,18 @@ forms TRL's trainers take, so that every model is trained through its chat templ
     prompt_completion  prompt, completion                 -> prompt/completion
     preference         prompt?, chosen, rejected          -> prompt/chosen/rejected (no prompt: TRL's implicit-
                                                              prompt format, see `split_implicit_prompt`)
+    unpaired           prompt, completion, label          -> prompt/completion/label (KTO; TRL's unpaired
+                                                             preference format, label true = desirable)
     prompt             prompt                             -> prompt (PPO rollouts)
     accepted/rejected  the seed project's accepted_data.jsonl + rejected_data.jsonl, joined on the prompt
-                                                          -> prompt/chosen/rejected
+                                                          -> prompt/chosen/rejected (prompts in one file only
+                                                             are counted and left out: `join_accepted_rejected`)
+                                                          -> prompt/completion/label for KTO, every row
+                                                             (`unpaired_seed_records`)
+    label export       `make label-export FORMAT=hf`'s folder: its `preference` config for pairs, its `unpaired`
+                       config for KTO (`export_config`)
+
+KTO (purpose "kto") takes unpaired rows, and preference pairs split into one desirable and one undesirable row.
 
 Bad records fail early with the file, the line and the field, rather than deep inside a trainer.
 """
@@ -33,14 +42,18 @@ FORMAT_FIELDS = {  # checked in order: the first whose required fields are all p
     "preference": ("chosen", "rejected"),
     "alpaca": ("instruction", "output"),
     "messages": ("messages",),
+    "unpaired": ("prompt", "completion", "label"),
     "prompt_completion": ("prompt", "completion"),
     "prompt": ("prompt",),
 }
 STAGE_FORMATS = {
     "sft": ("alpaca", "messages", "prompt_completion"),
     "reward": ("preference",),
-    "prompts": ("prompt", "alpaca", "messages", "prompt_completion", "preference"),
+    "kto": ("unpaired", "preference"),
+    "prompts": ("prompt", "alpaca", "messages", "prompt_completion", "preference", "unpaired"),
 }
+# A `make label-export FORMAT=hf` folder holds one config per format (labels.export_dataset): what each purpose reads.
+EXPORT_CONFIGS = {"reward": "preference", "kto": "unpaired", "prompts": "unpaired"}
 
 
 BOM = "\ufeff"  # "UTF-8 with BOM" (Windows Notepad, PowerShell 5's Out-File, Excel's "CSV UTF-8") opens with it
@@ -404,16 +417,19 @@ def _as_messages(value, role: str) -> list[dict]:
 def convert(
     records: list[dict], purpose: str, source: str, fmt: str = "auto", skipped: list[str] | None = None
 ) -> list[dict]:
-    """Validates `records` and converts them to TRL's conversational form for `purpose` (sft/reward/prompts).
+    """Validates `records` and converts them to TRL's conversational form for `purpose` (sft/reward/kto/prompts).
 
     An invalid record raises UserError, or, when a `skipped` list is given, is left out and its reason
-    appended there (data preparation drops and reports what training would refuse).
+    appended there (data preparation drops and reports what training would refuse). For KTO, preference pairs
+    become unpaired rows (`unpair`).
     """
     fmt = detect_format(records, source, fmt)
     if fmt not in STAGE_FORMATS[purpose]:
         raise UserError(
             f"{source}: {fmt} data cannot be used for {purpose}; expected {' or '.join(STAGE_FORMATS[purpose])}"
         )
+    if purpose == "kto" and fmt == "preference":
+        return unpair(convert(records, "reward", source, fmt, skipped), source)
     out = []
     for index, record in enumerate(records):
         try:
@@ -423,6 +439,39 @@ def convert(
                 raise
             skipped.append(str(error))
     return out
+
+
+def unpair(pairs: list[dict], source: str) -> list[dict]:
+    """Converted preference pairs as KTO's unpaired rows, as TRL's `unpair_preference_dataset` splits them: each
+    pair's chosen answer a desirable row, its rejected answer an undesirable one. A pair whose two answers are the
+    same says nothing about either: left out, and counted."""
+    rows, same = [], 0
+    for pair in pairs:
+        if pair["chosen"] == pair["rejected"]:
+            same += 1
+            continue
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append({"prompt": pair["prompt"], "completion": pair[side], "label": label})
+    if same:
+        print(f"{source}: left out {same} pairs whose chosen and rejected answers are the same (neither is better)")
+    return rows
+
+
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _label(record: dict, where: str) -> bool:
+    """An unpaired row's `label`: true (a desirable answer) or false (an undesirable one); JSON/parquet booleans,
+    or true/false, yes/no, 1/0 as a CSV writes them."""
+    value = record.get("label")
+    if isinstance(value, bool):
+        return value
+    text = as_text(value)
+    if isinstance(text, str) and text.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[text.strip().lower()]
+    raise UserError(
+        f"{where}: field 'label' is {value!r}: use true (the answer is desirable) or false (it is undesirable)"
+    )
 
 
 # Fields that hold part of what the model is asked in the layouts people use (Alpaca and LLaMA-Factory: instruction,
@@ -436,6 +485,7 @@ PROMPT_READS = {
     "alpaca": ("instruction", "input", "system", "history"),
     "messages": ("system",),
     "prompt_completion": ("prompt", "system"),
+    "unpaired": ("prompt", "system"),
     "prompt": ("prompt", "system"),
 }
 
@@ -531,6 +581,8 @@ def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
         prompt = _as_messages(_text(record, "prompt", where), "user")
         completion = _as_messages(_text(record, "completion", where), "assistant") if fmt != "prompt" else None
     prompt = _with_system(record, prompt, where)
+    if purpose == "kto":
+        return {"prompt": prompt, "completion": completion, "label": _label(record, where)}
     return {"prompt": prompt, "completion": completion} if purpose == "sft" else {"prompt": prompt}
 
 
@@ -539,13 +591,41 @@ PROMPT_FIELDS = ("prompt", "instruction", "query", "question")
 ANSWER_FIELDS = ("response", "output", "completion", "answer", "chosen", "rejected", "text")
 
 
-def seed_pair_files(source: str) -> tuple[Path, Path] | None:
-    """The seed project's layout: a folder holding both files, or the path of accepted_data.jsonl."""
+def seed_files(source: str) -> tuple[Path | None, Path | None] | None:
+    """The seed project's layout: a folder holding accepted_data.jsonl and/or rejected_data.jsonl, or the path of
+    accepted_data.jsonl. Returns the two paths, None for a file that is absent; None when neither is there."""
     path = Path(source)
     folder = path if path.is_dir() else path.parent if path.name == SEED_FILES[0] else None
-    if folder is not None and all((folder / name).is_file() for name in SEED_FILES):
-        return folder / SEED_FILES[0], folder / SEED_FILES[1]
-    return None
+    if folder is None:
+        return None
+    found = tuple(folder / name if (folder / name).is_file() else None for name in SEED_FILES)
+    return found if any(found) else None
+
+
+def seed_pair_files(source: str) -> tuple[Path, Path] | None:
+    """The seed project's layout with both files, as pairing needs them (`seed_files`)."""
+    found = seed_files(source)
+    return found if found is not None and all(found) else None
+
+
+def _seed_record(record: dict, where: str, required: bool = True) -> tuple:
+    """(prompt, answer) of one line of a seed file; the answer is None when it is empty and not `required`."""
+    prompt_field = next((f for f in PROMPT_FIELDS if f in record), None)
+    answer_field = next((f for f in ANSWER_FIELDS if f in record), None)
+    if prompt_field is None or answer_field is None:
+        raise UserError(
+            f"{where}: needs a prompt field ({'/'.join(PROMPT_FIELDS)}) and an answer field "
+            f"({'/'.join(ANSWER_FIELDS)}); found {sorted(set(record) - {'_line'})}"
+        )
+    read = (prompt_field, "input") if prompt_field == "instruction" else (prompt_field,)
+    unread = [f for f in CONTEXT_FIELDS if f not in read and as_text(record.get(f)) is not None]
+    if unread:
+        raise UserError(
+            f"{where}: field '{unread[0]}' is not read next to '{prompt_field}' (the prompt): training without it "
+            "would drop part of the prompt; keep one prompt field"
+        )
+    prompt = _alpaca_prompt(record, where) if prompt_field == "instruction" else _text(record, prompt_field, where)
+    return prompt, _text(record, answer_field, where, required=required)
 
 
 def _answers_by_prompt(path: Path, keep=None) -> dict[str, tuple]:
@@ -555,42 +635,38 @@ def _answers_by_prompt(path: Path, keep=None) -> dict[str, tuple]:
         raise UserError(f"{path} holds no records")
     grouped: dict[str, tuple] = {}
     for record in records:
-        where = f"{path} line {record['_line']}"
-        prompt_field = next((f for f in PROMPT_FIELDS if f in record), None)
-        answer_field = next((f for f in ANSWER_FIELDS if f in record), None)
-        if prompt_field is None or answer_field is None:
-            raise UserError(
-                f"{where}: needs a prompt field ({'/'.join(PROMPT_FIELDS)}) and an answer field "
-                f"({'/'.join(ANSWER_FIELDS)}); found {sorted(set(record) - {'_line'})}"
-            )
-        read = (prompt_field, "input") if prompt_field == "instruction" else (prompt_field,)
-        unread = [f for f in CONTEXT_FIELDS if f not in read and as_text(record.get(f)) is not None]
-        if unread:
-            raise UserError(
-                f"{where}: field '{unread[0]}' is not read next to '{prompt_field}' (the prompt): training without it "
-                "would drop part of the prompt; keep one prompt field"
-            )
-        prompt = _alpaca_prompt(record, where) if prompt_field == "instruction" else _text(record, prompt_field, where)
-        answer = _text(record, answer_field, where)
+        prompt, answer = _seed_record(record, f"{path} line {record['_line']}")
         # Prompts match when they differ only in case and whitespace.
         key = " ".join(prompt.split()).lower() if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
         grouped.setdefault(key, (prompt, [], record["_line"]))[1].append(answer)
     return grouped
 
 
-def join_accepted_rejected(accepted: Path, rejected: Path, allow_unmatched: bool = False, keep=None) -> list[dict]:
-    """Pairs each prompt's accepted answers with its rejected ones (cycling the shorter list)."""
+def join_accepted_rejected(
+    accepted: Path, rejected: Path, allow_unmatched: bool = True, keep=None, quiet: bool = False
+) -> list[dict]:
+    """Pairs each prompt's accepted answers with its rejected ones (cycling the shorter list).
+
+    A prompt found in one file only makes no pair: its rows are left out of the pairs and a line says how many
+    prompts were paired and how many rows only KTO can use (`make kto`, `unpaired_seed_records`; `quiet` keeps the
+    line back). With `allow_unmatched` false such prompts stop the run instead. No prompt in both files raises
+    UserError: there is no pair at all.
+    """
     good, bad = _answers_by_prompt(accepted, keep), _answers_by_prompt(rejected, keep)
     only_good, only_bad = [k for k in good if k not in bad], [k for k in bad if k not in good]
     matched = [k for k in good if k in bad]
-    if (only_good or only_bad) and (not allow_unmatched or not matched):
-        example = good[only_good[0]][0] if only_good else bad[only_bad[0]][0] if only_bad else ""
-        fix = "fix the files" + (
-            f" or add --allow_unmatched true to train on the {len(matched)} matched prompts" if matched else ""
+    if not matched:
+        raise UserError(
+            f"no prompt is in both {accepted.name} ({len(good)} prompts) and {rejected.name} ({len(bad)}), so there "
+            f"is no preference pair in {accepted.parent}: `make kto` trains on unpaired answers like these, or give "
+            "some prompts an answer in each file"
         )
+    if (only_good or only_bad) and not allow_unmatched:
+        example = good[only_good[0]][0] if only_good else bad[only_bad[0]][0]
         raise UserError(
             f"{len(only_good)} prompts in {accepted.name} have no rejected answer and {len(only_bad)} in "
-            f"{rejected.name} no accepted one (first: {str(example)[:60]!r}): {fix}"
+            f"{rejected.name} no accepted one (first: {str(example)[:60]!r}): fix the files, or set allow_unmatched: "
+            f"true to train on the {len(matched)} matched prompts (`make kto` uses every row)"
         )
     pairs = []
     for key in matched:
@@ -604,7 +680,61 @@ def join_accepted_rejected(accepted: Path, rejected: Path, allow_unmatched: bool
                     "_line": line,
                 }
             )
+    if (only_good or only_bad) and not quiet:
+        rows = sum(len(good[k][1]) for k in only_good) + sum(len(bad[k][1]) for k in only_bad)
+        print(
+            f"{accepted.parent}: {len(matched)} prompts paired ({len(pairs)} pairs); {len(only_good)} prompts with "
+            f"accepted answers only and {len(only_bad)} with rejected answers only make no pair: their {rows} rows "
+            "are left out here, and only KTO can use them (`make kto`)"
+        )
     return pairs
+
+
+def unpaired_seed_records(accepted: Path | None, rejected: Path | None, keep=None) -> list[dict]:
+    """Every row of the seed files (`seed_files`; the records `keep` keeps) as KTO's unpaired rows, matched or
+    not: prompt, completion (the answer) and label (true in accepted_data.jsonl, false in rejected_data.jsonl).
+
+    A row whose answer is empty says nothing about any answer: left out, and counted. None left (empty files, or
+    every answer empty) raises UserError."""
+    rows, empty, read = [], [], 0
+    for path, label in ((accepted, True), (rejected, False)):
+        for record in read_jsonl(path) if path is not None else []:
+            if keep is not None and not keep(record):
+                continue
+            read += 1
+            where = f"{path} line {record['_line']}"
+            prompt, answer = _seed_record(record, where, required=False)
+            if answer is None:
+                empty.append(where)
+                continue
+            record = {"prompt": prompt, "completion": answer, "label": label}
+            rows.append(_convert_one(record, "unpaired", "kto", where))
+    folder = (accepted or rejected).parent
+    if empty:
+        print(f"{folder}: left out {len(empty)} of {read} rows whose answer is empty (first: {empty[0]})")
+    if not rows:
+        state = f"all {read} rows have an empty answer" if read else "the files hold no rows"
+        raise UserError(
+            f"{folder}: no usable row for KTO ({state}): add prompts with non-empty answers to "
+            f"{' / '.join(SEED_FILES)}"
+        )
+    return rows
+
+
+def export_config(source: str, purpose: str) -> str | None:
+    """The config that `purpose` reads (`EXPORT_CONFIGS`) of a `make label-export FORMAT=hf` folder (a README card
+    and a folder per config that has rows, `labels.export_dataset`); None for any other source. Raises UserError
+    when the export has no rows of that kind (decisions without any preference, say)."""
+    folder, wanted = Path(source), EXPORT_CONFIGS.get(purpose)
+    written = [name for name in sorted(set(EXPORT_CONFIGS.values())) if (folder / name).is_dir()]
+    if wanted is None or not folder.is_dir() or not (folder / "README.md").is_file() or not written:
+        return None
+    if wanted not in written:
+        raise UserError(
+            f"{source} (a label export) holds no {wanted} rows, only {', '.join(written)}: label more, or train on "
+            "it with the stage that reads those (`make kto` reads unpaired rows, the reward stage and DPO pairs)"
+        )
+    return wanted
 
 
 def load_dataset_for(
@@ -613,19 +743,23 @@ def load_dataset_for(
     split: str = "train",
     config: str | None = None,
     fmt: str = "auto",
-    allow_unmatched: bool = False,
+    allow_unmatched: bool = True,
     split_key: str = "",
     keep=None,
 ) -> list[dict]:
-    """Any supported source (the seed's accepted/rejected folder included), validated and converted for `purpose`.
+    """Any supported source (the seed's accepted/rejected folder and a label export included), validated and
+    converted for `purpose`: KTO reads every row of the seed files (`unpaired_seed_records`), the others their
+    pairs (`join_accepted_rejected`).
 
     `split` (and `split_key`, the setting that names it) as `load_records` takes them; `keep`, a test of a raw
     record, leaves out those it fails."""
-    seed_files = seed_pair_files(source)
-    if seed_files is not None:
-        records = join_accepted_rejected(*seed_files, allow_unmatched=allow_unmatched, keep=keep)
-        return convert(records, purpose, str(seed_files[0]))
-    records = load_records(source, split, config, split_key)
+    if purpose == "kto" and seed_files(source) is not None:
+        return unpaired_seed_records(*seed_files(source), keep=keep)
+    pair_files = seed_pair_files(source)
+    if pair_files is not None and purpose != "kto":
+        records = join_accepted_rejected(*pair_files, allow_unmatched=allow_unmatched, keep=keep)
+        return convert(records, purpose, str(pair_files[0]))
+    records = load_records(source, split, config or export_config(source, purpose), split_key)
     return convert([r for r in records if keep is None or keep(r)], purpose, source, fmt)
 
 
@@ -639,9 +773,10 @@ def is_arena_vote(record: dict) -> bool:
     return record.get("source") == ARENA or "stages" in record
 
 
-def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
-    """The human preference pairs from `human_labels` (see `label_mix`), converted for training; `stage` (reward,
-    dpo) names the stage in what is printed.
+def human_label_pairs(script_args, stage: str = "reward", purpose: str = "reward") -> list[dict]:
+    """The human preference pairs from `human_labels` (see `label_mix`), converted for `purpose` (reward: pairs; kto:
+    unpaired rows, every accept/reject decision of a labels folder); `stage` (reward, dpo, kto) names the stage in
+    what is printed.
 
     In `mix` mode a file nobody has labeled into yet is skipped with a note, so a recipe can name the labels
     file before it exists and behave exactly as before; in `human` mode there must be labels.
@@ -661,13 +796,14 @@ def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
 
     for source in script_args.human_labels:
         if not Path(source).exists() and script_args.label_mix == "mix":
-            print(f"{stage}: no human labels at {source} yet (`make label` writes them); using generated pairs there")
+            data = "examples" if purpose == "kto" else "pairs"
+            print(f"{stage}: no human labels at {source} yet (`make label` writes them); using generated {data} there")
             continue
         if not Path(source).exists():
             raise UserError(
                 f"human_labels {source} does not exist: label some answers first (`make label`) or set label_mix: mix"
             )
-        pairs += load_dataset_for(source, "reward", allow_unmatched=script_args.allow_unmatched, keep=keep)
+        pairs += load_dataset_for(source, purpose, allow_unmatched=script_args.allow_unmatched, keep=keep)
     if left_out:
         print(
             f"{stage}: left out {len(left_out)} human_labels record(s) from arena votes: they judge held-out prompts, "
@@ -676,10 +812,14 @@ def human_label_pairs(script_args, stage: str = "reward") -> list[dict]:
     return pairs
 
 
-def mix_training_pairs(script_args, generated: list[dict], seed: int, stage: str = "reward") -> list[dict]:
-    """Training pairs as `label_mix` says: generated alone, human labels alone, or both (see `human_fraction`)."""
+def mix_training_pairs(
+    script_args, generated: list[dict], seed: int, stage: str = "reward", purpose: str = "reward"
+) -> list[dict]:
+    """Training pairs (KTO: rows) as `label_mix` says: generated alone, human labels alone, or both (see
+    `human_fraction`)."""
     import random
 
+    noun = "examples" if purpose == "kto" else "pairs"
     mode, fraction = script_args.label_mix, script_args.human_fraction
     if mode not in LABEL_MIXES:
         raise UserError(f"label_mix {mode!r} is unknown: use one of {', '.join(LABEL_MIXES)}")
@@ -688,13 +828,13 @@ def mix_training_pairs(script_args, generated: list[dict], seed: int, stage: str
     if mode == "human" and not script_args.human_labels:
         raise UserError("label_mix: human needs human_labels (e.g. [data/labels/<recipe>/pairs.jsonl])")
     if fraction is not None and not 0 < fraction <= 1:
-        raise UserError(f"human_fraction {fraction} must be in (0, 1]: the share of training pairs that are human")
-    human = human_label_pairs(script_args, stage)
+        raise UserError(f"human_fraction {fraction} must be in (0, 1]: the share of training {noun} that are human")
+    human = human_label_pairs(script_args, stage, purpose)
     if mode == "human":
         if not human:
             files = ", ".join(script_args.human_labels)
-            raise UserError(f"{files} hold no preference pairs: label more with `make label`")
-        print(f"{stage}: training on {len(human)} human pairs (label_mix: human)")
+            raise UserError(f"{files} hold no preference {noun}: label more with `make label`")
+        print(f"{stage}: training on {len(human)} human {noun} (label_mix: human)")
         return human
     if human and fraction is not None:
         # Human labels are the scarce side: the generated pairs are subsampled (seeded) to reach the share.
@@ -702,20 +842,29 @@ def mix_training_pairs(script_args, generated: list[dict], seed: int, stage: str
         if wanted < len(generated):
             generated = random.Random(seed).sample(generated, wanted)
     if human:
-        print(f"{stage}: training on {len(generated)} generated + {len(human)} human pairs (label_mix: mix)")
+        print(f"{stage}: training on {len(generated)} generated + {len(human)} human {noun} (label_mix: mix)")
     return generated + human
 
 
 def load_splits(script_args, purpose: str, seed: int, stage: str | None = None):
     """(train, eval) as `datasets.Dataset`s; eval comes from eval_dataset_name or a seeded hold-out.
 
-    For preference pairs (`purpose` reward: the reward stage, and DPO with `stage="dpo"`), human labels join the
-    training pairs as `label_mix` says; held-out pairs come from eval_dataset_name either way, so runs with and
-    without human labels compare on the same pairs. `stage` (default: `purpose`) names the stage in what is printed.
+    For preference pairs (`purpose` reward: the reward stage, and DPO with `stage="dpo"`) and KTO's unpaired rows
+    (`purpose` kto), human labels join the training data as `label_mix` says; held-out data come from
+    eval_dataset_name either way, so runs with and without human labels compare on the same pairs. `stage`
+    (default: `purpose`) names the stage in what is printed.
+
+    KTO's rows are shuffled (seeded) as they are read and again once mixed: TRL's KTOTrainer takes them in order
+    (its KL estimate pairs each row with its neighbour in the batch), and the seed's files list every accepted answer
+    before every rejected one, so batches (and `max_train_samples`) would hold desirable answers alone.
     """
+    import random
+
     from datasets import Dataset
 
-    label_mix = getattr(script_args, "label_mix", "generated") if purpose == "reward" else "generated"
+    mixed = purpose in ("reward", "kto")
+    label_mix = getattr(script_args, "label_mix", "generated") if mixed else "generated"
+    shuffle = random.Random(seed).shuffle if purpose == "kto" else lambda rows: None
     if not script_args.dataset_name and label_mix != "human":
         raise UserError("no dataset_name set: add `dataset_name: <file, folder or Hub id>` to the recipe")
     options = {
@@ -732,10 +881,12 @@ def load_splits(script_args, purpose: str, seed: int, stage: str | None = None):
             split_key="dataset_train_split",
             **options,
         )
+        shuffle(train)
         if script_args.max_train_samples and script_args.eval_dataset_name:  # before mixing: human pairs all stay
             train = train[: script_args.max_train_samples]
-    if purpose == "reward":
-        train = mix_training_pairs(script_args, train, seed, stage or purpose)
+    if mixed:
+        train = mix_training_pairs(script_args, train, seed, stage or purpose, purpose)
+        shuffle(train)
     if script_args.eval_dataset_name:
         evaluation = load_dataset_for(
             script_args.eval_dataset_name,
@@ -744,6 +895,7 @@ def load_splits(script_args, purpose: str, seed: int, stage: str | None = None):
             split_key="dataset_test_split",
             **options,
         )
+        shuffle(evaluation)
     else:
         split = Dataset.from_list(train).train_test_split(test_size=script_args.eval_split_size, seed=seed)
         train, evaluation = split["train"].to_list(), split["test"].to_list()

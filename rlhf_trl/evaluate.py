@@ -1,6 +1,7 @@
 """Did RLHF help? SFT and a stage-3 method answer the same held-out prompts; the reward model and ground truth judge.
 
-    python -m rlhf_trl.evaluate --recipe demo [--stage ppo|rloo|grpo|dpo] [--prompts FILE] [--samples 4]  # `make eval`
+    python -m rlhf_trl.evaluate --recipe demo [--stage ppo|rloo|grpo|dpo|kto] [--prompts FILE] [--samples 4]
+    # `make eval`
 
 Prints one table and writes `models/<recipe>/eval.json` for PPO (read by `make report` and the web page) or
 `models/<recipe>/eval-<stage>.json` for another method (read by `make report STAGE=<stage>`), with the same keys:
@@ -250,7 +251,7 @@ def sample_stage(model, tokenizer, prompts: list[list[dict]], args) -> tuple[lis
 
 
 def name(stage: str) -> str:
-    """How tables and warnings name a stage: SFT, PPO, RLOO, GRPO, DPO."""
+    """How tables and warnings name a stage: SFT, PPO, RLOO, GRPO, DPO, KTO."""
     return stage.upper()
 
 

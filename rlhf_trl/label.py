@@ -2,6 +2,7 @@
 
     python -m rlhf_trl.label --recipe demo [--stage sft|ppo|export | --model DIR] [-k 2] [--labeler NAME]
     python -m rlhf_trl.label export --recipe demo [--file to_label.csv] [--limit 100]   # label elsewhere
+    python -m rlhf_trl.label export --recipe demo --format hf [--file DIR] [--overwrite]  # decisions as a dataset
     python -m rlhf_trl.label import --recipe demo --file to_label.csv [--labeler NAME]
     python -m rlhf_trl.label agreement --recipe demo
     make label / make label-export / make label-import FILE=... / make label-agreement
@@ -33,6 +34,7 @@ from .labels import (
     check_labeler,
     decision_for_key,
     describe,
+    export_dataset,
     export_samples,
     import_decisions,
     load_prompts,
@@ -207,7 +209,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=LABEL_SETTINGS["max_new_tokens"])
     parser.add_argument("--temperature", type=float, default=LABEL_SETTINGS["temperature"])
     parser.add_argument("--seed", type=int, default=LABEL_SETTINGS["seed"])
-    parser.add_argument("--file", type=Path, help="export: where to write (.csv or .jsonl); import: what to read")
+    parser.add_argument(
+        "--file", type=Path, help="export: where to write (.csv or .jsonl; --format hf: a folder); import: what to read"
+    )
+    parser.add_argument(
+        "--format",
+        default="table",
+        choices=("table", "hf"),
+        help="export: table (samples to label in a spreadsheet) or hf (the decisions as a parquet dataset folder in "
+        "TRL's preference and unpaired formats, default <labels folder>-hf)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="export --format hf: replace an earlier export")
     args = parser.parse_args(argv)
     if not 1 <= args.k <= len(LETTERS):
         raise UserError(f"-k {args.k}: label 1 to {len(LETTERS)} answers per prompt (K=2 compares two side by side)")
@@ -228,6 +240,8 @@ def main(argv=None) -> None:
     args.labeler_column = args.labeler_given  # export leaves the column for whoever labels the file
     if args.command == "label":
         label_session(args)
+    elif args.command == "export" and args.format == "hf":
+        export_dataset(args)
     elif args.command == "export":
         args.limit = args.limit or 100
         export_samples(args)

@@ -692,6 +692,169 @@ def _import_with(store: LabelStore, path: Path, args) -> None:
     print_agreement(store)
 
 
+# ---------------------------------------------------------------------------------------------- dataset export
+
+# TRL's two formats, conversational, plus who decided what when: the configs of `make label-export FORMAT=hf`.
+EXPORT_META = ("labeler", "timestamp", "source", "decision_id", "sample_id")
+EXPORT_FILE = "train-00000-of-00001.parquet"
+
+
+def _export_features() -> dict:
+    """The `datasets.Features` of each config (`data.EXPORT_CONFIGS` names what each stage reads)."""
+    from datasets import Features, Value
+
+    messages = [{"role": Value("string"), "content": Value("string")}]
+    meta = {key: Value("string") for key in EXPORT_META}
+    return {
+        "preference": Features({"prompt": messages, "chosen": messages, "rejected": messages, **meta}),
+        "unpaired": Features({"prompt": messages, "completion": messages, "label": Value("bool"), **meta}),
+    }
+
+
+def as_messages(prompt) -> list[dict]:
+    """A decision's prompt (text, or messages: `plain_prompt`) as a conversation of {role, content} turns."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
+
+
+def dataset_rows(decisions: list[dict]) -> tuple[dict[str, list[dict]], Counter]:
+    """The decisions as rows of TRL's preference format (prompt/chosen/rejected, from the lines `derived_records`
+    gives pairs.jsonl) and unpaired-preference format (prompt/completion/label: accepted_data.jsonl's lines true,
+    rejected_data.jsonl's false), conversational, each with `EXPORT_META`. Returns them and what was left out:
+    arena votes (they judge held-out prompts that evaluation measures with, see `data.human_label_pairs`) and answers
+    that are empty (no stage can train on them)."""
+    rows: dict[str, list[dict]] = {"preference": [], "unpaired": []}
+    left_out = Counter()
+    for decision in decisions:
+        if is_arena(decision):
+            left_out["arena votes"] += 1
+            continue
+        derived = derived_records(decision)
+        meta = {key: str(decision.get(key) or "") for key in EXPORT_META}
+        prompt = as_messages(decision["prompt"])
+
+        def answer(text: str) -> list[dict]:
+            return [{"role": "assistant", "content": text}]
+
+        for pair in derived[PAIRS]:
+            if not (pair["chosen"].strip() and pair["rejected"].strip()):
+                left_out["pairs with an empty answer"] += 1
+                continue
+            rows["preference"].append(
+                {"prompt": prompt, "chosen": answer(pair["chosen"]), "rejected": answer(pair["rejected"]), **meta}
+            )
+        for name, label in ((ACCEPTED, True), (REJECTED, False)):
+            for line in derived[name]:
+                if not line["response"].strip():
+                    left_out["empty answers"] += 1
+                    continue
+                completion = answer(line["response"])
+                rows["unpaired"].append({"prompt": prompt, "completion": completion, "label": label, **meta})
+    return rows, left_out
+
+
+def export_card(recipe: str, source: Path, target: Path, rows: dict, decisions: list[dict], left_out) -> str:
+    """The README.md of an export: the configs (for `datasets.load_dataset`), then counts, labelers and dates."""
+    written = [name for name in ("preference", "unpaired") if rows[name]]
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train-*.parquet\n"
+        + ("  default: true\n" if name == written[0] else "")
+        for name in written
+    )
+    kept = [d for d in decisions if not is_arena(d)]
+    by_labeler = Counter(d["labeler"] for d in kept)
+    kinds = Counter(d["decision"] for d in kept)
+    times = sorted(d["timestamp"] for d in kept if d.get("timestamp"))
+    desirable = sum(row["label"] for row in rows["unpaired"])
+    lines = [
+        "---",
+        f"configs:\n{configs.rstrip()}",
+        "tags:\n- rlhf-trl\n- trl\n- human-feedback",
+        "---",
+        f"# Human labels of the {recipe} recipe",
+        "",
+        f"Exported by `make label-export FORMAT=hf RECIPE={recipe}` (rlhf-trl) from `{source}` on {now()}.",
+        "",
+        "| config | format (TRL) | rows |",
+        "|---|---|---|",
+        f"| preference{' (default)' if written[:1] == ['preference'] else ''} | preference: prompt, chosen, rejected | "
+        + (f"{len(rows['preference'])}" if rows["preference"] else "0 (not written)")
+        + " |",
+        f"| unpaired{' (default)' if written[:1] == ['unpaired'] else ''} | unpaired preference (KTO): prompt, "
+        f"completion, label | {len(rows['unpaired'])} ({desirable} desirable, {len(rows['unpaired']) - desirable} "
+        "undesirable) |",
+        "",
+        f"Decisions: {len(kept)} ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items())) or 'none'}), "
+        f"made from {times[0] if times else '-'} to {times[-1] if times else '-'}.",
+        f"Labelers: {', '.join(f'{name} ({n})' for name, n in sorted(by_labeler.items())) or 'none'}.",
+        "Left out: " + (", ".join(f"{n} {what}" for what, n in sorted(left_out.items())) or "nothing") + ".",
+        "Each row names its `labeler`, `timestamp`, `source`, `decision_id` and `sample_id`.",
+        "",
+        f'Load it with `datasets.load_dataset("{target}")` (the default config) or `load_dataset("{target}", '
+        '"unpaired")`. rlhf-trl stages take the folder as `dataset_name` or in `human_labels`: the reward stage and '
+        "DPO read its preference pairs, KTO its unpaired rows.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def is_export(folder: Path) -> bool:
+    """True when `folder` holds nothing but what `export_dataset` writes (README.md and the config folders)."""
+    return all(entry.name in ("README.md", "preference", "unpaired") for entry in folder.iterdir())
+
+
+def export_dataset(args) -> Path:
+    """`make label-export FORMAT=hf`: the labels folder's live decisions (`read_decisions`: no lock needed, so the
+    web page may keep running) as a parquet dataset folder (`--file`, default `<labels folder>-hf`) that
+    `datasets.load_dataset` reads: a config per format (`dataset_rows`; one without rows is not written) and a README
+    card (`export_card`). An existing folder is refused unless `--overwrite`, and replaced only when it holds nothing
+    but an earlier export. Written as `<folder>.partial` and renamed when complete."""
+    import shutil
+
+    from datasets import Dataset
+
+    target = Path(args.file) if args.file else args.out.with_name(args.out.name + "-hf")
+    if target.exists():
+        if not args.overwrite:
+            raise UserError(
+                f"{target} exists: add --overwrite (make label-export FORMAT=hf ARGS=--overwrite) to replace it, or "
+                "FILE=<another folder>"
+            )
+        if not target.is_dir() or not is_export(target):
+            raise UserError(f"{target} is not a label export (it holds other files): move it away or choose FILE=")
+    decisions = read_decisions(args.out)
+    rows, left_out = dataset_rows(decisions)
+    if not rows["preference"] and not rows["unpaired"]:
+        raise UserError(
+            f"{args.out} holds no decision to export ({len(decisions)} decisions, left out: "
+            f"{', '.join(f'{n} {what}' for what, n in sorted(left_out.items())) or 'none'}): label first (`make label`)"
+        )
+    work = target.with_name(target.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    features = _export_features()
+    for name, config_rows in rows.items():
+        if config_rows:
+            (work / name).mkdir()
+            columns = {key: [row[key] for row in config_rows] for key in features[name]}
+            Dataset.from_dict(columns, features=features[name]).to_parquet(str(work / name / EXPORT_FILE))
+    card = export_card(args.recipe, args.out, target, rows, decisions, left_out)
+    (work / "README.md").write_text(card, encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    work.rename(target)
+    desirable = sum(row["label"] for row in rows["unpaired"])
+    dropped = ", ".join(f"{n} {what}" for what, n in sorted(left_out.items()))
+    print(
+        f"label-export: wrote {len(rows['preference'])} preference pairs and {len(rows['unpaired'])} unpaired rows "
+        f"({desirable} desirable) from {len(decisions)} decisions to {target}"
+        + (f" (left out: {dropped})" if dropped else "")
+        + "; datasets.load_dataset reads it, and every training stage takes it as dataset_name or human_labels"
+    )
+    return target
+
+
 # ---------------------------------------------------------------------------------------------- agreement
 
 

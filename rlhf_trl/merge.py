@@ -1,6 +1,6 @@
 """Export: merge the LoRA adapters into a full-precision base and write a standalone model.
 
-    python -m rlhf_trl.merge --recipe demo [--stage sft|ppo|rloo|grpo|dpo] [--output DIR] [--dtype bfloat16]
+    python -m rlhf_trl.merge --recipe demo [--stage sft|ppo|rloo|grpo|dpo|kto] [--output DIR] [--dtype bfloat16]
     make merge RECIPE=demo
 
 The base is reloaded unquantized even when training used 4/8-bit: merging into the quantized weights works

@@ -71,7 +71,7 @@ def read_metrics(output_dir: str | Path, filename: str = FILENAME) -> list[dict]
 
 # The numbers a person follows, per stage, by the trainers' own log keys (the first found of each label is shown):
 # SFT and reward loss and accuracy, PPO's mean reward-model score and KL (TRL's names), RLOO/GRPO's reward and KL,
-# DPO's implicit-reward accuracy and margin.
+# DPO's implicit-reward accuracy and margin (KTO's margin and KL too).
 KEY_NUMBERS = {
     "loss": ("loss",),
     "score": ("objective/scores", "reward"),

@@ -44,7 +44,7 @@ RESUME_IGNORES = {
     "ddp_timeout", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
 }  # fmt: skip
 # Stage 3: the methods that turn the SFT model into the assistant, each an adapter on it in models/<recipe>/<method>.
-METHODS = ("ppo", "rloo", "grpo", "dpo")
+METHODS = ("ppo", "rloo", "grpo", "dpo", "kto")
 # Every stage whose output is a policy that answers: what chat, merge, eval, report and label take as STAGE.
 POLICY_STAGES = ("sft", *METHODS)
 # The make target that produces each stage's output, for "run X first" messages.

@@ -1,6 +1,6 @@
 """The RLHF report: `models/<recipe>/report/` with report.md, training plots and sample generations.
 
-    python -m rlhf_trl.report --recipe demo [--stage ppo|rloo|grpo|dpo] [--models DIR] [--output DIR]
+    python -m rlhf_trl.report --recipe demo [--stage ppo|rloo|grpo|dpo|kto] [--models DIR] [--output DIR]
     # `make report [STAGE=rloo]`; `make all` ends with the PPO one
 
 The report of SFT against one stage-3 method (`--stage`, default ppo). Reads two things and recomputes nothing it
@@ -16,7 +16,8 @@ each voted pair of stages with its Wilson 95% interval, and the plots inline), s
 answers to the same prompts side by side, with their reward-model and ground-truth scores), and PNGs drawn with
 matplotlib's Agg backend (no display needed): sft_loss.png, reward_accuracy.png, <stage>_training.png (PPO:
 reward, KL, entropy, value loss per step; RLOO and GRPO: reward, KL, entropy, completion length; DPO: loss,
-implicit reward accuracy and margin, log-probability of the chosen answers) and reward_distribution.png. A stage
+implicit reward accuracy and margin, log-probability of the chosen answers; KTO: loss, implicit reward margin, KL
+estimate, log-probability of the desirable answers) and reward_distribution.png. A stage
 trained without a metrics log gets a note in report.md instead of its plot.
 """
 
@@ -54,12 +55,19 @@ TRAINING_PANELS = {
         ("rewards/margins", "implicit reward margin"),
         ("logps/chosen", "log-probability of the chosen answers"),
     ),
+    "kto": (
+        ("loss", "training loss (KTO)"),
+        ("rewards/margins", "implicit reward margin (desirable minus undesirable)"),
+        ("kl", "KL estimate against the reference (SFT)"),
+        ("logps/chosen", "log-probability of the desirable answers"),
+    ),
 }
 TRAINING_TITLES = {
     "ppo": "PPO reward, KL, entropy and value loss",
     "rloo": "RLOO reward, KL, entropy and completion length",
     "grpo": "GRPO reward, KL, entropy and completion length",
     "dpo": "DPO loss, implicit reward accuracy and margin",
+    "kto": "KTO loss, implicit reward margin and KL estimate",
 }
 SAMPLE_ROWS = 24
 

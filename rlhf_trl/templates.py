@@ -86,10 +86,11 @@ def encode_as_generated(tokenizer, prompt: list[dict], conversation: list[dict])
 def renderings(row: dict, purpose: str) -> list[tuple[list[dict], bool]]:
     """The (conversation, add_generation_prompt) pairs a stage renders for one converted record.
 
-    sft: the prompt with the generation prompt and prompt + answer (as TRL's SFTTrainer tokenizes them);
-    reward: prompt + chosen and prompt + rejected (`rewards.encode_for_reward`); prompts: the prompt (PPO).
+    sft and kto: the prompt with the generation prompt and prompt + answer (as TRL's SFTTrainer and KTOTrainer
+    tokenize them); reward: prompt + chosen and prompt + rejected (`rewards.encode_for_reward`); prompts: the
+    prompt (PPO).
     """
-    if purpose == "sft":
+    if purpose in ("sft", "kto"):
         return [(row["prompt"], True), (row["prompt"] + row["completion"], False)]
     if purpose == "reward":
         return [(row["prompt"] + row["chosen"], False), (row["prompt"] + row["rejected"], False)]
@@ -141,7 +142,7 @@ def locate(row: dict, sources: list[str], purpose: str) -> str:
     for source in filter(None, sources):
         try:
             seed_files = seed_pair_files(source)
-            records = join_accepted_rejected(*seed_files, allow_unmatched=True) if seed_files else load_records(source)
+            records = join_accepted_rejected(*seed_files, quiet=True) if seed_files else load_records(source)
             name = str(seed_files[0]) if seed_files else source
         except UserError:
             continue

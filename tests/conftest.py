@@ -155,7 +155,7 @@ def world(tmp_path_factory) -> Path:
 
 def stage_paths(world: Path, tag: str = "") -> dict[str, str]:
     models = world / f"models{tag}"
-    return {name: str(models / name) for name in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "export")} | {
+    return {name: str(models / name) for name in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "kto", "export")} | {
         "data": str(world / "data"),
         "base": str(world / "models" / "base"),
     }

@@ -119,7 +119,7 @@ def test_missing_data_file(paths):
     assert_one_line_error(result, "nothing-here.jsonl", "does not exist")
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo", "kto"])
 @pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
 def test_a_quantized_base_without_lora_is_refused(paths, tmp_path, stage, flag):
     """A full fine-tune of 4/8-bit weights: refused before any model loads (4/8-bit itself runs on a CPU too:

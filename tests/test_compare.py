@@ -43,7 +43,11 @@ def recorded_cost(folder: Path) -> dict:
 def test_compare_prints_the_table_of_every_finished_method_last(compared, method_models):
     saved = compared.saved
     assert saved["methods"] == ["ppo", "rloo"] and set(saved["stages"]) == {"sft", "ppo", "rloo"}
-    assert saved["missing"] == {"grpo": "make grpo RECIPE=demo", "dpo": "make dpo RECIPE=demo"}
+    assert saved["missing"] == {
+        "grpo": "make grpo RECIPE=demo",
+        "dpo": "make dpo RECIPE=demo",
+        "kto": "make kto RECIPE=demo",
+    }
     for method in ("ppo", "rloo"):
         assert saved["costs"][method] == recorded_cost(method_models / method)
         assert 0 <= saved["stages"][method]["win_rate"] <= 1
@@ -61,7 +65,10 @@ def test_compare_prints_the_table_of_every_finished_method_last(compared, method
     assert row["tokens generated in training"] == ["-", "-", "4321"]  # PPO recorded none: "-", not a crash
     assert table[9].split()[-3:] == ["-", "812", "cpu"]  # peak memory: rloo's, in MiB; none for ppo
     assert "training wall time (s)" in table[8] and table[8].split()[-1] == "42"
-    assert lines[-1] == ("missing (not finished): grpo (run `make grpo RECIPE=demo`), dpo (run `make dpo RECIPE=demo`)")
+    assert lines[-1] == (
+        "missing (not finished): grpo (run `make grpo RECIPE=demo`), dpo (run `make dpo RECIPE=demo`), "
+        "kto (run `make kto RECIPE=demo`)"
+    )
     for method in ("ppo", "rloo"):
         truth = f"ground truth: sft {saved['stages']['sft']['ground_truth']:.2f} -> {method} "
         assert any(line.startswith(truth) for line in table)
@@ -230,7 +237,7 @@ def test_make_passes_stage_and_compare_trains_only_what_is_missing(tmp_path):
     assert "-m rlhf_trl.merge --recipe demo --stage ppo" in dry("merge")
     planned = dry("compare")
     assert "ppo: models/demo/ppo is finished; kept" in planned and "-m rlhf_trl.ppo" not in planned
-    for method in ("rloo", "grpo", "dpo"):
+    for method in ("rloo", "grpo", "dpo", "kto"):
         assert f"-m rlhf_trl.{method} --config recipes/demo/{method}.yaml" in planned
     assert planned.rstrip().splitlines()[-1].endswith("-m rlhf_trl.compare --recipe demo")
 
@@ -252,7 +259,7 @@ def test_make_compare_trains_only_the_methods_it_is_asked_to_compare(tmp_path):
         ["make", "-n", "compare", f"RECIPE={recipe}", "ARGS=--methods ppo"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    trained = [m for m in ("sft", "reward", "ppo", "rloo", "grpo", "dpo") if f"-m rlhf_trl.{m} " in result.stdout]
+    trained = [m for m in ("sft", "reward", *outputs.METHODS) if f"-m rlhf_trl.{m} " in result.stdout]
     assert trained == ["sft", "reward", "ppo"]
     assert f"compare: training first, as they are not finished: sft (`make sft RECIPE={recipe}`)" in result.stderr
     assert f"-m rlhf_trl.compare --recipe {recipe} --methods ppo" in result.stdout

@@ -156,21 +156,44 @@ def test_seed_accepted_and_rejected_files_join_on_the_prompt(tmp_path):
     assert rows[0]["chosen"] == [{"role": "assistant", "content": "good 1"}]
 
 
-def test_unmatched_seed_prompts_are_counted_and_need_allow_unmatched(tmp_path):
+def test_unmatched_seed_prompts_are_counted_and_left_to_kto(tmp_path, capsys):
+    """Issue 24: a prompt in one file only is no longer an error for pairs: the matched prompts are paired, and the
+    rows of the others are counted and pointed at `make kto`; allow_unmatched: false still stops the run."""
     from rlhf_trl.data import join_accepted_rejected, seed_pair_files
 
     folder = write_seed_pair(
         tmp_path / "processed",
-        [{"prompt": "Q1", "response": "a"}, {"prompt": "Q2", "response": "b"}, {"prompt": "Q3", "response": "c"}],
+        [
+            {"prompt": "Q1", "response": "a"},
+            {"prompt": "Q2", "response": "b"},
+            {"prompt": "Q3", "response": "c"},
+            {"prompt": "Q3", "response": "c2"},
+        ],
         [{"prompt": "Q1", "response": "x"}, {"prompt": "Q9", "response": "y"}],
     )
+    pairs = join_accepted_rejected(*seed_pair_files(str(folder)))
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("Q1", "a", "x")]
+    # By hand: Q1 is in both files (1 pair); Q2 and Q3 (3 rows) are accepted only, Q9 (1 row) rejected only: 4 rows.
+    assert (
+        f"{folder}: 1 prompts paired (1 pairs); 2 prompts with accepted answers only and 1 with rejected answers only "
+        "make no pair: their 4 rows are left out here, and only KTO can use them (`make kto`)"
+    ) in capsys.readouterr().out
     with pytest.raises(
         UserError,
         match=r"2 prompts in accepted_data.jsonl have no rejected answer and 1 in "
-        r"rejected_data.jsonl no accepted one.*--allow_unmatched true.*1 matched",
+        r"rejected_data.jsonl no accepted one.*allow_unmatched: true.*1 matched.*make kto",
     ):
-        join_accepted_rejected(*seed_pair_files(str(folder)))
-    assert len(join_accepted_rejected(*seed_pair_files(str(folder)), allow_unmatched=True)) == 1
+        join_accepted_rejected(*seed_pair_files(str(folder)), allow_unmatched=False)
+
+
+def test_seed_files_without_a_shared_prompt_make_no_pair_and_point_to_kto(tmp_path):
+    from rlhf_trl.data import load_dataset_for
+
+    folder = write_seed_pair(tmp_path / "p", [{"prompt": "Q1", "response": "a"}], [{"prompt": "Q2", "response": "x"}])
+    with pytest.raises(UserError, match=r"no prompt is in both accepted_data.jsonl \(1 prompts\).*`make kto`"):
+        load_dataset_for(str(folder), "reward")
+    rows = load_dataset_for(str(folder), "kto")  # KTO takes both rows
+    assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [("a", True), ("x", False)]
 
 
 def test_seed_file_missing_an_answer_names_the_line(tmp_path):

@@ -10,6 +10,7 @@ from trl import RewardConfig, SFTConfig
 from rlhf_trl.cli import parse, parse_dataclasses
 from rlhf_trl.dpo import DPOConfig
 from rlhf_trl.group_rl import GRPOConfig, RLOOConfig
+from rlhf_trl.kto import KTOConfig
 from rlhf_trl.ppo_trainer import PPOConfig
 from rlhf_trl.prepare import DataArguments
 
@@ -21,6 +22,7 @@ STAGE_CONFIGS = {
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
     "dpo": DPOConfig,
+    "kto": KTOConfig,
 }
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate_configs")
 
