@@ -371,7 +371,8 @@ class Site:
             return ""
         done = [{d["prompt_id"] for d in self.arena_votes(labeler, pair)} for pair in pairs]
         left = sum(len(prompts - ids) for ids in done)
-        which = " vs ".join(s.upper() for s in pairs[0]) if len(pairs) == 1 else f"{len(pairs)} pairs of stages"
+        # Blind: a random draw is not named (the pair would say which two stages these answers come from).
+        which = "stages drawn at random" if RANDOM in (first, second) else f"{first.upper()} vs {second.upper()}"
         return f"**{labeler}**: {sum(map(len, done))} voted · {left} left ({which})"
 
     def arena_vote(self, item: dict, labeler: str, choice: str, session: str) -> dict:
