@@ -351,7 +351,7 @@ def agreement_lines(board: dict) -> list[str]:
     ]
     for row in agreement["per_labeler"]:
         lines.append(
-            f"{row['labeler']}: agrees with the others' majority on {row['agree']} of "
+            f"labeler {row['labeler']}: agrees with the others' majority on {row['agree']} of "
             f"{plural(row['items'], 'item')} ({row['rate']:.2f})"
         )
     return lines

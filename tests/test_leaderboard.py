@@ -216,7 +216,7 @@ def test_a_careless_labeler_has_the_lowest_agreement():
     assert lines[0].startswith(
         f"labeler agreement: Krippendorff's alpha {agreement['alpha']:.2f} over 3 labelers on 20"
     )
-    assert lines[1].startswith("cat: agrees with the others' majority on")
+    assert lines[1].startswith("labeler cat: agrees with the others' majority on")
 
 
 def test_the_report_section_shows_the_table():
