@@ -59,7 +59,7 @@ GENERATING = (*labels.STAGE_ORDER, "export")
 ARENA_CHOICES = ("a", "b", "tie", "both bad")
 STALE_HUMAN_SECTION = re.compile(r"^## Human (?:leaderboard|verdict) \(arena\)\n.*?(?=^## |\Z)", re.S | re.M)
 RANDOM = "(random)"  # the arena's stage choice that draws a stage at random among the finished ones
-# Keys that press the visible tab's buttons (KEYS_JS): the arena's 1-4 and N, the Label tab's 1-4 (answers A-D),
+# Keys that press the visible tab's buttons (`keys_js`): the arena's 1-4 and N, the Label tab's 1-4 (answers A-D),
 # T, Y, R, S, U and N. Keys typed into a text box stay text.
 ARENA_KEYS = {"1": "vote-a", "2": "vote-b", "3": "vote-tie", "4": "vote-both-bad", "n": "arena-next"}
 LABEL_KEYS_PRESSED = {
@@ -331,8 +331,9 @@ class Site:
             pairs = [[fixed[0], other] for other in drawn if other != fixed[0]]
         else:
             pairs = [list(pair) for pair in itertools.combinations(drawn, 2)]
-        if not pairs:
-            raise ValueError(f"no other finished stage to draw against {fixed[0]}: pick one by name")
+        if not pairs:  # one stage besides export: the random draw leaves export out
+            against = f"against {fixed[0]}" if fixed else "from"
+            raise ValueError(f"no other finished stage to draw {against} at random: pick both stages by name")
         return [sorted(pair) for pair in pairs]
 
     def arena_next(self, labeler: str, first: str, second: str, session: str) -> dict:

@@ -568,6 +568,21 @@ def test_the_arena_draws_a_random_pair_sides_swapped_and_counts_what_is_left(tmp
         page.store.__exit__()
 
 
+def test_with_sft_and_its_export_alone_the_random_draw_says_to_pick_by_name(tmp_path):
+    from rlhf_trl.ui import RANDOM
+
+    paths = {"models": tmp_path / "models", "data": tmp_path / "data", "labels": tmp_path / "labels"}
+    finished(paths["models"], "sft", "export")
+    page = site(paths)
+    try:
+        for first, second in ((RANDOM, RANDOM), ("sft", RANDOM)):
+            with pytest.raises(ValueError, match="at random: pick both stages by name"):
+                page.arena_pairs(first, second)
+        assert page.arena_pairs("export", "sft") == [["export", "sft"]]
+    finally:
+        page.store.__exit__()
+
+
 def test_the_report_tab_replaces_the_leaderboard_report_md_was_written_with(tmp_path):
     paths = {"models": tmp_path / "models", "data": tmp_path / "data", "labels": tmp_path / "labels"}
     finished(paths["models"], "sft", "ppo")
