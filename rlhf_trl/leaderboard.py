@@ -6,11 +6,11 @@ The arena (`make ui`, rlhf_trl.ui) records one decision per vote (`labels.arena_
 held-out prompt, shown in random order, and A, B, tie or both bad. This module turns the current votes
 (`labels.current_votes`: only votes on the runs the stage folders hold now) into what the public arenas report:
 
-- a Bradley-Terry rating per stage (`bradley_terry`), fitted by Hunter's (2004) MM algorithm, on the Elo scale of
-  LMSYS's Chatbot Arena: 400 * log10(strength), SFT anchored at 1000 (the mean at 1000 when SFT has no votes). A
-  tie counts half a win to each side; "both bad" says nothing about which answer is better, so it is left out of
-  the fit and counted apart. One virtual tie per pair of stages compared (`PRIOR`) keeps a stage that won every vote
-  at a finite rating; with many votes it changes nothing that shows;
+- a Bradley-Terry rating per stage (`bradley_terry`), the maximum-likelihood fit (a logistic regression, by
+  Newton's method in numpy), on the Elo scale of LMSYS's Chatbot Arena: 400 * log10(strength), SFT anchored at 1000
+  (the mean at 1000 when SFT has no votes). A tie counts half a win to each side; "both bad" says nothing about
+  which answer is better, so it is left out of the fit and counted apart. One virtual tie per pair of stages
+  compared (`PRIOR`) keeps a stage that won every vote at a finite rating; with many votes it changes little;
 - a 95% interval per rating by bootstrap (`bootstrap`): the votes resampled with replacement and the model refitted,
   `ROUNDS` times, with a fixed seed, so a report is reproducible; the interval is the 2.5th to 97.5th percentile;
 - the number of votes (both bad included) and labelers per stage, and each stage's win rate against SFT with Wilson's
@@ -82,9 +82,12 @@ def groups(compared: np.ndarray) -> list[list[int]]:
 def bradley_terry(wins: np.ndarray, prior: float = PRIOR, pairs: np.ndarray | None = None) -> np.ndarray:
     """Bradley-Terry log strengths from wins: (k, k) -> (k,), or a batch (B, k, k) -> (B, k).
 
-    `wins[..., i, j]` is how often i beat j (ties half to each). Hunter (2004), "MM algorithms for generalized
-    Bradley-Terry models", eq. 3: p_i <- W_i / sum_j N_ij / (p_i + p_j), where W_i is i's wins and N_ij the
-    comparisons of i and j; it climbs the likelihood at every step and converges to the maximum when it exists.
+    `wins[..., i, j]` is how often i beat j (ties half to each). The model, P(i beats j) = sigmoid(t_i - t_j), is a
+    logistic regression on the pairs (what LMSYS fits with scikit-learn); its log-likelihood,
+    sum_ij W_ij log sigmoid(t_i - t_j), is maximised here by Newton's method (iteratively reweighted least squares)
+    with a step-halving line search, for a whole bootstrap batch at once in numpy. At the maximum each stage's
+    expected wins, sum_j N_ij sigmoid(t_i - t_j), equal its observed wins W_i (the score equations; Hunter 2004,
+    "MM algorithms for generalized Bradley-Terry models", whose MM iteration reaches the same point more slowly).
     `prior` virtual ties are added to each pair in `pairs` (default: the pairs compared in `wins`; a bootstrap
     passes the original votes' pairs, so a resample that misses a pair keeps the same groups). Each connected
     group of stages has its own scale: its log strengths are returned with mean 0 (`ratings` anchors them).
@@ -99,20 +102,32 @@ def bradley_terry(wins: np.ndarray, prior: float = PRIOR, pairs: np.ndarray | No
         for one, played in zip(batch, games, strict=True):
             check_mle_exists(one, played > 0)
     total = batch.sum(-1)
-    members = groups(pairs | (games.sum(0) > 0))
-    strength = np.ones(total.shape)
-    for _ in range(100_000):
-        denominator = (games / (strength[:, :, None] + strength[:, None, :])).sum(-1)
-        updated = np.where(denominator > 0, total / np.where(denominator > 0, denominator, 1), 1.0)
-        updated = np.maximum(updated, 1e-300)
-        for group in members:  # each group's scale is free: fixed at a geometric mean of 1
-            updated[:, group] /= np.exp(np.log(updated[:, group]).mean(-1, keepdims=True))
-        change = np.abs(np.log(updated) - np.log(strength)).max()
-        strength = updated
-        if change < 1e-12:
+    # One indicator outer product per group makes the Newton system solvable (the likelihood ignores a shift of a
+    # group) and keeps each group's log strengths summing to 0, where they start.
+    fixed = sum(np.outer(np.isin(range(len(total[0])), group), np.isin(range(len(total[0])), group)) for group in
+                groups(pairs | (games.sum(0) > 0)))  # fmt: skip
+
+    def likelihood(theta):
+        return -(batch * np.logaddexp(0.0, theta[..., None, :] - theta[..., :, None])).sum((-1, -2))
+
+    theta = np.zeros(total.shape)
+    steps = 0.5 ** np.arange(12)
+    for _ in range(200):
+        chance = 1.0 / (1.0 + np.exp(theta[:, None, :] - theta[:, :, None]))  # sigmoid(t_i - t_j)
+        gradient = total - (games * chance).sum(-1)
+        if np.abs(gradient).max() < 1e-9:
             break
-    log_strength = np.log(strength)
-    return log_strength if wins.ndim == 3 else log_strength[0]
+        weight = games * chance * (1.0 - chance)
+        laplacian = np.eye(len(theta[0])) * weight.sum(-1)[:, :, None] - weight
+        direction = np.linalg.solve(laplacian + fixed, gradient[..., None])[..., 0]
+        tried = theta[None] + steps[:, None, None] * direction[None]  # (steps, B, k)
+        scores = np.stack([likelihood(t) for t in tried])
+        best = scores.argmax(0)
+        improves = scores[best, np.arange(len(theta))] > likelihood(theta)
+        theta = np.where(improves[:, None], tried[best, np.arange(len(theta))], theta)
+        if not improves.any():
+            break
+    return theta if wins.ndim == 3 else theta[0]
 
 
 def check_mle_exists(wins: np.ndarray, compared: np.ndarray) -> None:
