@@ -222,7 +222,8 @@ def labeler_agreement(votes: list[dict]) -> dict:
     """
     by_item: dict[str, dict[str, str]] = {}
     for vote in votes:
-        by_item.setdefault(vote["sample_id"], {})[vote["labeler"]] = labels.arena_outcome(vote)
+        if vote.get("sample_id"):  # a vote written by hand without one matches no other labeler's
+            by_item.setdefault(vote["sample_id"], {})[vote["labeler"]] = labels.arena_outcome(vote)
     everyone = sorted({v["labeler"] for v in votes})
     shared = {item: said for item, said in by_item.items() if len(said) > 1}
     result = {"alpha": None, "items": len(shared), "labelers": len(everyone), "per_labeler": []}

@@ -189,6 +189,7 @@ def test_krippendorff_alpha_by_hand():
         vote(["ppo", "sft"], "a", "ann", "i4"), vote(["ppo", "sft"], "b", "ben", "i4"),
         vote(["ppo", "sft"], "a", "ann", "i5"),  # judged by one labeler: not an item two judged
     ]  # fmt: skip
+    votes.append({k: v for k, v in vote(["ppo", "sft"], "b", "ben").items() if k != "sample_id"})  # matches none
     agreement = leaderboard.labeler_agreement(votes)
     assert agreement["alpha"] == pytest.approx(1 - 14 / 30) and agreement["items"] == 4 and agreement["labelers"] == 2
     # Each agrees with the other (the others' majority of one) on 3 of 4 items.

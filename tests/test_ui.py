@@ -666,6 +666,17 @@ def test_keyboard_only_votes_with_progress_and_guidelines(site_world, browser, t
         assert [d["prompt"] for d in log] == shown and len(set(shown)) == 3
         assert [labels.describe(d) for d in log] == ["a", "b", "tie"]  # 1, 2, 3
         assert [d["labeler"] for d in log] == ["alice"] * 3
+        # The Label tab's keys: N for a prompt, 1 for answer A.
+        page.tab("Label")
+        keys(page, "n")
+        page.until(lambda: page.value("#label-a") and page.value("#label-b"), "two answers to label")
+        labeled = page.value("#label-prompt")
+        keys(page, "1")
+        page.until(lambda: page.text("#label-message").startswith("Saved: a."), "the label saved")
+        train = len(labels.read_prompts(paths["data"] / "prompts_train.jsonl"))
+        page.until(lambda: page.text("#label-progress") == f"alice: 1 labeled · {train - 1} left", "the label counter")
+        [web] = [d for d in labels.read_decisions(paths["labels"]) if d["source"] == "web"]
+        assert web["prompt"] == labeled and labels.describe(web) == "a" and web["labeler"] == "alice"
         # A key typed into a text box is text, not a vote.
         page.type("#labeler", "alice2")
         keys(page, "1")
