@@ -22,7 +22,8 @@ what `agreement` (percent agreement and Cohen's kappa per pair of labelers) comp
 Arena votes (`source: arena`, from the web page) are decisions too: `responses` holds the two stages' answers
 in the order shown, `stages` and `sample_ids` say which stage wrote which, and `decision` is prefer (with
 `preferred`), tie, or reject (both bad). `human_verdicts` turns them into a win rate per pair of stages with a
-Wilson score interval; `make report` prints it.
+Wilson score interval (a tie half a win, both bad counted apart); `rlhf_trl.leaderboard` ranks every stage voted on;
+`make report` prints both.
 """
 
 from __future__ import annotations
@@ -512,12 +513,30 @@ def wilson_interval(wins: float, votes: int, z: float = 1.959964) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def arena_outcome(vote: dict) -> str:
+    """What an arena vote says, whatever side each answer was shown on: the preferred stage's name, "tie" or
+    "both bad"."""
+    if vote["decision"] == "prefer":
+        return vote["stages"][vote["preferred"]]
+    return "tie" if vote["decision"] == "tie" else "both bad"
+
+
+def arena_score(vote: dict, stage: str) -> float | None:
+    """`stage`'s score in an arena vote it was judged in: 1 a win, 0 a loss, 0.5 a tie, None for "both bad" (it
+    says nothing about which answer is better: counted apart, never as a tie)."""
+    said = arena_outcome(vote)
+    if said == "both bad":
+        return None
+    return 0.5 if said == "tie" else float(said == stage)
+
+
 def human_verdicts(decisions: list[dict]) -> list[dict]:
     """Win rate of the later stage over the earlier one, for each pair of stages with arena votes.
 
-    A vote for the later stage counts 1, for the earlier 0, a tie or "both bad" one half (as the reward-model
-    win rate of `rlhf_trl.evaluate` counts ties). Returns dicts with stages (later, earlier), win_rate, low,
-    high (Wilson 95%), votes and labelers, the pairs in pipeline order.
+    A vote for the later stage counts 1, for the earlier 0, a tie one half (`arena_score`; as the reward-model win
+    rate of `rlhf_trl.evaluate` counts ties); "both bad" is counted apart. Returns dicts with stages (later,
+    earlier), win_rate, low, high (Wilson 95%; all None when every vote was both bad), votes (both bad left out),
+    both_bad and labelers, the pairs in pipeline order.
     """
     by_pair: dict[tuple[str, str], list[dict]] = {}
     for decision in decisions:
@@ -526,17 +545,16 @@ def human_verdicts(decisions: list[dict]) -> list[dict]:
             by_pair.setdefault(pair, []).append(decision)
     results = []
     for (later, earlier), votes in sorted(by_pair.items(), key=lambda kv: [stage_rank(s) for s in kv[0][::-1]]):
-        wins = sum(
-            (1.0 if v["stages"][v["preferred"]] == later else 0.0) if v["decision"] == "prefer" else 0.5 for v in votes
-        )
-        low, high = wilson_interval(wins, len(votes))
+        scores = [score for v in votes if (score := arena_score(v, later)) is not None]
+        low, high = wilson_interval(sum(scores), len(scores)) if scores else (None, None)
         results.append(
             {
                 "stages": (later, earlier),
-                "win_rate": wins / len(votes),
+                "win_rate": sum(scores) / len(scores) if scores else None,
                 "low": low,
                 "high": high,
-                "votes": len(votes),
+                "votes": len(scores),
+                "both_bad": len(votes) - len(scores),
                 "labelers": len({v["labeler"] for v in votes}),
             }
         )
@@ -544,13 +562,16 @@ def human_verdicts(decisions: list[dict]) -> list[dict]:
 
 
 def verdict_line(verdict: dict) -> str:
-    """human win rate of PPO over SFT: 0.80 (95% CI 0.49-0.94, 10 votes, 2 labelers)"""
+    """human win rate of PPO over SFT: 0.80 (95% CI 0.49-0.94, 10 votes, 2 labelers; 1 both bad, left out)"""
     later, earlier = (stage.upper() for stage in verdict["stages"])
     labelers = f"{verdict['labelers']} labeler" + ("s" if verdict["labelers"] != 1 else "")
     votes = f"{verdict['votes']} vote" + ("s" if verdict["votes"] != 1 else "")
+    both_bad = f"; {verdict['both_bad']} both bad, left out" if verdict.get("both_bad") else ""
+    if verdict["win_rate"] is None:
+        return f"human win rate of {later} over {earlier}: none ({verdict['both_bad']} both bad only, {labelers})"
     return (
         f"human win rate of {later} over {earlier}: {verdict['win_rate']:.2f} "
-        f"(95% CI {verdict['low']:.2f}-{verdict['high']:.2f}, {votes}, {labelers})"
+        f"(95% CI {verdict['low']:.2f}-{verdict['high']:.2f}, {votes}, {labelers}{both_bad})"
     )
 
 

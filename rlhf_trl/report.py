@@ -11,14 +11,15 @@ can reuse:
 - each stage's `metrics.jsonl` (written while it trained by `rlhf_trl.metrics_log`).
 
 Writes into `models/<recipe>/report/` (PPO) or `report-<stage>/`: report.md (the evaluation tables, warnings, the
-human verdict when the web page's arena has votes in data/labels/<recipe>/ (`--labels`): the human win rate of
-each voted pair of stages with its Wilson 95% interval, and the plots inline), samples.md (SFT's and the method's
-answers to the same prompts side by side, with their reward-model and ground-truth scores), and PNGs drawn with
-matplotlib's Agg backend (no display needed): sft_loss.png, reward_accuracy.png, <stage>_training.png (PPO:
-reward, KL, entropy, value loss per step; RLOO and GRPO: reward, KL, entropy, completion length; DPO: loss,
-implicit reward accuracy and margin, log-probability of the chosen answers; KTO: loss, implicit reward margin, KL
-estimate, log-probability of the desirable answers) and reward_distribution.png. A stage
-trained without a metrics log gets a note in report.md instead of its plot.
+human leaderboard when the web page's arena has votes in data/labels/<recipe>/ (`--labels`): every stage voted on,
+ranked by a Bradley-Terry rating with a bootstrap 95% interval, its win rate against SFT, position bias, labeler
+agreement and the win rate of each voted pair (`rlhf_trl.leaderboard`), and the plots inline), samples.md (SFT's
+and the method's answers to the same prompts side by side, with their reward-model and ground-truth scores), and
+PNGs drawn with matplotlib's Agg backend (no display needed): sft_loss.png, reward_accuracy.png,
+<stage>_training.png (PPO: reward, KL, entropy, value loss per step; RLOO and GRPO: reward, KL, entropy, completion
+length; DPO: loss, implicit reward accuracy and margin, log-probability of the chosen answers; KTO: loss, implicit
+reward margin, KL estimate, log-probability of the desirable answers) and reward_distribution.png. A stage trained
+without a metrics log gets a note in report.md instead of its plot.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import evaluate, labels
+from . import evaluate, labels, leaderboard
 from .errors import UserError, run
 from .metrics_log import FILENAME, read_metrics
 from .outputs import MARKER, METHODS
@@ -244,35 +245,23 @@ def samples_page(result: dict, rows: int = SAMPLE_ROWS, method: str | None = Non
     return "\n".join(lines) + "\n"
 
 
-def human_section(verdicts: list[dict], older: int = 0) -> list[str]:
-    """The arena's human verdicts (`labels.human_verdicts`) as report lines, and how many votes on earlier runs
-    were left out (`labels.current_votes`); none without arena votes."""
-    if not verdicts and not older:
-        return []
-    return [
-        "## Human verdict (arena)",
-        "",
-        *[f"- {labels.verdict_line(v)}" for v in verdicts],
-        *([f"- {labels.older_votes_line(older)}"] if older else []),
-        "",
-        'Blind A/B votes from `make ui` (Arena tab) on held-out prompts; a tie or "both bad" counts half. '
-        "The interval is Wilson's score interval.",
-        "",
-    ]
+def human_section(decisions: list[dict], older: int = 0) -> list[str]:
+    """The human leaderboard of the arena votes among `decisions` (already `labels.current_votes`), with how many
+    votes on earlier runs were left out (`older`): `leaderboard.section`; none without arena votes."""
+    return leaderboard.section(leaderboard.leaderboard(decisions), older, labels.human_verdicts(decisions))
 
 
 def build(
     models: Path,
     result: dict,
     output: Path,
-    verdicts: list[dict] | None = None,
+    human: list[str] | None = None,
     method: str | None = None,
-    older_votes: int = 0,
 ) -> list[Path]:
     """Writes report.md, samples.md and the plots into `output`; returns the PNGs written.
 
-    `method` is the stage-3 method reported against SFT (default: the evaluation's first). `verdicts`
-    (`labels.human_verdicts` of the labels folder) adds the human verdict section.
+    `method` is the stage-3 method reported against SFT (default: the evaluation's first). `human` (the lines of
+    `human_section`) adds the human leaderboard.
     """
     method = method or evaluate.methods_of(result)[0]
     upper = evaluate.name(method)
@@ -341,7 +330,7 @@ def build(
         f"{upper} side by side: [samples.md](samples.md).",
         "",
         *eval_section(result),
-        *human_section(verdicts or [], older_votes),
+        *(human or []),
         *sections,
     ]
     (output / "report.md").write_text("\n".join(report).rstrip() + "\n", encoding="utf-8")
@@ -405,13 +394,11 @@ def main(argv=None) -> None:
     output = args.output or report_dir(models, args.stage)
     decisions = labels.read_decisions(args.labels or Path("data", "labels", args.recipe))
     votes, older = labels.current_votes(decisions, labels.stage_runs(models))
-    verdicts = labels.human_verdicts(votes)
-    for verdict in verdicts:
-        print(f"report: {labels.verdict_line(verdict)}")
-    if older:
-        print(f"report: {labels.older_votes_line(older)}")
+    human = human_section(votes, older)
+    for line in human[2:-1]:  # the section without its heading: the leaderboard table and its lines
+        print(f"report: {line.removeprefix('- ')}" if line else "report:")
     try:
-        written = build(models, result, output, verdicts, args.stage, older)
+        written = build(models, result, output, human, args.stage)
     except (KeyError, TypeError) as error:
         raise UserError(
             f"{eval_file} lacks what the report needs ({error}): delete it and rerun `make report`"

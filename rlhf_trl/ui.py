@@ -7,14 +7,22 @@ Four tabs, all on the stage outputs in models/<recipe>/ (every finished stage bu
 - Chat: answers stream token by token (transformers' TextIteratorStreamer through `modeling.generate`, the
   helper `make chat` uses) through the model's own chat template; the generation settings start at the
   recipe's (`temperature` and `response_length` of recipes/<recipe>/ppo.yaml) and can be changed.
-- Arena: a held-out prompt (prompts_eval.jsonl), one answer from each of two stages (SFT and PPO by default)
-  in random order, names hidden; the person picks A, B, tie or both bad and only then sees which was which.
+- Arena: a held-out prompt (prompts_eval.jsonl), one answer from each of two stages in random order, names
+  hidden; the two stages are drawn at random among the finished ones (export, a merged copy, only by name), or
+  are the ones the person picks. The person picks A, B, tie or both bad and only then sees which was which.
   Each vote is a decision in the labels folder's log (`source: arena`), fsync'd before the page answers, so a
-  server killed while people vote loses at most the vote on screen. The running human win rate and its Wilson
-  95% interval are shown (`labels.human_verdicts`, which `make report` prints too).
+  server killed while people vote loses at most the vote on screen. The running human win rate of each pair and
+  its Wilson 95% interval are shown (`labels.human_verdicts`, which `make report` prints too).
 - Label: `make label`'s pairwise and K-way labeling (`source: web`), through the same store and sampler
   (`rlhf_trl.labels`), with the terminal tool's settings, so both show a labeler the same answers.
-- Report: the recipe's latest report.md from `make report`, with its plots.
+- Report: the human leaderboard of the votes as they are now (`rlhf_trl.leaderboard`: Bradley-Terry ratings,
+  win rates against SFT, position bias, labeler agreement), then the recipe's latest report.md from
+  `make report`, with its plots.
+
+Fast for people: keys vote (Arena: 1 / 2 / 3 / 4 for A / B / tie / both bad, N the next prompt; Label: 1-4 an
+answer, T, Y, R, S, U, N), bound by a script Gradio runs on the page (`keys_js`); each tab counts what this
+labeler has done and what is left; recipes/<recipe>/guidelines.md, when it exists, is shown in a panel
+(--guidelines FILE for another; a file that is not UTF-8 is refused at start-up).
 
 Several people at once: one process holds the labels folder (its file lock: `make label` waits for the page
 to stop), writes are serialised, and a (prompt, labeler) pair shown in one browser is not handed to another
@@ -30,6 +38,8 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import itertools
+import json
 import os
 import random
 import re
@@ -39,7 +49,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from . import labels, outputs
+from . import labels, leaderboard, outputs
 from .errors import UserError, run
 
 DEFAULT_PORT = 7860
@@ -47,6 +57,15 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Stage outputs that answer prompts (chat, arena): the labels' pipeline order plus the merged export.
 GENERATING = (*labels.STAGE_ORDER, "export")
 ARENA_CHOICES = ("a", "b", "tie", "both bad")
+STALE_HUMAN_SECTION = re.compile(r"^## Human (?:leaderboard|verdict) \(arena\)\n.*?(?=^## |\Z)", re.S | re.M)
+RANDOM = "(random)"  # the arena's stage choice that draws a stage at random among the finished ones
+# Keys that press the visible tab's buttons (`keys_js`): the arena's 1-4 and N, the Label tab's 1-4 (answers A-D),
+# T, Y, R, S, U and N. Keys typed into a text box stay text.
+ARENA_KEYS = {"1": "vote-a", "2": "vote-b", "3": "vote-tie", "4": "vote-both-bad", "n": "arena-next"}
+LABEL_KEYS_PRESSED = {
+    "1": "label-key-a", "2": "label-key-b", "3": "label-key-c", "4": "label-key-d", "t": "label-key-t",
+    "y": "label-key-y", "r": "label-key-n", "s": "label-key-s", "u": "label-undo", "n": "label-next",
+}  # fmt: skip
 LABEL_KEYS = {"A": "a", "B": "b", "C": "c", "D": "d", "tie": "t", "accept all": "y", "reject all": "n", "skip": "s"}
 
 
@@ -79,6 +98,50 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise UserError('--auth takes user:password, e.g. ARGS="--auth alice:a-long-secret"')
     return user, password
+
+
+def read_guidelines(path: Path, given: bool = False) -> str:
+    """The labeling guidelines the page shows (markdown), "" when the recipe has none; UserError, one line, when the
+    file is not UTF-8 text, or when `given` (--guidelines) and it does not exist. Read before anything is written."""
+    if not path.is_file():
+        if given:
+            raise UserError(f"guidelines file {path} does not exist: pass an existing markdown file to --guidelines")
+        return ""
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()  # a BOM (some editors write one) is not text
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"guidelines file {path} is not UTF-8 text (byte {error.start}: {error.reason}): save it as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`), or remove it"
+        ) from None
+
+
+def keys_js() -> str:
+    """The page's keyboard voting (Gradio runs it once the page has loaded): a key press clicks the button of the
+    tab on screen (ARENA_KEYS, LABEL_KEYS_PRESSED), unless it is typed into a text box or comes with Ctrl, Alt or
+    Meta; Escape leaves a text box, so the keys work after typing your name."""
+    table = json.dumps([ARENA_KEYS, LABEL_KEYS_PRESSED])
+    return (
+        "() => {\n"
+        f"  const tables = {table};\n"
+        "  document.addEventListener('keydown', (event) => {\n"
+        "    const target = event.target;\n"
+        "    const boxes = ['INPUT', 'TEXTAREA', 'SELECT'];\n"
+        "    const typing = target && (target.isContentEditable || boxes.includes(target.tagName));\n"
+        "    if (typing) { if (event.key === 'Escape') target.blur(); return; }\n"
+        "    if (event.ctrlKey || event.altKey || event.metaKey || event.repeat) return;\n"
+        "    for (const keys of tables) {\n"
+        "      const id = keys[event.key.toLowerCase()];\n"
+        "      const button = id && document.getElementById(id);\n"
+        "      if (button && button.offsetParent !== null && !button.disabled) {\n"
+        "        event.preventDefault();\n"
+        "        button.click();\n"
+        "        return;\n"
+        "      }\n"
+        "    }\n"
+        "  });\n"
+        "}"
+    )
 
 
 def recipe_settings(recipe: str) -> dict:
@@ -119,6 +182,8 @@ class Site:
             self.settings["max_new_tokens"] = args.max_new_tokens
         if args.temperature is not None:
             self.settings["temperature"] = args.temperature
+        guidelines = getattr(args, "guidelines", None)
+        self.guidelines = read_guidelines(guidelines or Path("recipes", args.recipe, "guidelines.md"), bool(guidelines))
         self.label_settings = dict(labels.LABEL_SETTINGS)
         if args.label_max_new_tokens is not None:
             self.label_settings["max_new_tokens"] = args.label_max_new_tokens
@@ -172,12 +237,6 @@ class Site:
         if not self.stages():
             return f"No model to answer yet: run {self.make_hint('sft')} first."
         return ""
-
-    def default_pair(self) -> tuple[str | None, str | None]:
-        stages = self.stages()
-        if "sft" in stages and "ppo" in stages:
-            return "sft", "ppo"
-        return (stages[0] if stages else None), (stages[1] if len(stages) > 1 else None)
 
     # ------------------------------------------------------------------ models
 
@@ -258,25 +317,64 @@ class Site:
 
     # ------------------------------------------------------------------ arena
 
+    def arena_pairs(self, first: str, second: str) -> list[list[str]]:
+        """The pairs of stages (each sorted) the arena may draw for the two choices: RANDOM draws among the finished
+        stages but export (`make merge`'s copy of a stage, which answers as that stage does: pick it by name);
+        ValueError (said on the page) for a stage that is not finished or the same stage twice."""
+        fixed = [self.stage(choice) for choice in (first, second) if choice != RANDOM]
+        drawn = [stage for stage in self.stages() if stage != "export"]
+        if len(fixed) == 2:
+            if fixed[0] == fixed[1]:
+                raise ValueError("pick two different stages to compare")
+            pairs = [fixed]
+        elif fixed:
+            pairs = [[fixed[0], other] for other in drawn if other != fixed[0]]
+        else:
+            pairs = [list(pair) for pair in itertools.combinations(drawn, 2)]
+        if not pairs:  # one stage besides export: the random draw leaves export out
+            against = f"against {fixed[0]}" if fixed else "from"
+            raise ValueError(f"no other finished stage to draw {against} at random: pick both stages by name")
+        return [sorted(pair) for pair in pairs]
+
     def arena_next(self, labeler: str, first: str, second: str, session: str) -> dict:
-        """The next arena item for `labeler` on the pair of stages, its answers in random order; raises
-        ValueError (said on the page) for a bad name or stage, and returns {"done": N} when none is left."""
+        """The next arena item for `labeler`: a pair of stages drawn at random among `arena_pairs` (those with a
+        prompt left for this labeler), its answers in random order; raises ValueError (said on the page) for a bad
+        name or stage, and returns {"done": N} when none is left."""
         labeler = labels.check_labeler(labeler)
-        first, second = self.stage(first), self.stage(second)
-        if first == second:
-            raise ValueError("pick two different stages to compare")
         status = self.arena_status()
         if status:
             raise ValueError(status)
-        pair = sorted((first, second))
+        pairs = self.arena_pairs(first, second)
         items = labels.read_prompts(self.data / "prompts_eval.jsonl")
-        done = {d["prompt_id"] for d in self.arena_votes(labeler, pair)}
-        item = self.next_item(items, done, (labeler, "arena", *pair), session)
-        if item is None:
-            return {"done": len(items)}
-        shown = [self.sample(stage, item, 1, self.settings) for stage in (first, second)]
-        random.SystemRandom().shuffle(shown)
+        draw = random.SystemRandom()
+        draw.shuffle(pairs)
+        with self.mutex:
+            self._release(session, (labeler, "arena"))  # the pair this browser was shown before, whichever
+        for pair in pairs:
+            done = {d["prompt_id"] for d in self.arena_votes(labeler, pair)}
+            item = self.next_item(items, done, (labeler, "arena", *pair), session)
+            if item is not None:
+                break
+        else:
+            return {"done": len(items), "pairs": len(pairs)}
+        shown = [self.sample(stage, item, 1, self.settings) for stage in pair]
+        draw.shuffle(shown)
         return labels.arena_item(item, shown)
+
+    def arena_progress(self, labeler: str, first: str, second: str) -> str:
+        """How many arena votes `labeler` has cast on the pairs the choices draw from, and how many are left
+        ("" until the name and stages are valid)."""
+        try:
+            labeler = labels.check_labeler(labeler)
+            pairs = self.arena_pairs(first, second)
+            prompts = {item["prompt_id"] for item in labels.read_prompts(self.data / "prompts_eval.jsonl")}
+        except (ValueError, UserError):
+            return ""
+        done = [{d["prompt_id"] for d in self.arena_votes(labeler, pair)} for pair in pairs]
+        left = sum(len(prompts - ids) for ids in done)
+        # Blind: a random draw is not named (the pair would say which two stages these answers come from).
+        which = "stages drawn at random" if RANDOM in (first, second) else f"{first.upper()} vs {second.upper()}"
+        return f"**{labeler}**: {sum(map(len, done))} voted · {left} left ({which})"
 
     def arena_vote(self, item: dict, labeler: str, choice: str, session: str) -> dict:
         decision = labels.arena_vote(item, labeler, choice)
@@ -300,10 +398,22 @@ class Site:
         self.record_once(decision, lambda: self.store.by(labeler), (labeler, "label"), session)
         return decision
 
+    def current_votes(self) -> tuple[list[dict], int]:
+        """(the decisions, arena votes on the runs on disk only; how many votes on earlier runs were left out)."""
+        return labels.current_votes(self.store.all(), labels.stage_runs(self.models))
+
     def verdict_lines(self) -> list[str]:
-        votes, older = labels.current_votes(self.store.all(), labels.stage_runs(self.models))
+        votes, older = self.current_votes()
         lines = [labels.verdict_line(v) for v in labels.human_verdicts(votes)]
         return lines + ([labels.older_votes_line(older)] if older else [])
+
+    def leaderboard_markdown(self) -> str:
+        """The human leaderboard of the votes as they are now (`leaderboard.section`, what `make report` writes)."""
+        votes, older = self.current_votes()
+        lines = leaderboard.section(leaderboard.leaderboard(votes), older, labels.human_verdicts(votes))
+        if not lines:
+            return "## Human leaderboard (arena)\n\nNo arena votes yet: it shows once people vote in the Arena tab."
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ label
 
@@ -322,14 +432,27 @@ class Site:
             return None
         return self.sample(stage, item, count, self.label_settings)
 
+    def label_progress(self, labeler: str) -> str:
+        """How many prompts `labeler` has labeled (any tool) and how many are left ("" until the name is valid)."""
+        try:
+            labeler = labels.check_labeler(labeler)
+            prompts = {item["prompt_id"] for item in labels.read_prompts(self.data / "prompts_train.jsonl")}
+        except (ValueError, UserError):
+            return ""
+        done = {d["prompt_id"] for d in self.store.by(labeler)}
+        return f"**{labeler}**: {len(done)} labeled · {len(prompts - done)} left"
+
     # ------------------------------------------------------------------ report
 
     def report_markdown(self) -> str:
-        """report.md with its plots inlined (data: URIs), so no file path is served."""
+        """The live human leaderboard, then report.md (without the leaderboard it was written with) with its plots
+        inlined (data: URIs), so no file path is served."""
+        live = self.leaderboard_markdown()
         page = self.report / "report.md"
         if not page.is_file():
-            return f"No report yet: run {self.make_hint('report')} first ({page} does not exist)."
-        text = page.read_text(encoding="utf-8")
+            return f"{live}\n\nNo report yet: run {self.make_hint('report')} first ({page} does not exist)."
+        # The report's own leaderboard counted the votes when it was written; the live one above replaces it.
+        text = live + "\n\n" + STALE_HUMAN_SECTION.sub("", page.read_text(encoding="utf-8"))
 
         def inline(match: re.Match) -> str:
             name = match.group(2)
@@ -370,6 +493,9 @@ def build(site: Site):
             f"at most {labels.MAX_LABELER} characters.",
         )
         session = gr.State(lambda: uuid.uuid4().hex)
+        if site.guidelines:  # recipes/<recipe>/guidelines.md: what a good answer is, for every labeler alike
+            with gr.Accordion("Labeling guidelines", open=False, elem_id="guidelines"):
+                gr.Markdown(site.guidelines, elem_id="guidelines-text")
         with gr.Tabs():
             # ---------------------------------------------------------------- chat
             with gr.Tab("Chat", elem_id="tab-chat"):
@@ -415,21 +541,30 @@ def build(site: Site):
             with gr.Tab("Arena", elem_id="tab-arena"):
                 arena_status = gr.Markdown(elem_id="arena-status")
                 gr.Markdown(
-                    "Two answers to a held-out prompt, from two stages in random order. Pick the better one; "
-                    "you see which stage wrote which only after your vote."
+                    "Two answers to a held-out prompt, from two stages in random order (two stages drawn at "
+                    "random among the finished ones, or the two you pick). Pick the better one; you see which "
+                    "stage wrote which only after your vote. Keys: **1** A is better · **2** B is better · "
+                    "**3** tie · **4** both bad · **N** next prompt (Esc leaves the name box first)."
                 )
                 with gr.Row():
-                    first = gr.Dropdown(label="Stage", choices=[], elem_id="arena-first", interactive=True)
-                    second = gr.Dropdown(label="against", choices=[], elem_id="arena-second", interactive=True)
-                arena_next = gr.Button("Next prompt", variant="primary", elem_id="arena-next")
+                    first = gr.Dropdown(label="Stage", choices=[RANDOM], elem_id="arena-first", interactive=True)
+                    second = gr.Dropdown(label="against", choices=[RANDOM], elem_id="arena-second", interactive=True)
+                arena_progress = gr.Markdown(elem_id="arena-progress")
+                arena_next = gr.Button("Next prompt (N)", variant="primary", elem_id="arena-next")
                 arena_prompt = gr.Textbox(label="Prompt", interactive=False, elem_id="arena-prompt", lines=2)
                 with gr.Row():
                     answer_a = gr.Textbox(label="A", interactive=False, elem_id="arena-a", lines=4)
                     answer_b = gr.Textbox(label="B", interactive=False, elem_id="arena-b", lines=4)
                 with gr.Row():
+                    names = {
+                        "a": "A is better (1)",
+                        "b": "B is better (2)",
+                        "tie": "Tie (3)",
+                        "both bad": "Both bad (4)",
+                    }
                     vote_buttons = {
                         choice: gr.Button(
-                            {"a": "A is better", "b": "B is better", "tie": "Tie", "both bad": "Both bad"}[choice],
+                            names[choice],
                             elem_id=f"vote-{choice.replace(' ', '-')}",
                         )
                         for choice in ARENA_CHOICES
@@ -443,39 +578,50 @@ def build(site: Site):
                     return "\n\n".join(lines) if lines else "No arena votes yet."
 
                 def next_prompt(name, stage_a, stage_b, token):
+                    progress = site.arena_progress(name, stage_a, stage_b)
                     try:
                         item = site.arena_next(name, stage_a, stage_b, token)
                     except ValueError as error:
-                        return None, "", "", "", warn(error), stats()
+                        return None, "", "", "", warn(error), stats(), progress
                     if "done" in item:
-                        done = f"You have voted on all {item['done']} held-out prompts for these two stages."
-                        return None, "", "", "", done, stats()
+                        pairs = "these two stages" if item["pairs"] == 1 else f"all {item['pairs']} pairs of stages"
+                        done = f"You have voted on all {item['done']} held-out prompts for {pairs}."
+                        return None, "", "", "", done, stats(), progress
                     item["labeler"] = labels.check_labeler(name)  # whoever asked for it votes on it
                     a, b = item["responses"]
-                    return item, str(item["prompt"]), a or "(empty answer)", b or "(empty answer)", "", stats()
+                    shown = (a or "(empty answer)", b or "(empty answer)")
+                    return item, str(item["prompt"]), *shown, "", stats(), progress
 
                 arena_outputs = [arena_item, arena_prompt, answer_a, answer_b, arena_message, arena_stats]
+                arena_outputs.append(arena_progress)
                 clear = [arena_item, arena_prompt, answer_a, answer_b, arena_message]
                 arena_next.click(lambda: (None, "", "", "", "Sampling two answers ..."), None, clear).then(
                     next_prompt, [labeler, first, second, session], arena_outputs
                 )
 
                 def voter(choice):
-                    def vote(item, name, token):
+                    def vote(item, name, token, stage_a, stage_b):
+                        progress = site.arena_progress(name, stage_a, stage_b)
                         if item is None:
-                            return None, warn("press Next prompt first: there is no answer pair on screen"), stats()
+                            missing = warn("press Next prompt first: there is no answer pair on screen")
+                            return None, missing, stats(), progress
                         try:
                             decision = site.arena_vote(item, item["labeler"], choice, token)
                         except ValueError as error:
-                            return None, warn(error), stats()
-                        return None, arena_reveal(item, decision), stats()
+                            return None, warn(error), stats(), progress
+                        progress = site.arena_progress(name, stage_a, stage_b)
+                        return None, arena_reveal(item, decision), stats(), progress
 
                     return vote
 
                 for choice, button in vote_buttons.items():
                     button.click(
-                        voter(choice), [arena_item, labeler, session], [arena_item, arena_message, arena_stats]
+                        voter(choice),
+                        [arena_item, labeler, session, first, second],
+                        [arena_item, arena_message, arena_stats, arena_progress],
                     )
+                for dropdown in (first, second):
+                    dropdown.change(site.arena_progress, [labeler, first, second], arena_progress)
 
             # ---------------------------------------------------------------- label
             with gr.Tab("Label", elem_id="tab-label"):
@@ -483,7 +629,12 @@ def build(site: Site):
                 with gr.Row():
                     label_stage = gr.Dropdown(label="Stage that answers", choices=[], elem_id="label-stage")
                     count = gr.Radio([1, 2, 3, 4], value=2, label="answers per prompt (K)", elem_id="label-k")
-                label_next = gr.Button("Next prompt", variant="primary", elem_id="label-next")
+                gr.Markdown(
+                    "Keys: **1**-**4** prefer answer A-D · **T** tie · **Y** accept all · **R** reject all · "
+                    "**S** skip · **U** undo · **N** next prompt (Esc leaves the name box first)."
+                )
+                label_progress = gr.Markdown(elem_id="label-progress")
+                label_next = gr.Button("Next prompt (N)", variant="primary", elem_id="label-next")
                 label_prompt = gr.Textbox(label="Prompt", interactive=False, elem_id="label-prompt", lines=2)
                 with gr.Row():
                     answers = [
@@ -491,10 +642,12 @@ def build(site: Site):
                         for letter in labels.LETTERS
                     ]
                 with gr.Row():
+                    pressed = {button: key.upper() for key, button in LABEL_KEYS_PRESSED.items()}
                     key_buttons = {
-                        name: gr.Button(name, elem_id=f"label-key-{key}") for name, key in LABEL_KEYS.items()
+                        name: gr.Button(f"{name} ({pressed[f'label-key-{key}']})", elem_id=f"label-key-{key}")
+                        for name, key in LABEL_KEYS.items()
                     }
-                    undo = gr.Button("Undo my last label", elem_id="label-undo")
+                    undo = gr.Button("Undo my last label (U)", elem_id="label-undo")
                 label_message = gr.Markdown(elem_id="label-message")
                 label_item = gr.State(None)
 
@@ -519,7 +672,9 @@ def build(site: Site):
                         return show_item(None, "Every prompt is labeled by you. Thank you!")
                     return show_item({**item, "labeler": labels.check_labeler(name)})
 
-                label_next.click(next_label, [labeler, label_stage, count, session], label_outputs)
+                label_next.click(next_label, [labeler, label_stage, count, session], label_outputs).then(
+                    site.label_progress, labeler, label_progress
+                )
 
                 def presser(key):
                     def press(item, name, stage, k, token):
@@ -539,7 +694,7 @@ def build(site: Site):
                 for name, key in LABEL_KEYS.items():
                     key_buttons[name].click(
                         presser(key), [label_item, labeler, label_stage, count, session], label_outputs
-                    )
+                    ).then(site.label_progress, labeler, label_progress)
 
                 def undo_last(name, token):
                     try:
@@ -551,7 +706,13 @@ def build(site: Site):
                         return show_item(None, "Nothing of yours to undo.")
                     return show_item({**undone, "labeler": name}, f"Undone: {labels.describe(undone)}; decide again.")
 
-                undo.click(undo_last, [labeler, session], label_outputs)
+                undo.click(undo_last, [labeler, session], label_outputs).then(
+                    site.label_progress, labeler, label_progress
+                )
+
+            labeler.blur(site.arena_progress, [labeler, first, second], arena_progress).then(
+                site.label_progress, labeler, label_progress
+            )
 
             # ---------------------------------------------------------------- report
             with gr.Tab("Report", elem_id="tab-report"):
@@ -561,7 +722,6 @@ def build(site: Site):
 
         def on_load():
             stages = site.stages()
-            a, b = site.default_pair()
             chat_default = "ppo" if "ppo" in stages else (stages[-1] if stages else None)
             label_default = "sft" if "sft" in stages else (stages[0] if stages else None)
             found = ", ".join(stages) if stages else "none yet"
@@ -570,8 +730,8 @@ def build(site: Site):
                 site.chat_status(),
                 gr.update(choices=stages, value=chat_default),
                 site.arena_status(),
-                gr.update(choices=stages, value=a),
-                gr.update(choices=stages, value=b),
+                gr.update(choices=[RANDOM, *stages], value=RANDOM),
+                gr.update(choices=[RANDOM, *stages], value=RANDOM),
                 stats(),
                 site.label_status(),
                 gr.update(choices=stages, value=label_default),
@@ -600,6 +760,9 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, help="chat and arena (default: the recipe's PPO temperature)")
     parser.add_argument("--label-max-new-tokens", type=int, help="Label tab (default: make label's, 64)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--guidelines", type=Path, help="labeling guidelines to show, markdown (default recipes/<recipe>/guidelines.md)"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: pick a port from 1 to 65535 (PORT=)")
@@ -623,6 +786,7 @@ def main(argv=None) -> None:
         ssr_mode=False,
         show_error=True,
         quiet=True,
+        js=keys_js(),  # keyboard voting
         theme=gr.themes.Default(font=["sans-serif"], font_mono=["monospace"]),  # no web fonts fetched
     )
 

@@ -88,7 +88,14 @@ def test_arena_votes_add_the_human_verdict(trained, built, tmp_path):
     line = "human win rate of PPO over SFT: 0.78 (95% CI 0.45-0.94, 9 votes, 2 labelers)"
     assert f"report: {line}" in result.stdout
     assert f"- {line}" in (tmp_path / "report" / "report.md").read_text()
-    assert "Human verdict" not in (built / "report.md").read_text()  # no arena votes: no section
+    # The leaderboard: PPO 7 to 2 over SFT, plus one virtual tie: 7.5 to 2.5, 400 * log10(3) = 190.85 points.
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Human leaderboard (arena)" in text
+    assert "| 1 | PPO | 1191 |" in text and "| 9 | 0 | 2 | 0.78 (0.45-0.94, 9 votes) |" in text
+    assert "| 2 | SFT | 1000 | (anchor) | 9 | 0 | 2 | - |" in text
+    assert "report: | 1 | PPO | 1191 |" in result.stdout
+    assert "report: position bias: the left answer (A) won" in result.stdout
+    assert "Human leaderboard" not in (built / "report.md").read_text()  # no arena votes: no section
 
 
 def test_a_stage_without_a_metrics_log_gets_a_note_not_a_crash(trained, built, tmp_path):

@@ -398,12 +398,16 @@ def test_wilson_interval_and_the_human_verdict_of_known_votes():
         [arena("ann", ["ppo", "sft"], "prefer", 0)] * 4  # PPO shown as A, preferred
         + [arena("ben", ["sft", "ppo"], "prefer", 1)] * 3  # PPO shown as B, preferred
         + [arena("ben", ["sft", "ppo"], "prefer", 0)]  # SFT preferred
-        + [arena("ann", ["ppo", "sft"], "tie"), arena("ben", ["sft", "ppo"], "reject")]  # a half each
+        + [arena("ann", ["ppo", "sft"], "tie")]  # a half
+        + [arena("ben", ["sft", "ppo"], "reject")]  # both bad: counted apart, not as a tie (issue 24)
         + [arena("ann", ["export", "ppo"], "prefer", 1)]  # another pair
         + [{"source": "terminal", "labeler": "ann", "decision": "prefer", "preferred": 0}]  # not an arena vote
     )
     first, second = labels.human_verdicts(votes)
-    assert labels.verdict_line(first) == "human win rate of PPO over SFT: 0.80 (95% CI 0.49-0.94, 10 votes, 2 labelers)"
+    # 7.5 of 9: Wilson centre (0.83333 + 0.21341) / 1.42683 = 0.73362, half-width 0.22691: 0.507 to 0.961.
+    assert labels.verdict_line(first) == (
+        "human win rate of PPO over SFT: 0.83 (95% CI 0.51-0.96, 9 votes, 2 labelers; 1 both bad, left out)"
+    )
     assert second["stages"] == ("export", "ppo") and second["win_rate"] == 0.0 and second["votes"] == 1
     # 0 of 1: Wilson 0 to 1.9208 / (1 + 3.8416) = 0.7935.
     assert (
@@ -491,4 +495,191 @@ def test_arena_votes_count_for_the_runs_they_judged(tmp_path):
     from rlhf_trl import report
 
     section = "\n".join(report.human_section([], 4))
-    assert "## Human verdict (arena)" in section and "4 arena votes left out" in section
+    assert "## Human leaderboard (arena)" in section and "4 arena votes left out" in section
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+
+
+def finished(models: Path, *stages: str) -> None:
+    """Stage folders that read as finished (their marker) without a model in them."""
+    for stage in stages:
+        (models / stage).mkdir(parents=True)
+        (models / stage / "rlhf_trl_run.json").write_text(json.dumps({"stage": stage, "finished_at": "day 1"}))
+
+
+def prompts_file(path: Path, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about thing {n}."}]} for n in range(count)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_the_arena_draws_a_random_pair_sides_swapped_and_counts_what_is_left(tmp_path, monkeypatch):
+    from rlhf_trl.ui import RANDOM
+
+    paths = {"models": tmp_path / "models", "data": tmp_path / "data", "labels": tmp_path / "labels"}
+    finished(paths["models"], "sft", "ppo", "dpo", "export", "reward")
+    prompts_file(paths["data"] / "prompts_eval.jsonl", 4)
+    prompts_file(paths["data"] / "prompts_train.jsonl", 5)
+    page = site(paths)
+    try:
+        # Random draws among the finished stages that answer, but export (make merge's copy of a stage: by name only).
+        every = [["ppo", "sft"], ["dpo", "sft"], ["dpo", "ppo"]]
+        assert sorted(page.arena_pairs(RANDOM, RANDOM)) == sorted(every)
+        assert sorted(page.arena_pairs("ppo", RANDOM)) == [["dpo", "ppo"], ["ppo", "sft"]]
+        assert page.arena_pairs(RANDOM, "export") == [["export", "sft"], ["export", "ppo"], ["dpo", "export"]]
+        assert page.arena_pairs("sft", "ppo") == [["ppo", "sft"]]
+        for bad, why in ((("sft", "sft"), "two different stages"), (("reward", RANDOM), "no finished stage 'reward'")):
+            with pytest.raises(ValueError, match=why):
+                page.arena_pairs(*bad)
+
+        def sample(stage, item, count, settings):  # no model: the stage's name is its answer
+            return {**item, "responses": [f"{stage} on {item['prompt_id']}"], "sample_id": f"{stage}{item['index']}",
+                    "stage": stage, "model": stage, "run": labels.stage_runs(paths["models"])[stage],
+                    "generation": {}}  # fmt: skip
+
+        monkeypatch.setattr(page, "sample", sample)
+        # 4 prompts x 3 pairs = 12 items for alice; she votes on all of them, A every time.
+        assert page.arena_progress("alice", RANDOM, RANDOM) == "**alice**: 0 voted · 12 left (stages drawn at random)"
+        shown = []
+        for _ in range(12):
+            item = page.arena_next("alice", RANDOM, RANDOM, "browser")
+            assert [r.split(" on ")[0] for r in item["responses"]] == item["stages"]  # which wrote which, recorded
+            page.arena_vote({**item, "labeler": "alice"}, "alice", "a", "browser")
+            shown.append(item["stages"])
+        assert sorted(sorted(pair) for pair in shown) == sorted(every * 4)  # every pair, every prompt, once
+        assert {tuple(pair) for pair in shown} > {tuple(pair) for pair in every}  # sides swapped at random too
+        assert page.arena_next("alice", RANDOM, RANDOM, "browser") == {"done": 4, "pairs": 3}
+        assert page.arena_progress("alice", RANDOM, RANDOM) == "**alice**: 12 voted · 0 left (stages drawn at random)"
+        assert page.arena_progress("alice", "sft", "ppo") == "**alice**: 4 voted · 0 left (SFT vs PPO)"
+        assert page.arena_progress("bob", "dpo", RANDOM) == "**bob**: 0 voted · 8 left (stages drawn at random)"
+        assert page.arena_progress("", RANDOM, RANDOM) == ""  # no name yet: no counter
+        # The Label tab's counter: what this labeler labeled, in any tool, against the training prompts.
+        assert page.label_progress("alice") == "**alice**: 0 labeled · 5 left"
+        item = labels.read_prompts(paths["data"] / "prompts_train.jsonl")[0]
+        sampled = {**item, "responses": ["x", "y"], "sample_id": "s1", "model": "sft", "generation": {}}
+        page.store.record([labels.new_decision(sampled, "alice", "prefer", 0, source="terminal")])
+        assert page.label_progress("alice") == "**alice**: 1 labeled · 4 left"
+        # The Report tab: the live leaderboard first (12 votes for A: position bias 12 of 12).
+        text = page.report_markdown()
+        assert text.startswith("## Human leaderboard (arena)") and "won 12 of 12 votes for A or B" in text
+        assert "No report yet: run `make report RECIPE=demo`" in text
+    finally:
+        page.store.__exit__()
+
+
+def test_with_sft_and_its_export_alone_the_random_draw_says_to_pick_by_name(tmp_path):
+    from rlhf_trl.ui import RANDOM
+
+    paths = {"models": tmp_path / "models", "data": tmp_path / "data", "labels": tmp_path / "labels"}
+    finished(paths["models"], "sft", "export")
+    page = site(paths)
+    try:
+        for first, second in ((RANDOM, RANDOM), ("sft", RANDOM)):
+            with pytest.raises(ValueError, match="at random: pick both stages by name"):
+                page.arena_pairs(first, second)
+        assert page.arena_pairs("export", "sft") == [["export", "sft"]]
+    finally:
+        page.store.__exit__()
+
+
+def test_the_report_tab_replaces_the_leaderboard_report_md_was_written_with(tmp_path):
+    paths = {"models": tmp_path / "models", "data": tmp_path / "data", "labels": tmp_path / "labels"}
+    finished(paths["models"], "sft", "ppo")
+    (paths["models"] / "report").mkdir()
+    (paths["models"] / "report" / "report.md").write_text(
+        "# RLHF report: demo\n\n## Held-out evaluation\n\nnumbers\n\n## Human leaderboard (arena)\n\n| old table |\n\n"
+        "## Plots\n\nplots\n",
+        encoding="utf-8",
+    )
+    page = site(paths)
+    try:
+        text = page.report_markdown()
+        assert "| old table |" not in text and text.count("## Human leaderboard (arena)") == 1
+        assert text.startswith("## Human leaderboard (arena)\n\nNo arena votes yet")
+        assert "## Held-out evaluation\n\nnumbers" in text and "## Plots\n\nplots" in text
+    finally:
+        page.store.__exit__()
+
+
+def test_guidelines_are_read_and_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    from rlhf_trl.errors import UserError
+    from rlhf_trl.ui import read_guidelines
+
+    good = tmp_path / "guidelines.md"
+    good.write_bytes("\ufeff**Be fair.** Caf\u00e9 answers count.\n".encode())  # a BOM, as some editors write
+    assert read_guidelines(good) == "**Be fair.** Caf\u00e9 answers count."
+    assert read_guidelines(tmp_path / "none.md") == ""  # the recipe has none: no panel
+    with pytest.raises(UserError, match="does not exist"):
+        read_guidelines(tmp_path / "none.md", given=True)
+    for recipe in ("demo", "gpt2-alpaca"):
+        assert "What a good answer is" in read_guidelines(ROOT / "recipes" / recipe / "guidelines.md")
+
+    bad = tmp_path / "latin1.md"
+    bad.write_bytes("Caf\u00e9 answers count.\n".encode("latin-1"))
+    result = run_module(
+        "ui", "--port", str(free_port()), "--guidelines", str(bad), "--out", str(tmp_path / "labels"), timeout=60
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"guidelines file {bad} is not UTF-8 text (byte 3" in line and "save it as UTF-8" in line
+    assert not (tmp_path / "labels").exists()  # refused before the labels folder was made
+
+
+def keys(page: Page, text: str) -> None:
+    """Presses keys on the page as a person does, to whatever has the focus (no element is clicked)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(page.driver).send_keys(text).perform()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_keyboard_only_votes_with_progress_and_guidelines(site_world, browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    paths = {**site_world, "labels": tmp_path / "labels"}
+    port = free_port()
+    server = start_server(paths, port)
+    try:
+        page = Page(browser, port)
+        # The demo recipe's guidelines, in a panel.
+        page.click("#guidelines")
+        page.until(lambda: "What a good answer is" in page.text("#guidelines-text"), "the guidelines")
+        page.tab("Arena")
+        prompts = len(labels.read_prompts(paths["data"] / "prompts_eval.jsonl"))
+        page.type("#labeler", "alice")
+        keys(page, Keys.ESCAPE)  # out of the name box: from here on keys vote
+        page.until(lambda: page.text("#arena-progress") == f"alice: 0 voted · {prompts} left (stages drawn at random)",
+                   "the counter")  # fmt: skip
+        shown = []
+        for done, key in enumerate("123"):
+            keys(page, "n")
+            page.until(lambda: page.value("#arena-a") and not page.text("#arena-message"), "a pair")
+            assert " was " not in page.find("#tab-arena").text  # blind until the vote
+            shown.append(page.value("#arena-prompt"))
+            keys(page, key)
+            page.until(lambda: page.text("#arena-message").startswith("Saved:"), "the reveal")
+            left = f"alice: {done + 1} voted · {prompts - done - 1} left"
+            page.until(lambda left=left: page.text("#arena-progress").startswith(left), left)
+        log = arena_lines(paths["labels"])
+        assert [d["prompt"] for d in log] == shown and len(set(shown)) == 3
+        assert [labels.describe(d) for d in log] == ["a", "b", "tie"]  # 1, 2, 3
+        assert [d["labeler"] for d in log] == ["alice"] * 3
+        # The Label tab's keys: N for a prompt, 1 for answer A.
+        page.tab("Label")
+        keys(page, "n")
+        page.until(lambda: page.value("#label-a") and page.value("#label-b"), "two answers to label")
+        labeled = page.value("#label-prompt")
+        keys(page, "1")
+        page.until(lambda: page.text("#label-message").startswith("Saved: a."), "the label saved")
+        train = len(labels.read_prompts(paths["data"] / "prompts_train.jsonl"))
+        page.until(lambda: page.text("#label-progress") == f"alice: 1 labeled · {train - 1} left", "the label counter")
+        [web] = [d for d in labels.read_decisions(paths["labels"]) if d["source"] == "web"]
+        assert web["prompt"] == labeled and labels.describe(web) == "a" and web["labeler"] == "alice"
+        # A key typed into a text box is text, not a vote.
+        page.type("#labeler", "alice2")
+        keys(page, "1")
+        assert page.value("#labeler") == "alice21" and len(arena_lines(paths["labels"])) == 3
+    finally:
+        stop(server)
