@@ -3,12 +3,8 @@
 #   make sft RECIPE=gpt2-alpaca   one stage of another recipe
 #   make ppo ARGS="--total_episodes 64 --overwrite"   override any YAML key
 #   make label LABELER=alice       human feedback: label the SFT model's answers (label-export, label-import FILE=...)
-<<<<<<< HEAD
 #   make label-export FORMAT=hf   the labels as a dataset folder in TRL's preference and unpaired (KTO) formats
-#   make ui                       web page on http://127.0.0.1:7860: chat, blind SFT-vs-PPO arena, labeling, report
-=======
 #   make ui                       web page on http://127.0.0.1:7860: chat, blind arena, labeling, human leaderboard
->>>>>>> board
 #   make sft ACCELERATE_CONFIG=recipes/accelerate_configs/multi_gpu.yaml   several GPUs (docs/multi-gpu.md)
 #   make ppo RESUME=0              start over instead of resuming an unfinished run from its last checkpoint
 #   make bench SHAPE=qwen2.5-0.5b MODE=bf16   PPO/SFT speed and memory against plain TRL (default: toy shape, CPU)
