@@ -10,6 +10,9 @@ inside data/processed/<recipe>/, which `make data --overwrite` rebuilds: human l
     pairs.jsonl         prompt/chosen/rejected, what the reward stage reads (`human_labels`, `label_mix`)
     samples.jsonl       the samples `export` handed out, so `import` can check every sample_id
 
+`export --format hf` (`make label-export FORMAT=hf`, `export_dataset`) writes the live decisions as a parquet
+dataset folder elsewhere, in TRL's preference and unpaired-preference (KTO) formats, with a README card.
+
 Why it is built this way: the three data files are derived from the log, appended as each decision is
 made, and reconciled with it at every start, so a crash or kill at any moment loses at most the decision
 on screen and leaves valid JSONL. Undo appends a tombstone to the log and rewrites the data files without
