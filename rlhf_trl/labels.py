@@ -45,13 +45,13 @@ from datetime import datetime
 from pathlib import Path
 
 from . import outputs
-from .data import ARENA, check_unicode, load_dataset_for, read_csv, read_jsonl
+from .data import ARENA, LABELS_LOG, check_unicode, load_dataset_for, read_csv, read_jsonl
 from .data import is_arena_vote as is_arena
 from .errors import UserError
 
 STAGES = (*outputs.POLICY_STAGES, "export")
 LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (
-    "decisions.jsonl",
+    LABELS_LOG,
     "accepted_data.jsonl",
     "rejected_data.jsonl",
     "pairs.jsonl",
