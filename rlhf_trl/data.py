@@ -587,6 +587,7 @@ def _convert_one(record: dict, fmt: str, purpose: str, where: str) -> dict:
 
 
 SEED_FILES = ("accepted_data.jsonl", "rejected_data.jsonl")
+LABELS_LOG = "decisions.jsonl"  # the log of a labels folder (rlhf_trl.labels.LOG), beside the seed files it derives
 PROMPT_FIELDS = ("prompt", "instruction", "query", "question")
 ANSWER_FIELDS = ("response", "output", "completion", "answer", "chosen", "rejected", "text")
 
@@ -755,6 +756,9 @@ def load_dataset_for(
     record, leaves out those it fails."""
     if purpose == "kto" and seed_files(source) is not None:
         return unpaired_seed_records(*seed_files(source), keep=keep)
+    if purpose == "kto" and (Path(source) / LABELS_LOG).is_file():  # a labels folder whose decisions made no row
+        print(f"{source}: no accept or reject decision yet (ties and skips make no row)")
+        return []
     pair_files = seed_pair_files(source)
     if pair_files is not None and purpose != "kto":
         records = join_accepted_rejected(*pair_files, allow_unmatched=allow_unmatched, keep=keep)

@@ -10,6 +10,9 @@ inside data/processed/<recipe>/, which `make data --overwrite` rebuilds: human l
     pairs.jsonl         prompt/chosen/rejected, what the reward stage reads (`human_labels`, `label_mix`)
     samples.jsonl       the samples `export` handed out, so `import` can check every sample_id
 
+`export --format hf` (`make label-export FORMAT=hf`, `export_dataset`) writes the live decisions as a parquet
+dataset folder elsewhere, in TRL's preference and unpaired-preference (KTO) formats, with a README card.
+
 Why it is built this way: the three data files are derived from the log, appended as each decision is
 made, and reconciled with it at every start, so a crash or kill at any moment loses at most the decision
 on screen and leaves valid JSONL. Undo appends a tombstone to the log and rewrites the data files without
@@ -43,13 +46,13 @@ from datetime import datetime
 from pathlib import Path
 
 from . import outputs
-from .data import ARENA, check_unicode, load_dataset_for, read_csv, read_jsonl
+from .data import ARENA, LABELS_LOG, check_unicode, load_dataset_for, read_csv, read_jsonl
 from .data import is_arena_vote as is_arena
 from .errors import UserError
 
 STAGES = (*outputs.POLICY_STAGES, "export")
 LOG, ACCEPTED, REJECTED, PAIRS, SAMPLES = (
-    "decisions.jsonl",
+    LABELS_LOG,
     "accepted_data.jsonl",
     "rejected_data.jsonl",
     "pairs.jsonl",

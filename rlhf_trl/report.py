@@ -58,8 +58,8 @@ TRAINING_PANELS = {
     ),
     "kto": (
         ("loss", "training loss (KTO)"),
-        ("rewards/margins", "implicit reward margin (desirable minus undesirable)"),
-        ("kl", "KL estimate against the reference (SFT)"),
+        ("rewards/margins", "implicit reward margin (desirable - undesirable)"),
+        ("kl", "KL estimate (batch, clamped at 0 by TRL)"),
         ("logps/chosen", "log-probability of the desirable answers"),
     ),
 }

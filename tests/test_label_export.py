@@ -134,3 +134,17 @@ def test_the_reward_stage_and_kto_train_on_the_export(trained, store, tmp_path):
     assert "kto: training examples: 5 read, 2 desirable + 3 undesirable kept" in result.stdout
     assert "kto: desirable_weight 1.5, undesirable_weight 1 (chosen from the counts" in result.stdout
     assert read_marker(kto)["stage"] == "kto"
+
+
+def test_a_labels_folder_without_accept_or_reject_gives_kto_no_row(tmp_path, capsys):
+    out = tmp_path / "labels"
+    with labels.LabelStore(out) as store:
+        store.record([labels.new_decision(item(0, "What is a boat?", ["A boat floats.", "A boat sails."]), "carol",
+                                          "tie", None, source="terminal")])  # fmt: skip
+    args = SimpleNamespace(human_labels=[str(out)], label_mix="mix", allow_unmatched=True, human_fraction=None)
+    generated = [{"prompt": [], "completion": [], "label": True}]
+    assert human_label_pairs(args, "kto", "kto") == []
+    assert f"{out}: no accept or reject decision yet (ties and skips make no row)" in capsys.readouterr().out
+    from rlhf_trl.data import mix_training_pairs
+
+    assert mix_training_pairs(args, generated, 0, "kto", "kto") == generated

@@ -1,9 +1,9 @@
 """4-bit and 8-bit bases run for real (marker `paths`, `make test-paths`): bitsandbytes' CPU library here, a GPU
 where there is one.
 
-- Every training stage (sft, reward, ppo, rloo, grpo, dpo) on a 4-bit and an 8-bit tiny base with LoRA, as the QLoRA
-  recipes chain them: SFT on the base, `merge` (full precision), then reward on the merge, and PPO (policy,
-  reference, value and reward on one quantized base), RLOO, GRPO and DPO from it. Each stage runs in this process
+- Every training stage (sft, reward, ppo, rloo, grpo, dpo, kto) on a 4-bit and an 8-bit tiny base with LoRA, as the
+  QLoRA recipes chain them: SFT on the base, `merge` (full precision), then reward on the merge, and PPO (policy,
+  reference, value and reward on one quantized base), RLOO, GRPO, DPO and KTO from it. Each stage runs in this process
   (`conftest.run_here`, the stage's own entry point), so the warning filter below covers it. Checked: the LoRA
   tensors it saved moved from where they start, the quantized base layers it trained on are bit for bit a fresh
   load's, its output reloads and answers through `chat`, and `merge`'s export loads in plain transformers and
@@ -38,7 +38,7 @@ pytestmark = [
 ]
 CUDA = torch.cuda.is_available()
 FLAGS = {4: "--load_in_4bit", 8: "--load_in_8bit"}
-POLICIES = ("sft", "ppo", "rloo", "grpo", "dpo")
+POLICIES = ("sft", "ppo", "rloo", "grpo", "dpo", "kto")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,13 +122,21 @@ def stage_here(stage: str, *args: str):
     return run_here(stage, "--config", str(ROOT / "recipes/demo" / f"{stage}.yaml"), *args)
 
 
-def dpo_args(paths, *extra):
-    data = paths["data"]
-    return (
-        *("--sft_model_path", paths["sft"], "--output_dir", paths["dpo"], "--max_steps", "3"),
-        *("--dataset_name", f"{data}/pairs_train.jsonl", "--eval_dataset_name", f"{data}/pairs_eval.jsonl"),
-        *extra,
-    )
+def pair_method_args(stage: str):
+    """Arguments of a brief DPO or KTO run (`stage`): both train on the demo's preference pairs."""
+
+    def args(paths, *extra):
+        data = paths["data"]
+        return (
+            *("--sft_model_path", paths["sft"], "--output_dir", paths[stage], "--max_steps", "3"),
+            *("--dataset_name", f"{data}/pairs_train.jsonl", "--eval_dataset_name", f"{data}/pairs_eval.jsonl"),
+            *extra,
+        )
+
+    return args
+
+
+dpo_args, kto_args = pair_method_args("dpo"), pair_method_args("kto")
 
 
 def small_data(data: Path, into: Path, records: int = 16) -> Path:
@@ -149,7 +157,7 @@ def small_data(data: Path, into: Path, records: int = 16) -> Path:
 @pytest.fixture(scope="module", params=[4, 8], ids=["4bit", "8bit"])
 def chain(request, world, tmp_path_factory):
     """The QLoRA recipes' chain on a `bits`-bit demo base, each stage briefly: sft (LoRA on the quantized base),
-    merge (full precision: `sft-merged`), then reward, ppo, rloo, grpo and dpo from the merge, and merge again for
+    merge (full precision: `sft-merged`), then reward, ppo, rloo, grpo, dpo and kto from the merge, and merge again for
     each method. Returns the paths, each run's stdout and the quantized layers its trainer ended with, and those of a
     fresh quantized load of each base."""
     bits = request.param
@@ -184,6 +192,7 @@ def chain(request, world, tmp_path_factory):
     train("rloo", *rloo_args(after_sft, "--max_steps", "2"))
     train("grpo", *grpo_args(after_sft, "--max_steps", "2"))
     train("dpo", *dpo_args(after_sft))
+    train("kto", *kto_args(after_sft, "--label_mix", "generated"))
     for stage in POLICIES:
         merge(stage, str(root / f"export-{stage}"))
     fresh = {
@@ -197,7 +206,7 @@ def lora_tensors(output: str) -> dict[str, torch.Tensor]:
     return {n: t for n, t in load_file(str(Path(output) / "adapter_model.safetensors")).items() if "lora_B" in n}
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "rloo", "grpo", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "rloo", "grpo", "dpo", "kto"])
 def test_each_stage_trains_lora_on_a_frozen_quantized_base(chain, stage):
     bits, run = chain["bits"], chain["runs"][stage]
     # LoRA B starts at zero (peft's default): every one the stage saved moved, on every linear layer (all-linear).
