@@ -653,4 +653,3 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
         for prompt, answer, score in list(zip(prompts, answers, scores.tolist(), strict=True))[:5]:
             table.add_row(prompt, answer, f"{score:.3f}")
         Console().print(table)
-
