@@ -41,7 +41,7 @@ def question(text: str) -> list[dict]:
 
 
 def run_ok(stage: str, *overrides: str) -> str:
-    # Each stage below takes 1 to 3 minutes on one thread under a load of 5-7; the limit is for a machine twice as busy.
+    # The whole chain below took 173 s on one thread beside other jobs (load 2-3): the limit is for a busier machine.
     result = run_stage(stage, *overrides, recipe="smollm2-135m", timeout=900)
     assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
