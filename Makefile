@@ -196,7 +196,8 @@ $(VENV)/.installed-real: $(VENV)/.installed
 	@touch $@
 
 # benchmarks/bench_ppo.py: pipeline against plain TRL 1.12 (PPO and SFT rows) on random weights of a real shape
-# (benchmarks/shapes.py). Without CUDA only SHAPE=toy runs, to check the harness. Writes benchmarks/results/*.json.
+# (benchmarks/shapes.py). Without CUDA only SHAPE=toy (the harness) and SHAPE=smollm2-135m run. Writes
+# benchmarks/results/*.json.
 # TRL's rows run in .venv-reference (built here when missing).
 bench: setup reference-env
 	$(BIN)/python -m benchmarks.bench_ppo --shape $(SHAPE) --mode $(MODE) $(BENCH_ARGS)

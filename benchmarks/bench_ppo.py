@@ -52,7 +52,8 @@ Why it is built this way:
 - Without CUDA torch runs on one thread unless --threads says otherwise: the toy's matrices gain nothing from
   more, and next to another busy process (a test suite) two spinning threads made a toy PPO step 30 times
   slower (24 s against 0.7 s, measured on the 2-core CI machine).
-- Real shapes need a GPU: refused up front with one line without one. 4/8-bit runs on CPU too (bitsandbytes' CPU
+- Real shapes need a GPU, except the ones up to `CPU_BILLIONS` (SmolLM2-135M's): refused up front with one line
+  without one. 4/8-bit runs on CPU too (bitsandbytes' CPU
   library; 4-bit computes in float32 there, as `rlhf_trl.modeling.model_kwargs` sets it), on the toy shape; with
   --baseline (the default) every row runs unquantized first (bf16 on a GPU, float32 on CPU) and the table puts the
   precisions side by side, each row in its own process so its peak memory is its own.
@@ -93,6 +94,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # the stub tokenizer's only tokens; prompts are drawn above them
 ROWS = [("ppo", "trl"), ("ppo", "pipeline"), ("sft", "trl"), ("sft", "pipeline")]
 CPU_DEFAULTS = {"batch": 8, "prompt_length": 32, "response_length": 32, "steps": 3}
+# The largest shape a CPU run takes (billions of parameters): SmolLM2-135M's, the smollm2-135m recipe's policy, whose
+# PPO step takes about a minute on one shared core (benchmarks/NOTES.md); a 0.5B shape would take many.
+CPU_BILLIONS = 0.2
 GPU_DEFAULTS = {"batch": 16, "prompt_length": 128, "response_length": 128, "steps": 5}
 
 
@@ -183,10 +187,11 @@ def check(args) -> None:
     if args.mode != "bf16" and not args.lora:
         raise UserError(f"--full trains every weight, which {args.mode} weights cannot: use --lora (the default)")
     check_quantization(model_config(args, Path(args.cache_dir)))  # bitsandbytes missing: one line, before anything
-    if args.shape != "toy" and not args.cuda:
+    if SHAPES[args.shape].billions > CPU_BILLIONS and not args.cuda:
+        small = ", ".join(name for name, shape in SHAPES.items() if shape.billions <= CPU_BILLIONS)
         raise UserError(
             f"--shape {args.shape} ({SHAPES[args.shape].billions:g}B parameters) needs a CUDA GPU: "
-            "without one only --shape toy runs (make bench)"
+            f"without one only shapes up to {CPU_BILLIONS:g}B run ({small})"
         )
     for name in ("batch", "prompt_length", "response_length", "ppo_epochs", "steps", "logprob_chunk_tokens"):
         if getattr(args, name) < 1:

@@ -77,6 +77,18 @@ def win_rate(policy_scores: Sequence[float], reference_scores: Sequence[float]) 
     return mean([float(p > r) + 0.5 * float(p == r) for p, r in zip(policy_scores, reference_scores, strict=True)])
 
 
+def paired_gain(method: Sequence[float], sft: Sequence[float], samples: int) -> tuple[float, float, int]:
+    """(gain, standard error, prompts) of a method's per-answer values (the ground truth) over SFT's, paired by
+    prompt: answers come `samples` to a prompt, in the same order for both; each prompt's gain is the mean of its
+    method answers minus the mean of its SFT answers, and the standard error is that of the mean over prompts
+    (stdev / sqrt(prompts)), since the answers to one prompt are not independent of each other. NaN under 2 prompts."""
+    if len(method) != len(sft) or samples < 1 or len(sft) % samples:
+        raise ValueError("method and SFT values must be the same prompts, `samples` answers each")
+    gains = [mean(method[i : i + samples]) - mean(sft[i : i + samples]) for i in range(0, len(sft), samples)]
+    error = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+    return mean(gains), error, len(gains)
+
+
 def trim(ids: Sequence[int], stop_ids: int | Sequence[int]) -> list[int]:
     """An answer's tokens up to and including its first stop id (generation pads after it).
 
@@ -366,6 +378,9 @@ def judge_method(judge: Judge, method: str, log: Callable[[str], None] = print) 
     pad = judge.tokenizer.pad_token_id
     metrics["kl"] = kl_divergence(model, judge.sft_model, judge.prompt_ids, ids, pad, judge.args.temperature)
     metrics["win_rate"] = win_rate(metrics["scores"], judge.stages["sft"]["scores"])
+    if judge.with_truth:
+        gain = paired_gain(metrics["truth"], judge.stages["sft"]["truth"], judge.args.samples)
+        metrics["ground_truth_gain"], metrics["ground_truth_gain_se"], metrics["ground_truth_prompts"] = gain
     judge.stages[method] = metrics
     del model
     gc.collect()
@@ -462,14 +477,24 @@ def metric_rows(stages: dict, methods: Sequence[str]) -> list[tuple[str, list[st
 
 
 def truth_notes(stages: dict, methods: Sequence[str]) -> list[str]:
-    """Each method's ground truth against SFT's, in words, and a warning for each that did not beat SFT on it."""
+    """Each method's ground truth against SFT's, in words (with the gain's standard error over prompts, `paired_gain`,
+    where it was measured), and a warning for each that did not beat SFT on it."""
     sft = stages["sft"]
     if sft.get("ground_truth") is None:
         return []
     lines = []
     for method in methods:
         truth = stages[method].get("ground_truth")
-        lines.append(f"ground truth: sft {fmt(sft['ground_truth'], 2)} -> {method} {fmt(truth, 2)}")
+        line = f"ground truth: sft {fmt(sft['ground_truth'], 2)} -> {method} {fmt(truth, 2)}"
+        error = stages[method].get("ground_truth_gain_se")
+        if error is not None and error == error:  # not NaN
+            gain = stages[method]["ground_truth_gain"]
+            beyond = "beyond" if abs(gain) > 2 * error else "within"
+            line += (
+                f" ({gain:+.2f}, standard error {error:.2f} over {stages[method]['ground_truth_prompts']} prompts: "
+                f"{beyond} 2 standard errors)"
+            )
+        lines.append(line)
         if truth is None or truth <= sft["ground_truth"]:
             lines.append(f"warning: {name(method)} did not beat SFT on the ground truth: it did not help this run")
     return lines

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from .data import looks_like_hub_id
 from .errors import UserError
 from .outputs import base_of, is_adapter, partial_dir, read_marker  # noqa: F401  (re-exported)
-from .pretrained import PACKAGED, gguf_message, gguf_only, offline_hint, resolve
+from .pretrained import PACKAGED, damaged_fix, gguf_message, gguf_only, offline_hint, resolve
 
 
 def check_model_source(path: str | Path, what: str, make_target: str | None = None) -> None:
@@ -238,7 +238,8 @@ def load_model(
         try:
             model = auto_class.from_pretrained(resolve(path, what), **kwargs)
         except SafetensorError as error:
-            raise UserError(f"{what} {path} has damaged weights ({error}): {DAMAGED_FIX}") from None
+            fix = damaged_fix(path) or DAMAGED_FIX
+            raise UserError(f"{what} {path} has damaged weights ({error}): {fix}") from None
         except OSError as error:
             hint = offline_hint(path)
             raise UserError(f"{what} {path} could not be loaded ({str(error).splitlines()[0]}){hint}") from None

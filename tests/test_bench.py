@@ -118,6 +118,21 @@ def test_toy_benchmark_runs_both_sides(tmp_path, cache_dir, fake_reference):
     assert "trl rows: TRL 1.12.0, transformers 5.23.0 (the reference environment)" in result.stdout
 
 
+@ON_CPU_ONLY
+def test_on_a_cpu_only_shapes_up_to_smollm2_135m_run(tmp_path):
+    # SmolLM2-135M's shape runs on a CPU (issue 23: measure the smollm2-135m recipe's PPO step); a 0.5B one is refused.
+    from benchmarks import bench_ppo
+    from rlhf_trl.errors import UserError
+
+    bench_ppo.check(bench_ppo.parse_args(["--shape", "smollm2-135m", "--cache-dir", str(tmp_path)]))
+    with pytest.raises(UserError) as caught:
+        bench_ppo.check(bench_ppo.parse_args(["--shape", "qwen2.5-0.5b", "--cache-dir", str(tmp_path)]))
+    assert str(caught.value) == (
+        "--shape qwen2.5-0.5b (0.49B parameters) needs a CUDA GPU: without one only shapes up to 0.2B run "
+        "(toy, smollm2-135m)"
+    )
+
+
 def test_trl_rows_without_the_reference_environment_say_what_to_run(tmp_path):
     missing = tmp_path / "no-venv" / "python"
     result = bench("--shape", "toy", env={**ENV, "RLHF_TRL_REFERENCE_PYTHON": str(missing)}, timeout=120)

@@ -1,6 +1,7 @@
 """`make compare`: SFT and every finished method judged side by side from tiny runs, with what each training cost."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -164,6 +165,26 @@ def test_truth_notes_name_each_method_that_did_not_beat_sft():
         "warning: DPO did not beat SFT on the ground truth: it did not help this run",
     ]
     assert evaluate.truth_notes({"sft": {"ground_truth": None}, "dpo": {}}, ["dpo"]) == []  # not the demo
+
+
+def test_the_ground_truth_gain_is_paired_by_prompt_with_its_standard_error():
+    # 3 prompts x 2 answers; per prompt, method mean - SFT mean: (1 - 0.5), (0.5 - 0), (1 - 1) = 0.5, 0.5, 0
+    sft, method = [0, 1, 0, 0, 1, 1], [1, 1, 0, 1, 1, 1]
+    gain, error, prompts = evaluate.paired_gain(method, sft, samples=2)
+    assert gain == pytest.approx(1 / 3) and prompts == 3
+    assert error == pytest.approx(math.sqrt(1 / 12) / math.sqrt(3))  # stdev of (0.5, 0.5, 0) is sqrt(1/12); / sqrt(3)
+    with pytest.raises(ValueError):
+        evaluate.paired_gain([1, 0, 1], [0, 0, 1], samples=2)  # 3 answers are not whole prompts of 2
+
+    def stage(truth, gain, error):
+        measured = {"ground_truth_gain": gain, "ground_truth_gain_se": error, "ground_truth_prompts": 49}
+        return {"ground_truth": truth, **measured}
+
+    stages = {"sft": {"ground_truth": 0.5}, "ppo": stage(0.75, 0.25, 0.05), "dpo": stage(0.6, 0.1, 0.08)}
+    assert evaluate.truth_notes(stages, ["ppo", "dpo"]) == [
+        "ground truth: sft 0.50 -> ppo 0.75 (+0.25, standard error 0.05 over 49 prompts: beyond 2 standard errors)",
+        "ground truth: sft 0.50 -> dpo 0.60 (+0.10, standard error 0.08 over 49 prompts: within 2 standard errors)",
+    ]
 
 
 def test_a_stage_that_recorded_no_cost_reads_as_unknown(tmp_path):

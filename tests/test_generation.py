@@ -8,6 +8,7 @@ eos_token_id [eos, eot]) must stop at <|eot_id|> everywhere, be counted as endin
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,6 +198,9 @@ def test_ppo_takes_the_same_first_update_whatever_the_policys_generation_config(
         "; ignored from the policy's generation_config.json: top_k 20, top_p 0.8, min_p 0.05, repetition_penalty 1.3"
     )
     assert line + ignored + "\n" in stdout["qwen_like"]
+    # Where an update's time went (issue 23: measure a PPO step before tuning it), once, when training ends.
+    parts = r"generation \d+\.\d s \(\d+%\), scoring \d+\.\d s \(\d+%\), update \d+\.\d s \(\d+%\)"
+    assert re.search(rf"^ppo: time per update \(1 updates of \d+ rollouts\): {parts}$", stdout["plain"], re.M)
     saved = json.loads((tmp_path / "sft_qwen_like" / "generation_config.json").read_text())
     assert saved["repetition_penalty"] == 1.3, "the policy's own file is left as it was"
 

