@@ -186,6 +186,29 @@ def logged(trainer, key: str) -> list[float]:
     return [log[key] for log in trainer.state.log_history if key in log]
 
 
+def policy_and_reference(stage: str, splits, script_args, training_args, model_args, renders_as: str):
+    """(tokenizer, policy, reference) for an offline preference stage (DPO, KTO) that starts from the SFT model.
+
+    Prints the chat template line, checks that every record of `splits` renders with the SFT tokenizer's template
+    (`renders_as`: the data purpose named in the error) and that `max_length` fits the model's context. The reference
+    is None with LoRA (TRL uses the adapter-off model) or with precomputed log-probs; otherwise a frozen second copy
+    of the SFT model. Raises UserError (one line) on an unrenderable record or a too-long max_length.
+    """
+    sft = training_args.sft_model_path
+    tokenizer = load_tokenizer(sft)
+    print(template_line(stage, tokenizer, sft))
+    fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
+    named = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]
+    for split in splits:
+        check_renders(split, tokenizer, sft, renders_as, named, fix)
+    model = load_model(sft, kwargs=model_kwargs(model_args), what="sft_model_path")
+    reference = None
+    if not model_args.use_peft and not training_args.precompute_ref_log_probs:
+        reference = load_model(sft, kwargs=model_kwargs(model_args), what="sft_model_path")
+    check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
+    return tokenizer, model, reference
+
+
 def main(script_args, training_args, model_args):
     check_stage("dpo", model_args, training_args)
     recipe = getattr(script_args, "recipe", None)
@@ -199,17 +222,9 @@ def main(script_args, training_args, model_args):
         }
         train, train_counts = distinct_pairs(train, sources["training"])
         evaluation, eval_counts = distinct_pairs(evaluation, sources["eval"], "eval")
-        tokenizer = load_tokenizer(training_args.sft_model_path)
-        print(template_line("dpo", tokenizer, training_args.sft_model_path))
-        fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
-        named = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]
-        for split in (train, evaluation):
-            check_renders(split, tokenizer, training_args.sft_model_path, "reward", named, fix)
-        model = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
-        reference = None  # with LoRA: the adapter-off model; with precomputed log-probs: the model before training
-        if not model_args.use_peft and not training_args.precompute_ref_log_probs:
-            reference = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
-        check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
+        tokenizer, model, reference = policy_and_reference(
+            "dpo", (train, evaluation), script_args, training_args, model_args, renders_as="reward"
+        )
         training_args.output_dir = str(run.work)
         trainer = PairDPOTrainer(
             model=model,

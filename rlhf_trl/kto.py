@@ -33,19 +33,14 @@ from trl import KTOTrainer, get_peft_config
 from . import outputs
 from .cli import parse
 from .data import load_splits
-from .dpo import logged, training_sources
+from .dpo import logged, policy_and_reference, training_sources
 from .errors import UserError, run
 from .launch import check_stage
 from .metrics_log import MetricsLog, use_stage_progress
 from .modeling import (
-    check_context,
     check_model_source,
-    load_model,
-    load_tokenizer,
-    model_kwargs,
     trainables_in_model_dtype,
 )
-from .templates import ALPACA_PATH, check_renders, template_line
 
 # The KTO paper's advice (section 4.2, eq. 8; TRL's KTO docs repeat it): desirable_weight x n_desirable /
 # (undesirable_weight x n_undesirable) within these bounds.
@@ -189,17 +184,9 @@ def main(script_args, training_args, model_args):
         for name, split in (("train", train), ("eval", evaluation)):
             if not len(split):
                 raise UserError(f"kto: no usable {name} example in {sources[name]}: give it rows with an answer")
-        tokenizer = load_tokenizer(training_args.sft_model_path)
-        print(template_line("kto", tokenizer, training_args.sft_model_path))
-        fix = f"train the SFT model with chat_template_path: {ALPACA_PATH} (SFT saves it with the model)"
-        named = [script_args.dataset_name, script_args.eval_dataset_name, *script_args.human_labels]
-        for split in (train, evaluation):
-            check_renders(split, tokenizer, training_args.sft_model_path, "kto", named, fix)
-        model = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
-        reference = None  # with LoRA: the adapter-off model; with precomputed log-probs: the model before training
-        if not model_args.use_peft and not training_args.precompute_ref_log_probs:
-            reference = load_model(training_args.sft_model_path, kwargs=model_kwargs(model_args), what="sft_model_path")
-        check_context(training_args.max_length, model, f"max_length {training_args.max_length}", "lower max_length")
+        tokenizer, model, reference = policy_and_reference(
+            "kto", (train, evaluation), script_args, training_args, model_args, renders_as="kto"
+        )
         training_args.output_dir = str(run.work)
         trainer = UnpairedKTOTrainer(
             model=model,
