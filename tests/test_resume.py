@@ -58,6 +58,7 @@ def logged(output_dir) -> list:
     return [{k: record[k] for k in keys if k in record} for record in read_metrics(output_dir)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "rloo", "grpo"])
 def test_a_killed_stage_resumes_to_the_same_result(stage, request, tmp_path):
     trained = request.getfixturevalue("methods_trained" if stage in ("rloo", "grpo") else "trained")
