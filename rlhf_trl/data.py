@@ -716,8 +716,7 @@ def unpaired_seed_records(accepted: Path | None, rejected: Path | None, keep=Non
     if not rows:
         state = f"all {read} rows have an empty answer" if read else "the files hold no rows"
         raise UserError(
-            f"{folder}: no usable row for KTO ({state}): add prompts with non-empty answers to "
-            f"{' / '.join(SEED_FILES)}"
+            f"{folder}: no usable row for KTO ({state}): add prompts with non-empty answers to {' / '.join(SEED_FILES)}"
         )
     return rows
 
@@ -764,7 +763,10 @@ def load_dataset_for(
         records = join_accepted_rejected(*pair_files, allow_unmatched=allow_unmatched, keep=keep)
         return convert(records, purpose, str(pair_files[0]))
     records = load_records(source, split, config or export_config(source, purpose), split_key)
-    return convert([r for r in records if keep is None or keep(r)], purpose, source, fmt)
+    kept = [r for r in records if keep is None or keep(r)]
+    if records and not kept:  # `keep` left out every record (arena votes only, say): the caller counts them
+        return []
+    return convert(kept, purpose, source, fmt)
 
 
 LABEL_MIXES = ("generated", "human", "mix")
