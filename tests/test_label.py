@@ -426,6 +426,13 @@ def test_a_pairs_file_of_arena_votes_only_gives_no_human_pair_not_a_crash(tmp_pa
     args.label_mix = "human"
     with pytest.raises(UserError, match="hold no preference pairs: label more"):
         mix_training_pairs(SimpleNamespace(**vars(args), human_fraction=None), [], 0)
+    # The folder (the KTO recipes' human_labels, and the reward stage's when given it): accepted_data.jsonl and
+    # rejected_data.jsonl hold 2 lines each, all from the votes: nothing for reward (pairs) nor KTO (rows).
+    args = SimpleNamespace(human_labels=[str(out)], label_mix="mix", allow_unmatched=True)
+    assert human_label_pairs(args, "reward") == []
+    assert "reward: left out 4 human_labels record(s) from arena votes" in capsys.readouterr().out
+    assert human_label_pairs(args, "kto", "kto") == []
+    assert "kto: left out 4 human_labels record(s) from arena votes" in capsys.readouterr().out
 
 
 def test_arena_votes_are_not_training_pairs_unless_asked_for(tmp_path, capsys):
