@@ -631,7 +631,10 @@ def _seed_record(record: dict, where: str, required: bool = True) -> tuple:
 
 def _answers_by_prompt(path: Path, keep=None) -> dict[str, tuple]:
     """prompt key -> (prompt, [answers], first line) for one of the two seed files (the records `keep` keeps)."""
-    records = [record for record in read_jsonl(path) if keep is None or keep(record)]
+    raw = read_jsonl(path)
+    records = [record for record in raw if keep is None or keep(record)]
+    if not records and raw:  # `keep` left out every record (arena votes only, say): the caller counts them
+        return {}
     if not records:
         raise UserError(f"{path} holds no records")
     grouped: dict[str, tuple] = {}
@@ -654,6 +657,8 @@ def join_accepted_rejected(
     UserError: there is no pair at all.
     """
     good, bad = _answers_by_prompt(accepted, keep), _answers_by_prompt(rejected, keep)
+    if not good and not bad:  # every record left out by `keep`
+        return []
     only_good, only_bad = [k for k in good if k not in bad], [k for k in bad if k not in good]
     matched = [k for k in good if k in bad]
     if not matched:
@@ -697,10 +702,11 @@ def unpaired_seed_records(accepted: Path | None, rejected: Path | None, keep=Non
 
     A row whose answer is empty says nothing about any answer: left out, and counted. None left (empty files, or
     every answer empty) raises UserError."""
-    rows, empty, read = [], [], 0
+    rows, empty, read, skipped = [], [], 0, 0
     for path, label in ((accepted, True), (rejected, False)):
         for record in read_jsonl(path) if path is not None else []:
             if keep is not None and not keep(record):
+                skipped += 1
                 continue
             read += 1
             where = f"{path} line {record['_line']}"
@@ -711,13 +717,14 @@ def unpaired_seed_records(accepted: Path | None, rejected: Path | None, keep=Non
             record = {"prompt": prompt, "completion": answer, "label": label}
             rows.append(_convert_one(record, "unpaired", "kto", where))
     folder = (accepted or rejected).parent
+    if skipped and not read:  # `keep` left out every record (arena votes only, say): the caller counts them
+        return []
     if empty:
         print(f"{folder}: left out {len(empty)} of {read} rows whose answer is empty (first: {empty[0]})")
     if not rows:
         state = f"all {read} rows have an empty answer" if read else "the files hold no rows"
         raise UserError(
-            f"{folder}: no usable row for KTO ({state}): add prompts with non-empty answers to "
-            f"{' / '.join(SEED_FILES)}"
+            f"{folder}: no usable row for KTO ({state}): add prompts with non-empty answers to {' / '.join(SEED_FILES)}"
         )
     return rows
 
@@ -762,9 +769,12 @@ def load_dataset_for(
     pair_files = seed_pair_files(source)
     if pair_files is not None and purpose != "kto":
         records = join_accepted_rejected(*pair_files, allow_unmatched=allow_unmatched, keep=keep)
-        return convert(records, purpose, str(pair_files[0]))
+        return convert(records, purpose, str(pair_files[0])) if records else []  # [] when `keep` left out all
     records = load_records(source, split, config or export_config(source, purpose), split_key)
-    return convert([r for r in records if keep is None or keep(r)], purpose, source, fmt)
+    kept = [r for r in records if keep is None or keep(r)]
+    if records and not kept:  # `keep` left out every record (arena votes only, say): the caller counts them
+        return []
+    return convert(kept, purpose, source, fmt)
 
 
 LABEL_MIXES = ("generated", "human", "mix")

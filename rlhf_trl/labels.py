@@ -326,7 +326,10 @@ class LabelStore:
 class Sampler:
     """K answers per prompt from one stage's model, seeded by the prompt's position in the prompts file."""
 
-    def __init__(self, model_path: Path, samples: int, max_new_tokens: int, temperature: float, seed: int):
+    def __init__(
+        self, model_path: Path, samples: int, max_new_tokens: int, temperature: float, seed: int, announce: bool = True
+    ):
+        """`announce`: print the sampling settings line (the web page prints its own: its settings come later)."""
         from .modeling import for_inference, load_model, load_tokenizer, sampling_line
 
         self.model_path = str(model_path)
@@ -336,7 +339,8 @@ class Sampler:
         self.settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
         self.seed = seed
         # Plain sampling at the temperature, as `modeling.generate` does it, whatever the model's file suggests.
-        print(sampling_line("label: answers", self.model, self.tokenizer, max_new_tokens, temperature))
+        if announce:
+            print(sampling_line("label: answers", self.model, self.tokenizer, max_new_tokens, temperature))
 
     def with_settings(self, samples: int, max_new_tokens: int, temperature: float) -> Sampler:
         """This sampler's loaded model and seed with other settings (the web page loads each stage once)."""

@@ -39,10 +39,16 @@ def _plain(value):
 
 
 class MetricsLog(TrainerCallback):
-    """Appends every `logs` dict the trainer reports to `<args.output_dir>/metrics.jsonl`."""
+    """Appends every `logs` dict the trainer reports to `<args.output_dir>/metrics.jsonl`; at the start, says when
+    the run is too short for its warm-up (`warmup_note`)."""
 
     def __init__(self, filename: str = FILENAME):
         self.filename = filename
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        note = warmup_note(args, state.max_steps)
+        if note and state.is_world_process_zero:
+            print(note)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
@@ -52,6 +58,24 @@ class MetricsLog(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({key: _plain(value) for key, value in record.items()}) + "\n")
+
+
+def warmup_note(args, max_steps: int) -> str | None:
+    """A line when the learning rate never leaves its linear warm-up: `max_steps` optimizer steps, no more than the
+    warm-up's (a handful of labels, recipes' `warmup_steps: 5`). The warm-up's first step runs at learning rate 0,
+    so a 1-step run saves weights that did not change; the stage would say "trained" all the same. None otherwise."""
+    warmup = args.get_warmup_steps(max_steps) if max_steps > 0 else 0
+    scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if warmup == 0 or warmup < max_steps or scheduler in ("constant", "reduce_lr_on_plateau"):  # no warm-up there
+        return None
+    # Linear warm-up: step s (from 0) runs at learning_rate x s / warmup, so the last one at (max_steps - 1) / warmup.
+    peak = args.learning_rate * (max_steps - 1) / warmup
+    effect = "the weights do not change" if max_steps == 1 else f"the largest is {peak:.3g}"
+    return (
+        f"warning: {max_steps} optimizer step{'s' if max_steps != 1 else ''} but {warmup} warm-up steps: the learning "
+        f"rate never reaches {args.learning_rate:g} ({effect}); set warmup_steps below the step count "
+        '(ARGS="--warmup_steps 0"), or train on more data or epochs'
+    )
 
 
 def read_metrics(output_dir: str | Path, filename: str = FILENAME) -> list[dict]:

@@ -242,10 +242,17 @@ class Site:
 
     def sampler(self, stage: str) -> labels.Sampler:
         """The stage's model, loaded again when the stage was retrained since (`outputs.run_id`)."""
+        from .modeling import sampling_line
+
         with self.mutex:
             cached = self.samplers.get(stage)
             if cached is None or cached.run != outputs.run_id(self.models / stage):
-                self.samplers[stage] = labels.Sampler(self.models / stage, 1, 1, 1.0, 0)
+                sampler = labels.Sampler(self.models / stage, 1, 1, 1.0, 0, announce=False)  # `sample` sets these
+                for where, settings in (("arena", self.settings), ("Label tab", self.label_settings)):
+                    line = sampling_line(f"ui: {stage} answers in the {where}", sampler.model, sampler.tokenizer,
+                                         settings["max_new_tokens"], settings["temperature"])  # fmt: skip
+                    print(line)
+                self.samplers[stage] = sampler
             return self.samplers[stage]
 
     def stream_chat(self, stage: str, turns: list[dict], max_new_tokens: int, temperature: float, seed: int):

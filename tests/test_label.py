@@ -19,7 +19,7 @@ from conftest import OFFLINE_ENV, ROOT, run_module
 
 from rlhf_trl import label, labels
 from rlhf_trl.cli import UserError
-from rlhf_trl.data import human_label_pairs, load_dataset_for, load_splits
+from rlhf_trl.data import human_label_pairs, load_dataset_for, load_splits, mix_training_pairs
 
 PROMPTS = 4
 TIMEOUT = 60  # seconds for any one screen; a hung tool fails the test instead of the suite
@@ -403,6 +403,36 @@ def test_label_import_takes_labeler_names_by_the_same_rule(exported, tmp_path, c
     with pytest.raises(UserError, match=r"long\.csv line 2: labeler 'x{300}': a labeler name is at most 40 characters"):
         tool("long")
     assert len(live_decisions(out)) == 3  # nothing of the refused file
+
+
+def test_a_pairs_file_of_arena_votes_only_gives_no_human_pair_not_a_crash(tmp_path, capsys):
+    """The D20 situation itself: people only voted in the arena, then `make reward` with the recipe's human_labels
+    (pairs.jsonl) and label_mix mix. Every line is an arena vote, left out: the run continues on generated pairs
+    (mix) or stops with one line (human), where it ended in an IndexError traceback."""
+    out = tmp_path / "labels"
+    shown = [
+        {"sample_id": f"s{stage}", "responses": [f"{stage} says"], "stage": stage, "model": stage, "generation": {},
+         "run": f"run-{stage}"}
+        for stage in ("ppo", "sft")
+    ]  # fmt: skip
+    with labels.LabelStore(out) as store:
+        for n in range(2):  # two arena votes for A (PPO's answer): two lines of pairs.jsonl, both votes
+            item = {"index": n, "prompt": f"held-out {n}", "prompt_id": f"e{n}", "messages": []}
+            store.record([labels.arena_vote(labels.arena_item(item, shown), "alice", "a")])
+    assert len(lines_of(out / labels.PAIRS)) == 2
+    args = SimpleNamespace(human_labels=[str(out / labels.PAIRS)], label_mix="mix", allow_unmatched=True)
+    assert human_label_pairs(args, "reward") == []
+    assert "reward: left out 2 human_labels record(s) from arena votes" in capsys.readouterr().out
+    args.label_mix = "human"
+    with pytest.raises(UserError, match="hold no preference pairs: label more"):
+        mix_training_pairs(SimpleNamespace(**vars(args), human_fraction=None), [], 0)
+    # The folder (the KTO recipes' human_labels, and the reward stage's when given it): accepted_data.jsonl and
+    # rejected_data.jsonl hold 2 lines each, all from the votes: nothing for reward (pairs) nor KTO (rows).
+    args = SimpleNamespace(human_labels=[str(out)], label_mix="mix", allow_unmatched=True)
+    assert human_label_pairs(args, "reward") == []
+    assert "reward: left out 4 human_labels record(s) from arena votes" in capsys.readouterr().out
+    assert human_label_pairs(args, "kto", "kto") == []
+    assert "kto: left out 4 human_labels record(s) from arena votes" in capsys.readouterr().out
 
 
 def test_arena_votes_are_not_training_pairs_unless_asked_for(tmp_path, capsys):

@@ -387,6 +387,24 @@ def test_chat_streams_the_answer_generate_gives(site_world, tmp_path):
         page.store.__exit__()
 
 
+@pytest.mark.browser  # with the site_world models, as the test above
+def test_loading_a_stage_prints_the_settings_its_answers_use(site_world, tmp_path, capsys):
+    page = site({**site_world, "labels": tmp_path / "labels"})
+    try:
+        page.sampler("sft")
+    finally:
+        page.store.__exit__()
+    lines = capsys.readouterr().out.splitlines()
+    # By hand (`site`): the arena answers with max_new_tokens MAX_NEW_TOKENS = 8 and the demo PPO recipe's temperature
+    # 0.7, the Label tab with label_max_new_tokens 4 and labels.LABEL_SETTINGS' 0.7; no line tells of the loader's
+    # placeholder settings (1 token at temperature 1), which no answer uses.
+    [arena] = [line for line in lines if line.startswith("ui: sft answers in the arena")]
+    [label] = [line for line in lines if line.startswith("ui: sft answers in the Label tab")]
+    assert "temperature 0.7" in arena and "up to 8 new tokens" in arena, arena
+    assert "temperature 0.7" in label and "up to 4 new tokens" in label, label
+    assert not any("up to 1 new tokens" in line for line in lines), lines
+
+
 def test_wilson_interval_and_the_human_verdict_of_known_votes():
     # 8 of 10, z = 1.96: centre (0.8 + 1.9208/10) / 1.38416 = 0.71673; half-width 1.41602 * sqrt(0.016 + 0.009604)
     # = 0.22658: 0.4902 to 0.9433.
