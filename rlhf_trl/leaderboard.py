@@ -257,7 +257,8 @@ def labeler_agreement(votes: list[dict]) -> dict:
 def leaderboard(decisions: list[dict], rounds: int = ROUNDS, seed: int = SEED, prior: float = PRIOR) -> dict | None:
     """Everything the leaderboard shows, from current decisions (`labels.current_votes`); None without arena votes.
 
-    Returns rows (best first): {rank, stage, rating, low, high, votes, both_bad, labelers, vs_sft (`win_rate` of the
+    Returns rows (best first): {rank, stage, rating, low, high (None when every decided vote of the stage went one
+    way, `one_way`: the bootstrap would give a zero-width interval), votes, both_bad, labelers, vs_sft (`win_rate` of the
     stage against SFT, or None)}; votes, both_bad and labelers over all; groups (lists of stage names: stages of two
     groups were never compared, directly or through others, so their ratings do not compare); anchor ("sft" or
     "mean"); position (`position_bias`); agreement (`labeler_agreement`); rounds, seed and prior.
@@ -276,12 +277,16 @@ def leaderboard(decisions: list[dict], rounds: int = ROUNDS, seed: int = SEED, p
     for i, stage in enumerate(stages):
         mine = [v for v in votes if stage in v["stages"]]
         rated = (wins[i].sum() + wins[:, i].sum()) > 0  # not only both-bad votes
+        # Every decided vote one way (no loss, or no win, ties counting half each way): each resample redraws the same
+        # unanimous votes, so the bootstrap interval has no width although a few votes prove little. Not shown.
+        one_way = rated and (wins[i].sum() == 0 or wins[:, i].sum() == 0)
         rows.append(
             {
                 "stage": stage,
                 "rating": float(point[i]) if rated else None,
-                "low": float(low[i]) if rated else None,
-                "high": float(high[i]) if rated else None,
+                "low": float(low[i]) if rated and not one_way else None,
+                "high": float(high[i]) if rated and not one_way else None,
+                "one_way": one_way,
                 "votes": len(mine),
                 "both_bad": sum(labels.arena_outcome(v) == BOTH_BAD for v in mine),
                 "labelers": len({v["labeler"] for v in mine}),
@@ -324,9 +329,13 @@ def table(board: dict) -> list[str]:
         if row["rating"] is None:
             rank, rating, interval = "-", "-", "only both-bad votes: no rating"
         else:
-            rank, rating, interval = str(row["rank"]), f"{row['rating']:.0f}", f"{row['low']:.0f} to {row['high']:.0f}"
+            rank, rating = str(row["rank"]), f"{row['rating']:.0f}"
             if row["stage"] == ANCHOR and board["anchor"] == "sft":
                 interval = "(anchor)"
+            elif row["low"] is None:  # one_way: the bootstrap cannot vary unanimous votes; the win rate's CI can
+                interval = "none: every vote went one way"
+            else:
+                interval = f"{row['low']:.0f} to {row['high']:.0f}"
         if row["stage"] == ANCHOR:
             vs = "-"
         elif row["vs_sft"] is None:

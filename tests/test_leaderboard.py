@@ -94,6 +94,11 @@ def test_no_maximum_without_a_loss_says_so_and_the_prior_keeps_it_finite():
     # With the virtual tie: 3.5 to 0.5, 400 * log10(7) = 338.04 points.
     board = leaderboard.leaderboard(sweep)
     assert row(board, "ppo")["rating"] == pytest.approx(1338.039, abs=1e-3)
+    # Every resample of 3 unanimous votes is the same 3 votes: the bootstrap's interval would be "1338 to 1338", as
+    # certain as can be on 3 votes. It is not shown; the win rate's Wilson interval (0.44-1.00) is.
+    assert row(board, "ppo")["one_way"] and row(board, "ppo")["low"] is None
+    line = next(line for line in leaderboard.table(board) if "| PPO |" in line)
+    assert "none: every vote went one way" in line and "1338 to 1338" not in line and "0.44-1.00" in line
 
 
 def test_a_tie_is_half_a_win_and_both_bad_is_counted_apart():
