@@ -258,8 +258,8 @@ def leaderboard(decisions: list[dict], rounds: int = ROUNDS, seed: int = SEED, p
     """Everything the leaderboard shows, from current decisions (`labels.current_votes`); None without arena votes.
 
     Returns rows (best first): {rank, stage, rating, low, high (None when every decided vote of the stage went one
-    way, `one_way`: the bootstrap would give a zero-width interval), votes, both_bad, labelers, vs_sft (`win_rate` of the
-    stage against SFT, or None)}; votes, both_bad and labelers over all; groups (lists of stage names: stages of two
+    way, `one_way`: the bootstrap would give a zero-width interval), votes, both_bad, labelers, vs_sft (`win_rate` of
+    the stage against SFT, or None)}; votes, both_bad and labelers over all; groups (lists of stage names: stages of two
     groups were never compared, directly or through others, so their ratings do not compare); anchor ("sft" or
     "mean"); position (`position_bias`); agreement (`labeler_agreement`); rounds, seed and prior.
     """
