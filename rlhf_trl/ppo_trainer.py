@@ -19,7 +19,8 @@ environment of its own) with less memory, resumable checkpoints and several proc
 4. **Log, checkpoint**: TRL's metric names through transformers' callbacks (`report_to`, `metrics.jsonl`); a
    checkpoint (`ppo_checkpoint`) holds every trainable tensor, the optimizer, the scheduler, each process's RNG
    states and the trainer state (written last: its presence means the checkpoint is complete), so
-   `train(resume_from_checkpoint)` ends where a run that never stopped ends.
+   `train(resume_from_checkpoint)` ends where a run that never stopped ends. When training ends, one line says where
+   an update's time went (`ppo: time per update ...: generation, scoring, update`; `_timed`).
 
 Beside the loop: `ppo_config` (PPOConfig, the Trainer settings the loop refuses, the launch and batch-size checks)
 and `ppo_checkpoint` (saving and resuming); `ppo_math` (the formulas) and `ppo_roles` (policy, reference, value and

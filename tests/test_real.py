@@ -30,7 +30,8 @@ if MISSING:
     )
 os.environ.setdefault("RLHF_TRL_CACHE", str(ROOT / ".cache" / "rlhf_trl"))
 # One thread, here and in every stage started (unless OMP_NUM_THREADS says otherwise): on this 2-core machine shared
-# with other jobs (load 4-7), SmolLM2's forward and backward ran over twice as slowly on 2 threads as on 1 (2026-12-02).
+# with other jobs (load 4-7), SmolLM2's forward and backward ran over twice as slowly on 2 threads as on 1; idle, 2
+# threads were 1.3-1.8x faster (2026-12-02, docs/real-weights.md). CI shares the machine: 1.
 THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 OFFLINE_ENV["OMP_NUM_THREADS"] = THREADS
 torch.set_num_threads(int(THREADS))
