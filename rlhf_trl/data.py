@@ -761,15 +761,15 @@ def load_dataset_for(
 
     `split` (and `split_key`, the setting that names it) as `load_records` takes them; `keep`, a test of a raw
     record, leaves out those it fails."""
-    if purpose == "kto" and seed_files(source) is not None:
-        return unpaired_seed_records(*seed_files(source), keep=keep)
+    found = seed_files(source)
+    if purpose == "kto" and found is not None:
+        return unpaired_seed_records(*found, keep=keep)
     if purpose == "kto" and (Path(source) / LABELS_LOG).is_file():  # a labels folder whose decisions made no row
         print(f"{source}: no accept or reject decision yet (ties and skips make no row)")
         return []
-    pair_files = seed_pair_files(source)
-    if pair_files is not None and purpose != "kto":
-        records = join_accepted_rejected(*pair_files, allow_unmatched=allow_unmatched, keep=keep)
-        return convert(records, purpose, str(pair_files[0])) if records else []  # [] when `keep` left out all
+    if found is not None and all(found):  # both seed files (seed_pair_files), read as pairs
+        records = join_accepted_rejected(*found, allow_unmatched=allow_unmatched, keep=keep)
+        return convert(records, purpose, str(found[0])) if records else []  # [] when `keep` left out all
     records = load_records(source, split, config or export_config(source, purpose), split_key)
     kept = [r for r in records if keep is None or keep(r)]
     if records and not kept:  # `keep` left out every record (arena votes only, say): the caller counts them
